@@ -1,0 +1,52 @@
+"""Builds fastvlm_kernels._C (the C++ CPU kernels in csrc/) with torch.utils.cpp_extension + ninja.
+
+torch is deliberately not a build requirement: install with
+    pip install --no-build-isolation -e .
+against the torch already installed (pip install torch==2.13.0).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError as e:  # pragma: no cover
+    raise SystemExit("setup.py needs torch installed first (pip install torch==2.13.0), then "
+                     "pip install --no-build-isolation -e .") from e
+
+here = os.path.dirname(os.path.abspath(__file__))
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+if os.environ.get("FASTVLM_DEBUG"):
+    cxx_flags = ["-O1", "-g", "-std=c++17", "-fno-omit-frame-pointer"]
+link_flags = []
+if os.environ.get("FASTVLM_ASAN"):
+    cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-DFASTVLM_NO_CLONES"]
+    link_flags += ["-fsanitize=address"]
+
+setup(
+    name="fastvlm-kernels",
+    version="0.1.0",
+    description="Fused CPU (C++) and GPU (Triton) kernels for Apple's FastVLM / FastViTHD",
+    packages=find_packages(include=["fastvlm", "fastvlm.*", "fastvlm_kernels", "fastvlm_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["numpy", "pillow", "safetensors"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "bench": ["pytest-benchmark", "onnxruntime", "onnx", "matplotlib"],
+        "vlm": ["transformers"],
+        "gpu": ["triton"],
+    },
+    ext_modules=[
+        CppExtension(
+            "fastvlm_kernels._C",
+            sources,
+            include_dirs=[os.path.join(here, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

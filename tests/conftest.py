@@ -1,0 +1,22 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Keep runs on the 2-core machines predictable; tests never depend on timing.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import fastvlm  # noqa: E402
+from fastvlm.testing import randomize_  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return fastvlm.FastViTHDConfig.tiny()
+
+
+def make_model(config=None, inference_mode=False, seed=0, dtype=torch.float64):
+    m = fastvlm.FastViTHD(config, inference_mode=inference_mode)
+    randomize_(m, seed)
+    return m.eval().to(dtype)

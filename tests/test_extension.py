@@ -1,0 +1,94 @@
+"""The compiled extension: builds, registers its op, computes it right; the package works without it."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvlm_kernels
+from fastvlm.testing import rel_l2
+
+needs_ext = pytest.mark.skipif(not fastvlm_kernels.extension_available(),
+                               reason=f"extension not built: {fastvlm_kernels.extension_error()}")
+
+
+def _pack(w):  # (Cout, 1, K, K) -> (K, K, Cout) float32
+    return w.float()[:, 0].permute(1, 2, 0).contiguous()
+
+
+@needs_ext
+@pytest.mark.parametrize("C,M,K,stride,pad,gelu,H,W,B", [
+    (5, 1, 3, 1, 1, False, 7, 9, 3), (6, 2, 7, 2, 3, True, 13, 33, 1), (3, 1, 7, 1, 3, True, 1, 1, 1),
+    (17, 2, 3, 2, 1, True, 33, 7, 2), (96, 1, 3, 2, 1, True, 13, 13, 1), (19, 1, 7, 1, 3, False, 1, 13, 0),
+])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_dwconv_nhwc_matches_float64(C, M, K, stride, pad, gelu, H, W, B, dtype, bound):
+    g = torch.Generator().manual_seed(C * 100 + K)
+    x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
+    w = torch.randn(C * M, 1, K, K, dtype=torch.float64, generator=g)
+    b = torch.randn(C * M, dtype=torch.float64, generator=g)
+    ref = F.conv2d(x, w, b, stride, pad, groups=C)
+    ref = F.gelu(ref) if gelu else ref
+    xin = x.to(dtype).permute(0, 2, 3, 1)  # non-contiguous NHWC view: the op makes it contiguous
+    out = torch.ops.fastvlm_C.dwconv_nhwc(xin, _pack(w), b.float(), stride, pad, gelu)
+    assert out.dtype == dtype and out.shape == (B, ref.shape[2], ref.shape[3], C * M)
+    if B:
+        assert rel_l2(out.permute(0, 3, 1, 2), ref) <= bound
+    # no bias
+    out_nb = torch.ops.fastvlm_C.dwconv_nhwc(xin, _pack(w), None, stride, pad, False)
+    if B:
+        assert rel_l2(out_nb.permute(0, 3, 1, 2), F.conv2d(x, w, None, stride, pad, groups=C)) <= bound
+
+
+@needs_ext
+def test_dwconv_nhwc_thread_count_does_not_change_results():
+    x = torch.randn(2, 29, 31, 40)
+    w, b = torch.randn(7, 7, 40), torch.randn(40)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = torch.ops.fastvlm_C.dwconv_nhwc(x, w, b, 1, 3, True)
+        torch.set_num_threads(max(2, n))
+        c = torch.ops.fastvlm_C.dwconv_nhwc(x, w, b, 1, 3, True)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a, c)
+
+
+@needs_ext
+@pytest.mark.parametrize("args,msg", [
+    ((torch.randn(2, 3, 4), torch.randn(3, 3, 4), None, 1, 1, False), "4-D"),
+    ((torch.randn(1, 5, 5, 4, dtype=torch.float64), torch.randn(3, 3, 4), None, 1, 1, False), "float32 or bfloat16"),
+    ((torch.randn(1, 5, 5, 4), torch.randn(3, 3, 6), None, 1, 1, False), "multiple"),
+    ((torch.randn(1, 5, 5, 4), torch.randn(3, 3, 4), torch.randn(5), 1, 1, False), "bias"),
+    ((torch.randn(1, 5, 5, 4), torch.randn(3, 3, 4), None, 0, 1, False), "stride"),
+    ((torch.randn(1, 2, 2, 4), torch.randn(7, 7, 4), None, 1, 0, False), "smaller than"),
+])
+def test_dwconv_nhwc_rejects_bad_input(args, msg):
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.fastvlm_C.dwconv_nhwc(*args)
+
+
+def test_package_imports_without_extension(tmp_path):
+    """With _C unimportable, fastvlm_kernels imports, warns once, and fastvlm still runs."""
+    code = r"""
+import sys, warnings, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "fastvlm_kernels._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import fastvlm_kernels
+    a = fastvlm_kernels.extension_available(); b = fastvlm_kernels.extension_available()
+msgs = [str(x.message) for x in w if "C++ extension" in str(x.message)]
+import torch, fastvlm
+m = fastvlm.FastViTHD(fastvlm.FastViTHDConfig.tiny()).eval()
+assert m(torch.rand(1, 3, 64, 64)).shape == (1, 1, 256)
+print(a, b, len(msgs))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "1"]
