@@ -15,7 +15,7 @@ head_dim**-0.5, SE with ReLU and sigmoid.
 """
 from __future__ import annotations
 
-import math
+import itertools
 from dataclasses import dataclass, field, asdict
 from typing import List, Optional, Sequence, Tuple
 
@@ -474,8 +474,10 @@ class FastViTHD(nn.Module):
             raise ValueError(f"FastViTHD: pixels must have H, W >= 1, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"FastViTHD: pixels must be floating point (in [0, 1]), got dtype {x.dtype}")
-        w = self.patch_embed[0]
-        w = (w.reparam_conv if w.inference_mode else w.rbr_conv[0].conv).weight
+        # the stem's first weight tells the model's dtype, device and memory format (works for any
+        # stem module, e.g. a fused one that holds packed buffers)
+        w = next(t for t in itertools.chain(self.patch_embed.parameters(), self.patch_embed.buffers())
+                 if t.is_floating_point())
         if x.dtype != w.dtype:
             raise TypeError(f"FastViTHD: pixels dtype {x.dtype} does not match the model's {w.dtype}; "
                             f"cast one of them (e.g. pixels.to({w.dtype}))")

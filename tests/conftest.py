@@ -4,6 +4,9 @@ import sys
 import pytest
 import torch
 
+# Test this checkout, whatever an editable install elsewhere points at.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # Keep runs on the 2-core machines predictable; tests never depend on timing.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,0 +1,104 @@
+"""``accelerate(model)``: swap fused modules into a FastViTHD (or anything holding one), in place.
+
+Steps per encoder: check eval mode -> reparameterize if needed -> fold the ConvFFN BatchNorms
+into their 7x7 depthwise weights -> pack every weight once for the chosen backend and dtype ->
+replace the stem, blocks, PatchEmbeds, RepCPEs and conv_exp by fused modules. The accelerated
+encoder keeps the ``fastvlm.FastViTHD`` API (``forward_features`` NCHW, ``forward`` tokens).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from fastvlm.fastvithd import AttentionBlock, FastViTHD, PatchEmbed, RepCPE, RepMixerBlock
+
+from . import backends
+from .modules import (FusedAttentionBlock, FusedConvExp, FusedDWConv, FusedPatchEmbed, FusedRepMixerBlock,
+                      FusedStem, _Fused)
+
+__all__ = ["accelerate", "is_accelerated"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def is_accelerated(model: nn.Module) -> bool:
+    return any(isinstance(m, _Fused) for m in model.modules())
+
+
+def _encoders(model: nn.Module) -> List[FastViTHD]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate: expected an nn.Module, got {type(model).__name__}")
+    found = [m for m in model.modules() if isinstance(m, FastViTHD)]
+    if found:
+        return found
+    # Foreign implementations, recognised by structure: not supported yet (see README).
+    names = {n for n, _ in model.named_children()}
+    if {"stem", "stages", "final_conv"} <= names or any("timm_model" in n for n, _ in model.named_modules()):
+        raise NotImplementedError(
+            "accelerate: this looks like timm's fastvit_mci3 / transformers' FastVLM; accelerating those in place "
+            "is not implemented yet. Load its weights into fastvlm instead: "
+            "fastvlm.load_vision_tower(model.state_dict())")
+    raise TypeError(f"accelerate: no fastvlm.FastViTHD found in {type(model).__name__}")
+
+
+def _model_device_dtype(enc: FastViTHD) -> Tuple[torch.device, torch.dtype]:
+    t = next(t for t in list(enc.parameters()) + list(enc.buffers()) if t.is_floating_point())
+    return t.device, t.dtype
+
+
+def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Swap fused kernels into every FastViTHD inside ``model``, in place; returns ``model``.
+
+    ``backend``: 'auto' (CUDA -> 'triton', CPU -> 'cpu', falling back to 'reference' with one warning
+    saying why), 'reference', 'cpu' or 'triton'. ``dtype``: the compute/storage dtype of the packed
+    weights and activations (default: the model's dtype). Calling it again switches the backend of
+    an accelerated model; changing its dtype needs a fresh model.
+    """
+    if dtype is not None and dtype not in _DTYPES:
+        raise TypeError(f"accelerate: dtype must be one of {_DTYPES} or None, got {dtype}")
+    for enc in _encoders(model):
+        if enc.training:
+            raise RuntimeError("accelerate: the model is in training mode; the fused kernels are inference-only. "
+                               "Call model.eval() first.")
+        device, model_dtype = _model_device_dtype(enc)
+        want_dtype = dtype or model_dtype
+        name = backends.resolve_backend(backend, device, want_dtype)
+        if is_accelerated(enc):
+            done = getattr(enc, "accelerated_dtype", model_dtype)
+            if done != want_dtype:
+                raise ValueError(f"accelerate: this encoder is already accelerated in {done}; build or load a fresh "
+                                 f"model to accelerate it in {want_dtype}")
+            for m in enc.modules():
+                if isinstance(m, _Fused):
+                    m.backend = name
+            enc.accelerated_backend = name
+            continue
+        with torch.no_grad():
+            enc.reparameterize()
+            _swap(enc, name, want_dtype)
+        enc.accelerated_backend = name
+        enc.accelerated_dtype = want_dtype
+    return model
+
+
+def _swap(enc: FastViTHD, backend: str, dtype: torch.dtype) -> None:
+    enc.patch_embed = FusedStem(enc.patch_embed, backend, dtype)
+    for i, entry in enumerate(enc.network):
+        if isinstance(entry, PatchEmbed):
+            enc.network[i] = FusedPatchEmbed(entry, backend, dtype)
+        elif isinstance(entry, RepCPE):
+            enc.network[i] = FusedDWConv(entry.reparam_conv, backend, dtype)
+        elif isinstance(entry, nn.Sequential):
+            for j, blk in enumerate(entry):
+                if isinstance(blk, RepMixerBlock):
+                    entry[j] = FusedRepMixerBlock(blk, backend, dtype)
+                elif isinstance(blk, AttentionBlock):
+                    entry[j] = FusedAttentionBlock(blk, backend, dtype)
+                else:
+                    raise TypeError(f"accelerate: unexpected block {type(blk).__name__} in network[{i}]")
+        else:
+            raise TypeError(f"accelerate: unexpected module {type(entry).__name__} at network[{i}]")
+    enc.conv_exp = FusedConvExp(enc.conv_exp, backend, dtype)

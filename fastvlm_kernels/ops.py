@@ -1,0 +1,295 @@
+"""The seven fused ops of FastViTHD (design.md §3) as ``torch.library`` custom ops.
+
+Each op is ``torch.ops.fastvlm.<name>``, with a schema, a fake (meta) implementation so that
+``torch.compile`` and ``torch.export`` trace through it, input validation (design.md §8), and one
+implementation per backend. The last argument, ``backend``, names the implementation to run; the
+registry below is the one place that maps (op, backend) to code.
+
+Activations are NHWC ``(B, H, W, C)``. Weights are packed once (``fastvlm_kernels.modules``), in the
+activation dtype:
+
+=================  ===========================================================================
+dw weight          ``(K, K, Cout)``: a depthwise / grouped conv with groups = C, Cout = C·M;
+                   output channel ``co`` reads input channel ``co // M``
+pointwise / linear ``(Cout, Cin)`` (the nn.Linear layout)
+bias, gamma, norm  ``(C,)``
+stem conv3x3       ``(C, Cin, 3, 3)`` (the nn.Conv2d layout)
+=================  ===========================================================================
+
+| op              | computes                                                                     |
+|-----------------|------------------------------------------------------------------------------|
+| stem            | GELU(conv3x3 s2) -> GELU(dw3x3 s2) -> GELU(1x1)                              |
+| repmixer_block  | m = dw3x3(x); y = m + gamma·fc2(GELU(fc1(dw7x7_bnfolded(m))))                |
+| convffn         | y = x + gamma·fc2(GELU(fc1(dw7x7_bnfolded(x))))                              |
+| patch_embed     | GELU(dw7x7 s2, multiplier 2) -> GELU(1x1)                                    |
+| dwconv          | depthwise kxk, stride, multiplier, bias, optional GELU                       |
+| attention_mixer | y = x + gamma·proj(MHSA(LayerNormChannel(x)))                                |
+| conv_exp        | GELU(SE(dw3x3, multiplier 2))                                                |
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["OPS", "BACKENDS", "register_kernel", "kernel_for", "backend_ops", "stem", "repmixer_block",
+           "convffn", "patch_embed", "dwconv", "attention_mixer", "conv_exp"]
+
+OPS = ("stem", "repmixer_block", "convffn", "patch_embed", "dwconv", "attention_mixer", "conv_exp")
+BACKENDS = ("reference", "cpu", "triton")
+
+# (op, backend) -> implementation with the op's signature minus ``backend``.
+_KERNELS: Dict[str, Dict[str, Callable]] = {op: {} for op in OPS}
+
+
+def register_kernel(op: str, backend: str, fn: Callable) -> None:
+    if op not in _KERNELS:
+        raise ValueError(f"register_kernel: unknown op {op!r}; ops are {OPS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"register_kernel: unknown backend {backend!r}; backends are {BACKENDS}")
+    _KERNELS[op][backend] = fn
+
+
+def backend_ops(backend: str) -> List[str]:
+    """The ops that ``backend`` implements."""
+    return [op for op in OPS if backend in _KERNELS[op]]
+
+
+def kernel_for(op: str, backend: str) -> Callable:
+    try:
+        return _KERNELS[op][backend]
+    except KeyError:
+        have = [b for b in BACKENDS if b in _KERNELS.get(op, {})]
+        raise RuntimeError(f"fastvlm::{op}: backend {backend!r} has no implementation of this op "
+                           f"(available: {have})") from None
+
+
+for _op in OPS:
+    register_kernel(_op, "reference", getattr(reference, _op))
+
+
+# --------------------------------------------------------------------------------------------------
+# validation (runs on real and fake tensors alike)
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_x(op: str, x, channels: Optional[int] = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fastvlm::{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"fastvlm::{op}: x must be 4-D NHWC (B, H, W, C), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"fastvlm::{op}: x must be floating point, got dtype {x.dtype}")
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"fastvlm::{op}: x must have H, W >= 1, got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[3] != channels:
+        raise ValueError(f"fastvlm::{op}: x has {x.shape[3]} channels (dim 3), the weights expect {channels}")
+
+
+def _check_w(op: str, name: str, t, shape: Sequence[int], x: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastvlm::{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"fastvlm::{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"fastvlm::{op}: {name} has dtype {t.dtype} but x has {x.dtype}; weights are packed in "
+                        "the activation dtype (accelerate(model, dtype=...))")
+    if t.device != x.device:
+        raise ValueError(f"fastvlm::{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check_dw(op: str, prefix: str, w, b, x: Tensor) -> int:
+    """Checks a packed (K, K, Cout) depthwise weight against x; returns Cout."""
+    wn, bn = (f"{prefix}_w", f"{prefix}_b") if prefix else ("w", "b")
+    if not isinstance(w, Tensor) or w.dim() != 3 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"fastvlm::{op}: {wn} must be a packed (K, K, Cout) depthwise weight, got "
+                         f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+    cout = w.shape[2]
+    if cout % x.shape[3]:
+        raise ValueError(f"fastvlm::{op}: {wn} has Cout={cout}, not a multiple of x's {x.shape[3]} channels")
+    _check_w(op, wn, w, tuple(w.shape), x)
+    if b is not None:
+        _check_w(op, bn, b, (cout,), x)
+    return cout
+
+
+def _conv_out(n: int, k: int, stride: int, pad: int) -> int:
+    return (n + 2 * pad - k) // stride + 1
+
+
+def _check_ffn(op, x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
+    C = x.shape[3]
+    if _check_dw(op, "ffn", ffn_w, ffn_b, x) != C:
+        raise ValueError(f"fastvlm::{op}: ffn_w must be depthwise with Cout = C = {C}, got {tuple(ffn_w.shape)}")
+    hidden = fc1_w.shape[0] if isinstance(fc1_w, Tensor) and fc1_w.dim() == 2 else -1
+    _check_w(op, "fc1_w", fc1_w, (hidden, C), x)
+    _check_w(op, "fc1_b", fc1_b, (hidden,), x)
+    _check_w(op, "fc2_w", fc2_w, (C, hidden), x)
+    _check_w(op, "fc2_b", fc2_b, (C,), x)
+    _check_w(op, "gamma", gamma, (C,), x)
+
+
+# --------------------------------------------------------------------------------------------------
+# the ops
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_stem(x, w0, b0, w1, b1, w2, b2):
+    C = w0.shape[0] if isinstance(w0, Tensor) and w0.dim() == 4 else -1
+    _check_x("stem", x, w0.shape[1] if isinstance(w0, Tensor) and w0.dim() == 4 else None)
+    _check_w("stem", "w0", w0, (C, x.shape[3], 3, 3), x)
+    _check_w("stem", "b0", b0, (C,), x)
+    _check_w("stem", "w1", w1, (3, 3, C), x)
+    _check_w("stem", "b1", b1, (C,), x)
+    _check_w("stem", "w2", w2, (C, C), x)
+    _check_w("stem", "b2", b2, (C,), x)
+    B, H, W, _ = x.shape
+    h = _conv_out(_conv_out(H, 3, 2, 1), 3, 2, 1)
+    w = _conv_out(_conv_out(W, 3, 2, 1), 3, 2, 1)
+    return (B, h, w, C)
+
+
+@torch.library.custom_op("fastvlm::stem", mutates_args=())
+def stem(x: Tensor, w0: Tensor, b0: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, backend: str) -> Tensor:
+    _check_stem(x, w0, b0, w1, b1, w2, b2)
+    return kernel_for("stem", backend)(x, w0, b0, w1, b1, w2, b2)
+
+
+@stem.register_fake
+def _(x, w0, b0, w1, b1, w2, b2, backend):
+    return x.new_empty(_check_stem(x, w0, b0, w1, b1, w2, b2))
+
+
+def _check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
+    _check_x("repmixer_block", x)
+    if _check_dw("repmixer_block", "mix", mix_w, mix_b, x) != x.shape[3]:
+        raise ValueError(f"fastvlm::repmixer_block: mix_w must be depthwise with Cout = C, got {tuple(mix_w.shape)}")
+    _check_ffn("repmixer_block", x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    return tuple(x.shape)
+
+
+@torch.library.custom_op("fastvlm::repmixer_block", mutates_args=())
+def repmixer_block(x: Tensor, mix_w: Tensor, mix_b: Tensor, ffn_w: Tensor, ffn_b: Tensor, fc1_w: Tensor,
+                   fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, gamma: Tensor, backend: str) -> Tensor:
+    _check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    return kernel_for("repmixer_block", backend)(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+
+
+@repmixer_block.register_fake
+def _(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma, backend):
+    return x.new_empty(_check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma))
+
+
+def _check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
+    _check_x("convffn", x)
+    _check_ffn("convffn", x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    return tuple(x.shape)
+
+
+@torch.library.custom_op("fastvlm::convffn", mutates_args=())
+def convffn(x: Tensor, ffn_w: Tensor, ffn_b: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
+            gamma: Tensor, backend: str) -> Tensor:
+    _check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    return kernel_for("convffn", backend)(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+
+
+@convffn.register_fake
+def _(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma, backend):
+    return x.new_empty(_check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma))
+
+
+def _check_patch_embed(x, dw_w, dw_b, pw_w, pw_b):
+    _check_x("patch_embed", x)
+    cout = _check_dw("patch_embed", "dw", dw_w, dw_b, x)
+    _check_w("patch_embed", "pw_w", pw_w, (cout, cout), x)
+    _check_w("patch_embed", "pw_b", pw_b, (cout,), x)
+    k = dw_w.shape[0]
+    B, H, W, _ = x.shape
+    return (B, _conv_out(H, k, 2, k // 2), _conv_out(W, k, 2, k // 2), cout)
+
+
+@torch.library.custom_op("fastvlm::patch_embed", mutates_args=())
+def patch_embed(x: Tensor, dw_w: Tensor, dw_b: Tensor, pw_w: Tensor, pw_b: Tensor, backend: str) -> Tensor:
+    _check_patch_embed(x, dw_w, dw_b, pw_w, pw_b)
+    return kernel_for("patch_embed", backend)(x, dw_w, dw_b, pw_w, pw_b)
+
+
+@patch_embed.register_fake
+def _(x, dw_w, dw_b, pw_w, pw_b, backend):
+    return x.new_empty(_check_patch_embed(x, dw_w, dw_b, pw_w, pw_b))
+
+
+def _check_dwconv(x, w, b, stride, padding):
+    _check_x("dwconv", x)
+    cout = _check_dw("dwconv", "", w, b, x)
+    if stride < 1 or padding < 0:
+        raise ValueError(f"fastvlm::dwconv: need stride >= 1 and padding >= 0, got stride={stride}, padding={padding}")
+    B, H, W, _ = x.shape
+    k = w.shape[0]
+    ho, wo = _conv_out(H, k, stride, padding), _conv_out(W, k, stride, padding)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"fastvlm::dwconv: input {H}x{W} with padding {padding} is smaller than the {k}x{k} kernel")
+    return (B, ho, wo, cout)
+
+
+@torch.library.custom_op("fastvlm::dwconv", mutates_args=())
+def dwconv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: int, padding: int, gelu: bool, backend: str) -> Tensor:
+    _check_dwconv(x, w, b, stride, padding)
+    return kernel_for("dwconv", backend)(x, w, b, stride, padding, gelu)
+
+
+@dwconv.register_fake
+def _(x, w, b, stride, padding, gelu, backend):
+    return x.new_empty(_check_dwconv(x, w, b, stride, padding))
+
+
+def _check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
+    _check_x("attention_mixer", x)
+    C = x.shape[3]
+    if head_dim < 1 or C % head_dim:
+        raise ValueError(f"fastvlm::attention_mixer: channels {C} must be a multiple of head_dim {head_dim}")
+    _check_w("attention_mixer", "ln_w", ln_w, (C,), x)
+    _check_w("attention_mixer", "ln_b", ln_b, (C,), x)
+    _check_w("attention_mixer", "qkv_w", qkv_w, (3 * C, C), x)
+    _check_w("attention_mixer", "proj_w", proj_w, (C, C), x)
+    _check_w("attention_mixer", "proj_b", proj_b, (C,), x)
+    _check_w("attention_mixer", "gamma", gamma, (C,), x)
+    return tuple(x.shape)
+
+
+@torch.library.custom_op("fastvlm::attention_mixer", mutates_args=())
+def attention_mixer(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, proj_w: Tensor, proj_b: Tensor,
+                    gamma: Tensor, head_dim: int, backend: str) -> Tensor:
+    _check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
+    return kernel_for("attention_mixer", backend)(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
+
+
+@attention_mixer.register_fake
+def _(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim, backend):
+    return x.new_empty(_check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim))
+
+
+def _check_conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
+    _check_x("conv_exp", x)
+    cout = _check_dw("conv_exp", "", w, b, x)
+    rd = se_r_w.shape[0] if isinstance(se_r_w, Tensor) and se_r_w.dim() == 2 else -1
+    _check_w("conv_exp", "se_r_w", se_r_w, (rd, cout), x)
+    _check_w("conv_exp", "se_r_b", se_r_b, (rd,), x)
+    _check_w("conv_exp", "se_e_w", se_e_w, (cout, rd), x)
+    _check_w("conv_exp", "se_e_b", se_e_b, (cout,), x)
+    return (*x.shape[:3], cout)
+
+
+@torch.library.custom_op("fastvlm::conv_exp", mutates_args=())
+def conv_exp(x: Tensor, w: Tensor, b: Tensor, se_r_w: Tensor, se_r_b: Tensor, se_e_w: Tensor, se_e_b: Tensor,
+             backend: str) -> Tensor:
+    _check_conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b)
+    return kernel_for("conv_exp", backend)(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b)
+
+
+@conv_exp.register_fake
+def _(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b, backend):
+    return x.new_empty(_check_conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b))
