@@ -1,52 +1,451 @@
-"""The main job: FastViTHD on the built-in random-weight model (or a checkpoint) at 1024x1024.
+"""End-to-end side-by-side report: FastViTHD through eager PyTorch (NCHW and channels_last),
+torch.compile (inductor, freezing), ONNX Runtime and the accelerated model, in one process.
 
-Interim version (issue: foundation): runs the reference encoder, prints the token shape and the
-time. The side-by-side report (eager / channels_last / torch.compile / ONNX Runtime / accelerated)
-replaces it with the fused-op layer.
+    python -m bench.report                      # built-in random-weight FastViTHD, the full matrix
+    python -m bench.report --checkpoint PATH    # real weights (file, directory or hub id)
+    python -m bench.report --quick              # tiny model, small inputs: a smoke run for CI
+
+Method (design.md §7): for each configuration (resolution, batch, dtype) every system is built and
+called once (the first-call cost is recorded), then timed in interleaved rounds; the median is
+reported, with ratios to each peer, GFLOP/s and the share of this machine's measured GEMM rate.
+Parity is rel-L2 of the first image's tokens against the float64 eager model on the same weights.
+
+Configurations run in priority order inside a time budget (``--budget-min``): what would not fit
+is listed as skipped, with the reason, instead of running past it. Systems that cannot run here are
+listed with the reason too (e.g. bf16 peers on a CPU without a fast bf16 GEMM).
+
+Writes ``<out>/<name>.json`` (everything, raw times included), ``<name>.md`` (the table) and
+``<name>.png`` (latency vs resolution, one line per system).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
+import io
+import json
+import os
+import platform
 import statistics
+import sys
 import time
+import warnings
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 import fastvlm
-from fastvlm.testing import randomize_
+import fastvlm_kernels
+from fastvlm.testing import randomize_, rel_l2
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SYSTEMS = ("eager", "eager_cl", "compile", "onnxruntime", "accelerated")
+LABELS = {"eager": "eager NCHW", "eager_cl": "eager channels_last", "compile": "torch.compile (freezing)",
+          "onnxruntime": "ONNX Runtime", "accelerated": "accelerated"}
 
 
-def build_model(checkpoint=None):
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Progress:
+    """One line per step with elapsed time and the share of the budget used."""
+
+    def __init__(self, budget_s: float):
+        self.t0, self.budget = time.perf_counter(), budget_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def step(self, msg: str) -> None:
+        used = self.elapsed()
+        filled = int(20 * min(1.0, used / self.budget))
+        log(f"[{'#' * filled}{'.' * (20 - filled)}] {used:6.0f}s  {msg}")
+
+
+# --------------------------------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_info() -> Dict:
+    flags, model = set(), platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                if line.startswith("model name") and model in ("", platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
+def gemm_rate(dtype: torch.dtype, n: int, max_s: float = 5.0) -> float:
+    """GFLOP/s of torch.mm at n^3 (median of a few calls, bounded in time)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    ts, t_end = [], time.perf_counter() + max_s
+    while len(ts) < 5 and time.perf_counter() < t_end:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# systems
+# --------------------------------------------------------------------------------------------------
+
+
+class System:
+    def __init__(self, name: str, fn: Callable, setup_s: float, note: str = ""):
+        self.name, self.fn, self.setup_s, self.note = name, fn, setup_s, note
+
+
+def _onnx_session(model: torch.nn.Module, threads: int, path: str):
+    import onnxruntime as ort
+    # Export a copy, in eval mode: the legacy exporter runs a forward that may touch BN statistics.
+    m = copy.deepcopy(model).float().eval()
+    x = torch.rand(1, 3, 128, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), path, dynamo=False, input_names=["pixels"], output_names=["tokens"],
+                          dynamic_axes={"pixels": {0: "b", 2: "h", 3: "w"}, "tokens": {0: "b", 1: "n"}},
+                          opset_version=17)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(sess.run(None, {"pixels": x.numpy()})[0])
+
+
+class Systems:
+    """Builds each system once per dtype (torch.compile once per shape) and keeps one-time costs."""
+
+    def __init__(self, model, threads: int, out_dir: str, fast_bf16: bool, skip: List[str], backend: str):
+        self.model, self.threads, self.out_dir = model, threads, out_dir
+        self.fast_bf16, self.skip, self.backend = fast_bf16, set(skip), backend
+        self.cache: Dict = {}
+        self.unavailable: Dict[str, str] = {}
+        self._gflop: Dict = {}
+
+    def gflop(self, size: int, batch: int) -> float:
+        if (size, batch) not in self._gflop:
+            self._gflop[(size, batch)] = count_gflop(self.model, size, batch)
+        return self._gflop[(size, batch)]
+
+    def reason_unavailable(self, name: str, dt: str) -> Optional[str]:
+        if name in self.skip:
+            return "skipped by --skip"
+        if name == "onnxruntime" and dt != "fp32":
+            return "ONNX Runtime's CPU execution provider is measured in fp32 only"
+        if dt == "bf16" and not self.fast_bf16 and name != "accelerated":
+            return ("this CPU has no fast bf16 GEMM (no AVX512_BF16/AMX: torch's bf16 matmul runs a scalar "
+                    "fallback, >50x slower than fp32), so this bf16 peer would not finish in the budget")
+        if name == "onnxruntime":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                return "onnxruntime is not installed (pip install onnxruntime onnx)"
+        return self.unavailable.get(name)
+
+    def get(self, name: str, dt: str, shape) -> Optional[System]:
+        key = (name, dt, shape if name == "compile" else None)
+        if key in self.cache:
+            return self.cache[key]
+        dtype = DTYPES[dt]
+        t0 = time.perf_counter()
+        note = ""
+        try:
+            if name == "eager":
+                m = copy.deepcopy(self.model).to(dtype)
+                fn = m
+            elif name == "eager_cl":
+                m = copy.deepcopy(self.model).to(dtype).to(memory_format=torch.channels_last)
+                fn = lambda x, m=m: m(x.contiguous(memory_format=torch.channels_last))  # noqa: E731
+            elif name == "compile":
+                import torch._inductor.config as icfg
+                icfg.freezing = True
+                base = self.cache.get(("eager", dt, None))
+                m = base.fn if base is not None else copy.deepcopy(self.model).to(dtype)
+                fn = torch.compile(m, dynamic=False)
+                note = "inductor, freezing=True, dynamic=False (compiled per shape)"
+            elif name == "onnxruntime":
+                fn = _onnx_session(self.model, self.threads, os.path.join(self.out_dir, ".fastvithd.onnx.tmp"))
+                note = "CPU provider, ORT_ENABLE_ALL, legacy exporter, dynamic H/W"
+            elif name == "accelerated":
+                m = copy.deepcopy(self.model)
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    fastvlm_kernels.accelerate(m, backend=self.backend, dtype=dtype)
+                fn = m
+                note = f"backend={m.accelerated_backend}"
+                if w:
+                    note += f" ({w[0].message})"
+            else:
+                raise ValueError(name)
+        except Exception as e:  # a peer that cannot be built is reported, not fatal
+            self.unavailable[name] = f"{type(e).__name__}: {e}"
+            log(f"    {LABELS[name]} unavailable: {self.unavailable[name]}")
+            return None
+        setup = time.perf_counter() - t0
+        sysm = System(name, fn, setup, note)
+        self.cache[key] = sysm
+        return sysm
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------------
+
+
+def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: torch.Tensor, rounds: int,
+               prog: Progress) -> Dict:
+    dtype = DTYPES[dt]
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
+    x[:1] = REF_INPUTS[size]  # image 0 is the one the float64 reference saw
+    x = x.to(dtype)
+    res: Dict = {"size": size, "batch": batch, "dtype": dt, "gflop": systems.gflop(size, batch), "systems": {}}
+    live = []
+    for name in SYSTEMS:
+        why = systems.reason_unavailable(name, dt)
+        if why:
+            res["systems"][name] = {"skipped": why}
+            continue
+        prog.step(f"{size}x{size} b{batch} {dt}: building {LABELS[name]}")
+        s = systems.get(name, dt, (batch, size))
+        if s is None:
+            res["systems"][name] = {"skipped": systems.unavailable[name]}
+            continue
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = s.fn(x)
+        first = time.perf_counter() - t0
+        err = rel_l2(out[:1].float(), ref_tokens)
+        res["systems"][name] = {"setup_s": s.setup_s, "first_call_s": first, "rel_l2": err, "note": s.note,
+                                "times_s": []}
+        s.setup_s = 0.0  # reported once, with the configuration that paid it
+        live.append(s)
+    for r in range(rounds):
+        prog.step(f"{size}x{size} b{batch} {dt}: round {r + 1}/{rounds} ({', '.join(LABELS[s.name] for s in live)})")
+        for s in live:  # interleaved: every system once per round
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                s.fn(x)
+            res["systems"][s.name]["times_s"].append(time.perf_counter() - t0)
+    for s in live:
+        d = res["systems"][s.name]
+        d["median_s"] = statistics.median(d["times_s"])
+        d["gflops"] = res["gflop"] / d["median_s"]
+    return res
+
+
+REF_INPUTS: Dict[int, torch.Tensor] = {}
+
+
+def count_gflop(model, size: int, batch: int = 1) -> float:
+    """Convolution + matmul GFLOP of one forward (2 per MAC), counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    m = copy.deepcopy(model).to("meta")
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(torch.empty(batch, 3, size, size, device="meta"))
+    return fc.get_total_flops() / 1e9
+
+
+def reference_tokens(model, size: int) -> torch.Tensor:
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1000 + size))
+    REF_INPUTS[size] = x
+    m64 = copy.deepcopy(model).double()
+    with torch.inference_mode():
+        return m64(x.double())
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------------
+
+
+def markdown(report: Dict) -> str:
+    m = report["machine"]
+    lines = [f"# FastViTHD side by side — {report['date']}", "",
+             f"Machine: {m['cpu']['model']}, {m['cpu']['cores']} cores, AVX2={m['cpu']['avx2']}, "
+             f"AVX-512={m['cpu']['avx512f']}, AVX512_BF16={m['cpu']['avx512_bf16']}; torch {m['torch']}, "
+             f"{m['threads']} threads; measured torch.mm rate: fp32 {m['gemm_fp32_gflops']:.0f} GFLOP/s, "
+             f"bf16 {m['gemm_bf16_gflops']:.1f} GFLOP/s.",
+             f"Model: {report['model']}. Accelerated backend: {report['backend']}.", "",
+             "Median seconds of interleaved rounds (n = rounds); ratio = system time / accelerated time "
+             "(> 1: accelerated is faster); rel-L2 of image 0's tokens against float64 eager.", ""]
+    hdr = "| config | system | median s | n | vs accelerated | GFLOP/s | % of GEMM rate | rel-L2 | first call s | setup s |"
+    lines += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
+    notes: List[str] = []
+    for c in report["configs"]:
+        cfg = f"{c['size']}² b{c['batch']} {c['dtype']}"
+        acc = c["systems"].get("accelerated", {}).get("median_s")
+        # % of the best GEMM rate measured for that storage dtype (bf16 may compute in fp32 internally)
+        peak = m["gemm_fp32_gflops"] if c["dtype"] == "fp32" else max(m["gemm_bf16_gflops"], m["gemm_fp32_gflops"])
+        for name in SYSTEMS:
+            d = c["systems"].get(name)
+            if d is None:
+                continue
+            if "skipped" in d:
+                if d["skipped"] not in notes:
+                    notes.append(d["skipped"])
+                lines.append(f"| {cfg} | {LABELS[name]} | not run [{notes.index(d['skipped']) + 1}] | | | | | | | |")
+                continue
+            ratio = f"{d['median_s'] / acc:.2f}x" if acc else ""
+            lines.append(f"| {cfg} | {LABELS[name]} | {d['median_s']:.3f} | {len(d['times_s'])} | {ratio} | "
+                         f"{d['gflops']:.0f} | {100 * d['gflops'] / peak:.0f}% | {d['rel_l2']:.1e} | "
+                         f"{d['first_call_s']:.2f} | {d['setup_s']:.2f} |")
+    if notes:
+        lines += [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    if report["skipped_configs"]:
+        lines += ["", "Not run (time budget): " + "; ".join(report["skipped_configs"])]
+    lines += ["", f"Total wall time {report['wall_s']:.0f} s. Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Dict, path: str) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, dt in zip(axes, DTYPES):
+        for name in SYSTEMS:
+            pts = sorted((c["size"], c["systems"][name]["median_s"]) for c in report["configs"]
+                         if c["dtype"] == dt and c["batch"] == 1 and "median_s" in c["systems"].get(name, {}))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[name])
+        ax.set_title(f"FastViTHD, batch 1, {dt}")
+        ax.set_xlabel("input resolution (px)")
+        ax.set_ylabel("latency (s)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    m = report["machine"]
+    fig.suptitle(f"{m['cpu']['model']}, {m['threads']} threads, torch {m['torch']} — {report['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(checkpoint: Optional[str], quick: bool) -> (torch.nn.Module, str):
     if checkpoint:
-        print(f"loading {checkpoint} ...", flush=True)
-        return fastvlm.load_vision_tower(checkpoint).reparameterize()
-    m = fastvlm.FastViTHD(inference_mode=True)
-    return randomize_(m, seed=0).eval()
+        log(f"loading {checkpoint} ...")
+        return fastvlm.load_vision_tower(checkpoint).reparameterize().eval(), f"checkpoint {checkpoint}"
+    cfg = fastvlm.FastViTHDConfig.tiny() if quick else fastvlm.FastViTHDConfig()
+    m = randomize_(fastvlm.FastViTHD(cfg, inference_mode=True), seed=0).eval()
+    name = "tiny FastViTHD" if quick else "FastViTHD"
+    return m, f"{name}, random weights (O(1) layer scales, randomised BN statistics), inference form"
 
 
-def main(argv=None):
+def main(argv=None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="vision tower weights (file, directory or hub id); default: random weights")
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    ap.add_argument("--quick", action="store_true", help="tiny model, 256x256, one run (for CI)")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 128/192 px, 2 rounds (CI smoke run)")
+    ap.add_argument("--threads", type=int, default=None, help="torch/ORT threads (default: all cores)")
+    ap.add_argument("--budget-min", type=float, default=14.0, help="time budget in minutes (default 14)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per configuration (default 3; 2 for batch 8)")
+    ap.add_argument("--sizes", default=None, help="comma-separated batch-1 resolutions (default 1024,512,768,1536)")
+    ap.add_argument("--no-batch8", action="store_true", help="skip the 1024x1024 batch-8 configurations")
+    ap.add_argument("--skip", default="", help=f"comma-separated systems to leave out: {','.join(SYSTEMS)}")
+    ap.add_argument("--backend", default="auto", help="accelerate() backend (default auto)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--name", default=None, help="output file stem (default: cpu-<threads>t, or quick)")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    model = fastvlm.FastViTHD(fastvlm.FastViTHDConfig.tiny(), inference_mode=True).eval() if a.quick else build_model(a.checkpoint)
-    size, runs = (256, 1) if a.quick else (a.size, a.runs)
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    print(f"FastViTHD reference encoder, {size}x{size}, fp32, {torch.get_num_threads()} threads", flush=True)
-    times = []
-    with torch.inference_mode():
-        out = model(x)  # warm-up
-        for i in range(runs):
-            t0 = time.perf_counter()
-            out = model(x)
-            times.append(time.perf_counter() - t0)
-            print(f"  run {i + 1}/{runs}: {times[-1]:.3f} s", flush=True)
-    print(f"tokens: {tuple(out.shape)}  median: {statistics.median(times):.3f} s")
+
+    threads = a.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    os.makedirs(a.out, exist_ok=True)
+    name = a.name or ("quick" if a.quick else f"cpu-{threads}t")
+    budget = a.budget_min * 60
+    prog = Progress(budget)
+    cpu = cpu_info()
+    log(f"FastViTHD side-by-side report — {cpu['model']}, {cpu['cores']} cores, {threads} threads, torch "
+        f"{torch.__version__}, budget {a.budget_min:g} min")
+    prog.step("measuring this machine's GEMM rates (torch.mm)")
+    g32 = gemm_rate(torch.float32, 256 if a.quick else 1024)
+    g16 = gemm_rate(torch.bfloat16, 256, max_s=3.0)
+    g32_small = gemm_rate(torch.float32, 256) if not a.quick else g32
+    fast_bf16 = g16 > 0.2 * g32_small
+    log(f"    torch.mm fp32 {g32:.0f} GFLOP/s, bf16 {g16:.1f} GFLOP/s -> fast bf16 path: {fast_bf16}")
+
+    model, model_desc = build_model(a.checkpoint, a.quick)
+    if a.quick:
+        sizes, batch8, rounds = [128, 192], [], a.rounds or 2
+        rounds8 = rounds
+    else:
+        sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else [1024, 512, 768, 1536]
+        batch8 = [] if a.no_batch8 else [1024]
+        rounds, rounds8 = a.rounds or 3, a.rounds or 2
+    # priority order: the headline first, then the resolution sweep, then batch 8; fp32 before bf16
+    plan = [(sizes[0], 1, "fp32"), (sizes[0], 1, "bf16")]
+    plan += [(s, 1, "fp32") for s in sizes[1:]] + [(s, 1, "bf16") for s in sizes[1:]]
+    plan += [(s, 8, dt) for s in batch8 for dt in ("fp32", "bf16")]
+
+    systems = Systems(model, threads, a.out, fast_bf16, [s for s in a.skip.split(",") if s], a.backend)
+    report = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": " ".join(
+                  ["python -m bench.report"] + (argv if argv is not None else sys.argv[1:])),
+              "model": model_desc, "backend": a.backend,
+              "machine": {"cpu": cpu, "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
+                          "gemm_fp32_gflops": g32, "gemm_bf16_gflops": g16, "fast_bf16": fast_bf16},
+              "configs": [], "skipped_configs": []}
+    refs: Dict[int, torch.Tensor] = {}
+    per_gflop_round = None  # seconds per GFLOP of one round over all systems, learned as we go
+    for size, batch, dt in plan:
+        label = f"{size}x{size} b{batch} {dt}"
+        gflop = systems.gflop(size, batch)
+        n_rounds = rounds8 if batch > 1 else rounds
+        if per_gflop_round is not None:
+            projected = per_gflop_round * gflop * (n_rounds + 1) * (1.0 if dt == "fp32" else 0.6)
+            if prog.elapsed() + projected > budget:
+                why = f"{label} (projected {projected:.0f} s, {budget - prog.elapsed():.0f} s left)"
+                report["skipped_configs"].append(why)
+                log(f"    skipping {why}")
+                continue
+        if size not in refs:
+            prog.step(f"{size}x{size}: float64 reference")
+            refs[size] = reference_tokens(model, size)
+        t0 = time.perf_counter()
+        res = run_config(size, batch, dt, systems, refs[size], n_rounds, prog)
+        spent = time.perf_counter() - t0
+        if dt == "fp32":
+            per_gflop_round = spent / gflop / (n_rounds + 1)
+        report["configs"].append(res)
+        acc = res["systems"].get("accelerated", {}).get("median_s")
+        for nm, d in res["systems"].items():
+            if "median_s" in d:
+                vs = f"  ({d['median_s'] / acc:.2f}x accelerated)" if acc and nm != "accelerated" else ""
+                log(f"    {LABELS[nm]:<26} {d['median_s']:8.3f} s  rel-L2 {d['rel_l2']:.1e}{vs}")
+    report["wall_s"] = prog.elapsed()
+    report["one_time_note"] = ("setup_s = building the system (accelerate(): reparameterize + fold + pack; "
+                               "compile: torch.compile wrapper; ORT: export + session); first_call_s = its first "
+                               "call, which includes torch.compile's compilation")
+    for f in os.listdir(a.out):
+        if f.endswith(".onnx.tmp"):
+            os.remove(os.path.join(a.out, f))
+    with open(os.path.join(a.out, f"{name}.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    md = markdown(report)
+    with open(os.path.join(a.out, f"{name}.md"), "w") as fh:
+        fh.write(md)
+    why_no_plot = plot(report, os.path.join(a.out, f"{name}.png"))
+    log("")
+    log(md)
+    log(f"wrote {a.out}/{name}.json, {name}.md" + ("" if why_no_plot else f", {name}.png") +
+        (f" ({why_no_plot})" if why_no_plot else ""))
+    return report
 
 
 if __name__ == "__main__":
