@@ -28,20 +28,22 @@ def is_accelerated(model: nn.Module) -> bool:
     return any(isinstance(m, _Fused) for m in model.modules())
 
 
-def _encoders(model: nn.Module) -> List[FastViTHD]:
+def _is_timm_fastvit(m: nn.Module) -> bool:
+    """timm's FastVit (fastvit_mci3 is FastViTHD), by structure: stem, stages, final_conv."""
+    names = {n for n, _ in m.named_children()}
+    return not isinstance(m, FastViTHD) and {"stem", "stages", "final_conv"} <= names
+
+
+def _encoders(model: nn.Module) -> Tuple[List[FastViTHD], List[nn.Module]]:
+    """This package's FastViTHDs and timm FastVits (also inside transformers' FastVLM) in ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: expected an nn.Module, got {type(model).__name__}")
-    found = [m for m in model.modules() if isinstance(m, FastViTHD)]
-    if found:
-        return found
-    # Foreign implementations, recognised by structure: not supported yet (see README).
-    names = {n for n, _ in model.named_children()}
-    if {"stem", "stages", "final_conv"} <= names or any("timm_model" in n for n, _ in model.named_modules()):
-        raise NotImplementedError(
-            "accelerate: this looks like timm's fastvit_mci3 / transformers' FastVLM; accelerating those in place "
-            "is not implemented yet. Load its weights into fastvlm instead: "
-            "fastvlm.load_vision_tower(model.state_dict())")
-    raise TypeError(f"accelerate: no fastvlm.FastViTHD found in {type(model).__name__}")
+    ours = [m for m in model.modules() if isinstance(m, FastViTHD)]
+    foreign = [m for m in model.modules() if _is_timm_fastvit(m)]
+    if not ours and not foreign:
+        raise TypeError(f"accelerate: no FastViTHD (fastvlm.FastViTHD, or timm's fastvit_mci3 / transformers' "
+                        f"FastVLM vision tower) found in {type(model).__name__}")
+    return ours, foreign
 
 
 def _model_device_dtype(enc: FastViTHD) -> Tuple[torch.device, torch.dtype]:
@@ -59,7 +61,10 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
     """
     if dtype is not None and dtype not in _DTYPES:
         raise TypeError(f"accelerate: dtype must be one of {_DTYPES} or None, got {dtype}")
-    for enc in _encoders(model):
+    ours, foreign = _encoders(model)
+    for tm in foreign:
+        _accelerate_timm(tm, backend, dtype)
+    for enc in ours:
         if enc.training:
             raise RuntimeError("accelerate: the model is in training mode; the fused kernels are inference-only. "
                                "Call model.eval() first.")
@@ -102,3 +107,32 @@ def _swap(enc: FastViTHD, backend: str, dtype: torch.dtype) -> None:
         else:
             raise TypeError(f"accelerate: unexpected module {type(entry).__name__} at network[{i}]")
     enc.conv_exp = FusedConvExp(enc.conv_exp, backend, dtype)
+
+
+def _accelerate_timm(tm: nn.Module, backend: str, dtype: Optional[torch.dtype]) -> None:
+    """Accelerate a timm FastVit in place: its weights go through this package's loader (timm key
+    layout), and its ``stem`` / ``stages`` / ``final_conv`` become the fused modules. timm's own
+    ``forward_features`` (stem -> each stage -> final_conv) then runs them unchanged: the fused
+    modules pass NHWC between each other and the last one returns an NCHW view."""
+    if tm.training:
+        raise RuntimeError("accelerate: the model is in training mode; the fused kernels are inference-only. "
+                           "Call model.eval() first.")
+    if isinstance(tm.stem, FusedStem):  # already accelerated: switch the backend only
+        enc_dtype = tm.stem.dtype
+        name = backends.resolve_backend(backend, tm.stem.w0.device, dtype or enc_dtype)
+        if dtype is not None and dtype != enc_dtype:
+            raise ValueError(f"accelerate: this encoder is already accelerated in {enc_dtype}; build or load a fresh "
+                             f"model to accelerate it in {dtype}")
+        for m in tm.modules():
+            if isinstance(m, _Fused):
+                m.backend = name
+        return
+    from fastvlm.checkpoint import load_vision_tower
+    t = next(t for t in tm.parameters() if t.is_floating_point())
+    sd = {k: v for k, v in tm.state_dict().items() if not k.startswith("head.")}
+    enc = load_vision_tower(sd, layout="timm", dtype=t.dtype, device=t.device)
+    accelerate(enc, backend=backend, dtype=dtype)
+    tm.stem = enc.patch_embed
+    tm.stages = nn.Sequential(*enc.network)
+    tm.final_conv = enc.conv_exp
+    tm.accelerated_backend = enc.accelerated_backend

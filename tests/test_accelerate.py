@@ -133,7 +133,7 @@ def test_training_mode_and_grad_inputs_are_refused(tiny64):
 
 
 def test_bad_arguments(tiny64):
-    with pytest.raises(TypeError, match="no fastvlm.FastViTHD"):
+    with pytest.raises(TypeError, match="no FastViTHD"):
         fk.accelerate(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="dtype"):
         fk.accelerate(copy.deepcopy(tiny64), dtype=torch.int8)
@@ -186,3 +186,84 @@ def test_torch_compile_and_export(tiny64):
         nodes = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
         assert {"fastvlm.stem.default", "fastvlm.repmixer_block.default", "fastvlm.attention_mixer.default",
                 "fastvlm.conv_exp.default"} <= nodes
+
+
+# ---- foreign models: timm's fastvit_mci3 and transformers' FastVLM, recognised by structure --------
+
+def _module_from_state_dict(sd):
+    """A module tree holding ``sd`` at its dotted names (a structural stand-in for timm's FastVit)."""
+    root = torch.nn.Module()
+    for key, t in sd.items():
+        *path, leaf = key.split(".")
+        m = root
+        for p in path:
+            if not hasattr(m, p):
+                m.add_module(p, torch.nn.Module())
+            m = getattr(m, p)
+        if leaf in ("running_mean", "running_var", "num_batches_tracked"):
+            m.register_buffer(leaf, t.clone())
+        else:
+            m.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
+    return root
+
+
+class TimmLikeFastVit(torch.nn.Module):
+    """Children and forward_features as timm's FastVit has them (timm/models/fastvit.py)."""
+
+    def __init__(self, timm_sd):
+        super().__init__()
+        tree = _module_from_state_dict(timm_sd)
+        for name in ("stem", "stages", "final_conv", "head"):
+            self.add_module(name, getattr(tree, name))
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.final_conv(x)
+
+
+@pytest.mark.parametrize("train_form", [False, True])
+def test_timm_structured_model_is_accelerated_in_place(tiny64, train_form):
+    src = make_model(fastvlm.FastViTHDConfig.tiny(), inference_mode=not train_form, seed=31)
+    sd = convert_state_dict(src.state_dict(), "apple", "timm", config=src.config)
+    sd["head.fc.weight"] = torch.randn(5, src.num_features, dtype=torch.float64)
+    tm = TimmLikeFastVit(sd).eval()
+    holder = torch.nn.Module()
+    holder.timm_model = tm  # as transformers' TimmWrapperModel holds it
+    fk.accelerate(holder, backend="reference")
+    assert isinstance(tm.stem, fk.modules.FusedStem) and isinstance(tm.final_conv, fk.modules.FusedConvExp)
+    x = _pixels(2, 70, 90)
+    with torch.no_grad():
+        ref = src.forward_features(x)
+        out = tm.forward_features(x)
+        assert out.shape == ref.shape and rel_l2(out, ref) <= 1e-12
+        fk.accelerate(holder, backend="reference")  # idempotent
+        assert torch.equal(tm.forward_features(x), out)
+    assert tm.head.fc.weight.shape == (5, src.num_features)  # the head is left alone
+
+
+def test_real_timm_fastvit_mci3():
+    timm = pytest.importorskip("timm")
+    tm = timm.create_model("fastvit_mci3", pretrained=False, num_classes=0).eval()
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        ref = tm.forward_features(x)
+        fk.accelerate(tm, backend="reference")
+        assert rel_l2(tm.forward_features(x), ref) <= 1e-4
+
+
+def test_real_transformers_fastvlm():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    cls = getattr(transformers, "FastVlmForConditionalGeneration", None)
+    if cls is None:
+        pytest.skip("this transformers has no FastVlmForConditionalGeneration")
+    cfg = transformers.FastVlmConfig()
+    model = cls(cfg).eval()
+    tower = model.model.vision_tower
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        ref = tower.timm_model.forward_features(x)
+        fk.accelerate(model, backend="reference")
+        assert rel_l2(tower.timm_model.forward_features(x), ref) <= 1e-4
