@@ -17,10 +17,13 @@ except ImportError as e:  # pragma: no cover
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+# -fopenmp: at::parallel_for is an inline template that only runs in parallel when the extension
+# itself is compiled with OpenMP. The extension then binds to the libgomp.so.1 torch already loaded,
+# so torch.set_num_threads() governs it.
+cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
 if os.environ.get("FASTVLM_DEBUG"):
-    cxx_flags = ["-O1", "-g", "-std=c++17", "-fno-omit-frame-pointer"]
-link_flags = []
+    cxx_flags = ["-O1", "-g", "-std=c++17", "-fopenmp", "-fno-omit-frame-pointer"]
+link_flags = ["-fopenmp"]
 if os.environ.get("FASTVLM_ASAN"):
     cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-DFASTVLM_NO_CLONES"]
     link_flags += ["-fsanitize=address"]

@@ -1,8 +1,10 @@
 """The ``cpu`` backend: C++ kernels from ``fastvlm_kernels._C`` (csrc/), registered per op.
 
-Implemented so far: dwconv. Not implemented yet (clearly so: ``available_backends()`` leaves
-``cpu`` out and says why until all seven exist): stem, repmixer_block, convffn, patch_embed,
-attention_mixer, conv_exp.
+Implemented: ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile
+of pixels at a time, the 4C hidden kept in cache), ``repmixer_block`` (the RepMixer dw3x3 pass,
+then the same fused FFN) and ``dwconv``. Not written yet: stem, patch_embed, attention_mixer and
+conv_exp; for those the ``cpu`` backend runs the reference implementation, and ``accelerate()``
+says so once (``FALLBACK_OPS``).
 """
 from __future__ import annotations
 
@@ -14,12 +16,36 @@ from ._ext import load_extension
 if load_extension() is None:  # pragma: no cover - guarded by backends._register_cpu
     raise ImportError("fastvlm_kernels.cpu needs the C++ extension")
 
+_C = torch.ops.fastvlm_C
+
+
+def _f32(t):
+    return None if t is None else t.to(torch.float32).contiguous()
+
 
 def _dwconv(x, w, b, stride, padding, gelu):
-    # The C++ kernel takes fp32 weights (accumulation is fp32 for fp32 and bf16 activations).
-    wf = w.to(torch.float32).contiguous()
-    bf = None if b is None else b.to(torch.float32).contiguous()
-    return torch.ops.fastvlm_C.dwconv_nhwc(x, wf, bf, stride, padding, gelu)
+    # dw weights are tiny: used as fp32 (accumulation is fp32 for fp32 and bf16 activations)
+    return _C.dwconv_nhwc(x, _f32(w), _f32(b), stride, padding, gelu)
+
+
+def _convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
+    return _C.convffn_nhwc(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+
+
+def _repmixer_block(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
+    k = mix_w.shape[0]
+    m = _C.dwconv_nhwc(x, _f32(mix_w), _f32(mix_b), 1, k // 2, False)  # m: the one C-wide round trip
+    return _C.convffn_nhwc(m, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+
+
+def cpu_isa() -> str:
+    """The vector ISA the C++ kernels use now ('avx512', 'avx2' or 'sse'; FASTVLM_CPU_ISA caps it)."""
+    return load_extension().cpu_isa()
 
 
 ops.register_kernel("dwconv", "cpu", _dwconv)
+ops.register_kernel("convffn", "cpu", _convffn)
+ops.register_kernel("repmixer_block", "cpu", _repmixer_block)
+for _op in ops.OPS:
+    if _op not in ops.backend_ops("cpu"):
+        ops.register_fallback(_op, "cpu", "reference")

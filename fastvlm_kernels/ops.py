@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["OPS", "BACKENDS", "register_kernel", "kernel_for", "backend_ops", "stem", "repmixer_block",
+__all__ = ["OPS", "BACKENDS", "register_kernel", "register_fallback", "kernel_for", "backend_ops", "fallback_ops", "stem", "repmixer_block",
            "convffn", "patch_embed", "dwconv", "attention_mixer", "conv_exp"]
 
 OPS = ("stem", "repmixer_block", "convffn", "patch_embed", "dwconv", "attention_mixer", "conv_exp")
@@ -53,15 +53,33 @@ def register_kernel(op: str, backend: str, fn: Callable) -> None:
     _KERNELS[op][backend] = fn
 
 
+# (op, backend) -> the backend that runs in its place, for ops a backend does not implement yet.
+# Declared, never silent: backends.fallback_ops() lists them and accelerate() warns once.
+_FALLBACKS: Dict[str, Dict[str, str]] = {op: {} for op in OPS}
+
+
+def register_fallback(op: str, backend: str, instead: str) -> None:
+    if backend in _KERNELS[op]:
+        raise ValueError(f"register_fallback: {backend} implements {op}")
+    _FALLBACKS[op][backend] = instead
+
+
 def backend_ops(backend: str) -> List[str]:
-    """The ops that ``backend`` implements."""
+    """The ops that ``backend`` implements itself (fallbacks excluded)."""
     return [op for op in OPS if backend in _KERNELS[op]]
+
+
+def fallback_ops(backend: str) -> Dict[str, str]:
+    """{op: backend that runs instead} for the ops ``backend`` does not implement yet."""
+    return {op: _FALLBACKS[op][backend] for op in OPS if backend in _FALLBACKS[op]}
 
 
 def kernel_for(op: str, backend: str) -> Callable:
     try:
         return _KERNELS[op][backend]
     except KeyError:
+        if backend in _FALLBACKS.get(op, {}):
+            return _KERNELS[op][_FALLBACKS[op][backend]]
         have = [b for b in BACKENDS if b in _KERNELS.get(op, {})]
         raise RuntimeError(f"fastvlm::{op}: backend {backend!r} has no implementation of this op "
                            f"(available: {have})") from None

@@ -92,3 +92,105 @@ print(a, b, len(msgs))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "1"]
+
+
+# ---- the fused ConvFFN kernel (csrc/ffn.cpp) -------------------------------------------------------
+
+def _ffn_args(C, Hd, K=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, sc=1.0):
+        return torch.randn(*s, generator=g, dtype=torch.float64) * sc
+    return [r(K, K, C, sc=0.2), r(C, sc=0.1), r(Hd, C, sc=C ** -0.5), r(Hd, sc=0.1), r(C, Hd, sc=Hd ** -0.5),
+            r(C, sc=0.1), r(C).abs() + 0.5]
+
+
+def _isas():
+    """Every ISA path this CPU can run (the widest first): FASTVLM_CPU_ISA caps the choice."""
+    import fastvlm_kernels.cpu as cpu
+    best = cpu.cpu_isa()
+    order = ["avx512", "avx2", "sse"]
+    return order[order.index(best):]
+
+
+@needs_ext
+@pytest.mark.parametrize("B,H,W,C,Hd", [(1, 7, 13, 19, 76), (3, 1, 1, 5, 20), (2, 33, 7, 40, 160),
+                                        (1, 13, 13, 96, 384), (0, 5, 5, 8, 32), (1, 2, 70, 17, 33)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_convffn_nhwc_every_isa(monkeypatch, B, H, W, C, Hd, dtype, bound):
+    from fastvlm_kernels import reference
+    a = _ffn_args(C, Hd)
+    x = torch.randn(B, H, W, C, dtype=torch.float64)
+    ref = reference.convffn(x, *a)
+    outs = {}
+    for isa in _isas():
+        monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+        y = torch.ops.fastvlm_C.convffn_nhwc(x.to(dtype), *[t.to(dtype) for t in a])
+        assert y.dtype == dtype and y.shape == x.shape
+        if B:
+            assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
+        outs[isa] = y
+    assert "avx2" in outs or "sse" in outs  # the narrow paths always run here
+
+
+@needs_ext
+def test_convffn_nhwc_writes_every_output_and_ignores_input_strides():
+    a = [t.float() for t in _ffn_args(24, 96)]
+    x = torch.randn(2, 9, 11, 24)
+    y1 = torch.ops.fastvlm_C.convffn_nhwc(x, *a)
+    xt = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # same values, other strides
+    y2 = torch.ops.fastvlm_C.convffn_nhwc(xt, *a)
+    assert torch.isfinite(y1).all() and torch.equal(y1, y2)
+
+
+@needs_ext
+@pytest.mark.parametrize("op", ["convffn", "dwconv"])
+def test_thread_counts_and_concurrent_callers_agree(op):
+    import threading
+    if op == "convffn":
+        a = [t.float() for t in _ffn_args(40, 160, seed=3)]
+        x = torch.randn(2, 37, 29, 40)
+
+        def call():
+            return torch.ops.fastvlm_C.convffn_nhwc(x, *a)
+    else:
+        x, w, b = torch.randn(2, 29, 31, 40), torch.randn(7, 7, 40), torch.randn(40)
+
+        def call():
+            return torch.ops.fastvlm_C.dwconv_nhwc(x, w, b, 1, 3, True)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = call()
+        torch.set_num_threads(2)
+        two = call()
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)
+    results = [None] * 4
+
+    def worker(i):
+        results[i] = call()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, one) for r in results)
+
+
+@needs_ext
+def test_convffn_nhwc_rejects_bad_input():
+    a = [t.float() for t in _ffn_args(8, 32)]
+    with pytest.raises(RuntimeError, match="4-D"):
+        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(5, 5, 8), *a)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(1, 5, 5, 8, dtype=torch.float64), *a)
+    bad = list(a)
+    bad[2] = torch.randn(32, 9)
+    with pytest.raises(RuntimeError, match="fc1_w"):
+        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(1, 5, 5, 8), *bad)
+    bad = list(a)
+    bad[0] = torch.randn(6, 6, 8)
+    with pytest.raises(RuntimeError, match="odd K"):
+        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(1, 5, 5, 8), *bad)
