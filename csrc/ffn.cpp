@@ -58,11 +58,12 @@ typedef int32_t vi __attribute__((vector_size(16)));
 namespace fastvlm {
 namespace {
 
+// A weight as contiguous float32, after checking it (`name` reads e.g. "convffn_nhwc: fc1_w").
 at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device().is_cpu(), "convffn_nhwc: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.sizes() == shape, "convffn_nhwc: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
-              "convffn_nhwc: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
+              name, " must be float32 or bfloat16, got ", t.scalar_type());
   return t.to(at::kFloat).contiguous();
 }
 
@@ -80,10 +81,10 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
               "convffn_nhwc: dw_w must be (K, K, C) with odd K, got ", dw_w.sizes());
   TORCH_CHECK(fc1_w.dim() == 2, "convffn_nhwc: fc1_w must be (Hd, C), got ", fc1_w.sizes());
   const int64_t K = dw_w.size(0), Hd = fc1_w.size(0);
-  const at::Tensor dww = as_f32(dw_w, "dw_w", {K, K, C}), dwb = as_f32(dw_b, "dw_b", {C});
-  const at::Tensor w1 = as_f32(fc1_w, "fc1_w", {Hd, C}), b1 = as_f32(fc1_b, "fc1_b", {Hd});
-  const at::Tensor w2 = as_f32(fc2_w, "fc2_w", {C, Hd}), b2 = as_f32(fc2_b, "fc2_b", {C});
-  const at::Tensor g = as_f32(gamma, "gamma", {C});
+  const at::Tensor dww = as_f32(dw_w, "convffn_nhwc: dw_w", {K, K, C}), dwb = as_f32(dw_b, "convffn_nhwc: dw_b", {C});
+  const at::Tensor w1 = as_f32(fc1_w, "convffn_nhwc: fc1_w", {Hd, C}), b1 = as_f32(fc1_b, "convffn_nhwc: fc1_b", {Hd});
+  const at::Tensor w2 = as_f32(fc2_w, "convffn_nhwc: fc2_w", {C, Hd}), b2 = as_f32(fc2_b, "convffn_nhwc: fc2_b", {C});
+  const at::Tensor g = as_f32(gamma, "convffn_nhwc: gamma", {C});
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || H == 0 || W == 0 || C == 0) return y;
@@ -114,6 +115,101 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
         break;
       default:
         ffn_sse::ffn_tiles(xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, T, begin, end, buf);
+    }
+  });
+  return y;
+}
+
+// fastvlm_C::stem_nhwc -- GELU(conv3x3 s2) -> GELU(dw3x3 s2) -> GELU(1x1), fused (see stem_tile).
+//   x (B, H, W, Cin) float32/bf16; w0 (C, Cin, 3, 3), b0 (C); w1 (3, 3, C), b1 (C); w2 (C, C), b2 (C)
+at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
+                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  TORCH_CHECK(x.device().is_cpu(), "stem_nhwc: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "stem_nhwc: x must be 4-D (B, H, W, Cin), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "stem_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(w0.dim() == 4 && w0.size(2) == 3 && w0.size(3) == 3, "stem_nhwc: w0 must be (C, Cin, 3, 3), got ",
+              w0.sizes());
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), Cin = x.size(3), C = w0.size(0);
+  TORCH_CHECK(w0.size(1) == Cin, "stem_nhwc: w0 expects ", w0.size(1), " input channels, x has ", Cin);
+  TORCH_CHECK(H >= 1 && W >= 1, "stem_nhwc: x must have H, W >= 1, got ", x.sizes());
+  const at::Tensor w0p = as_f32(w0, "stem_nhwc: w0", {C, Cin, 3, 3}).permute({2, 3, 1, 0}).contiguous();  // (3, 3, Cin, C)
+  const at::Tensor fb0 = as_f32(b0, "stem_nhwc: b0", {C}), fw1 = as_f32(w1, "stem_nhwc: w1", {3, 3, C}), fb1 = as_f32(b1, "stem_nhwc: b1", {C});
+  const at::Tensor fw2 = as_f32(w2, "stem_nhwc: w2", {C, C}), fb2 = as_f32(b2, "stem_nhwc: b2", {C});
+  const int64_t H1 = (H - 1) / 2 + 1, W1 = (W - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({B, H2, W2, C}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
+  if (B == 0 || C == 0) return y;
+  const Isa isa = active_isa();
+  const int64_t T = isa == Isa::avx512 ? 64 : 32;  // a multiple of every micro-tile width
+  const int64_t per_image = (H2 * W2 + T - 1) / T, tiles = B * per_image;
+  const int64_t Cv = (C + 15) / 16 * 16, scratch = 2 * C * T + 2 * Cv;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const void* xp = xc.data_ptr();
+  void* yp = y.data_ptr();
+  const float *p0 = w0p.data_ptr<float>(), *pb0 = fb0.data_ptr<float>(), *p1 = fw1.data_ptr<float>(),
+              *pb1 = fb1.data_ptr<float>(), *p2 = fw2.data_ptr<float>(), *pb2 = fb2.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> raw(scratch + 16);
+    float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
+    switch (isa) {
+      case Isa::avx512:
+        ffn_avx512::stem_tiles(xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T, begin, end, buf);
+        break;
+      case Isa::avx2:
+        ffn_avx2::stem_tiles(xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T, begin, end, buf);
+        break;
+      default:
+        ffn_sse::stem_tiles(xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T, begin, end, buf);
+    }
+  });
+  return y;
+}
+
+// fastvlm_C::patch_embed_nhwc -- GELU(dw KxK stride s, multiplier Co/Cin) -> GELU(1x1), fused.
+//   x (B, H, W, Cin) float32/bf16; dw_w (K, K, Co), dw_b (Co); pw_w (Co, Co), pw_b (Co)
+at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b,
+                            const at::Tensor& pw_w, const at::Tensor& pw_b, int64_t stride) {
+  TORCH_CHECK(x.device().is_cpu(), "patch_embed_nhwc: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "patch_embed_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "patch_embed_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(dw_w.dim() == 3 && dw_w.size(0) == dw_w.size(1) && dw_w.size(0) % 2 == 1,
+              "patch_embed_nhwc: dw_w must be (K, K, Co) with odd K, got ", dw_w.sizes());
+  TORCH_CHECK(stride >= 1, "patch_embed_nhwc: stride must be >= 1, got ", stride);
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), Cin = x.size(3), K = dw_w.size(0), Co = dw_w.size(2);
+  TORCH_CHECK(Cin >= 1 && Co % Cin == 0, "patch_embed_nhwc: dw_w's Co (", Co, ") must be a multiple of x's channels (",
+              Cin, ")");
+  TORCH_CHECK(H >= 1 && W >= 1, "patch_embed_nhwc: x must have H, W >= 1, got ", x.sizes());
+  const at::Tensor fw = as_f32(dw_w, "patch_embed_nhwc: dw_w", {K, K, Co}), fb = as_f32(dw_b, "patch_embed_nhwc: dw_b", {Co});
+  const at::Tensor pw = as_f32(pw_w, "patch_embed_nhwc: pw_w", {Co, Co}), pb = as_f32(pw_b, "patch_embed_nhwc: pw_b", {Co});
+  const int64_t pad = K / 2, Ho = (H + 2 * pad - K) / stride + 1, Wo = (W + 2 * pad - K) / stride + 1;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({B, Ho, Wo, Co}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
+  if (B == 0) return y;
+  const Isa isa = active_isa();
+  const int64_t nr = isa == Isa::avx512 ? 32 : (isa == Isa::avx2 ? 16 : 8);
+  int64_t T = (256 * 1024 / 4) / (2 * Co);  // the tile and its output in about a quarter of L2
+  T = std::max<int64_t>(nr, std::min<int64_t>(128, T / nr * nr));
+  const int64_t per_image = (Ho * Wo + T - 1) / T, tiles = B * per_image;
+  const int64_t scratch = 2 * Co * T + (Co + 15) / 16 * 16;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const void* xp = xc.data_ptr();
+  void* yp = y.data_ptr();
+  const float *pfw = fw.data_ptr<float>(), *pfb = fb.data_ptr<float>(), *ppw = pw.data_ptr<float>(),
+              *ppb = pb.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> raw(scratch + 16);
+    float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
+    switch (isa) {
+      case Isa::avx512:
+        ffn_avx512::dwpw_tiles(xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T, begin, end, buf);
+        break;
+      case Isa::avx2:
+        ffn_avx2::dwpw_tiles(xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T, begin, end, buf);
+        break;
+      default:
+        ffn_sse::dwpw_tiles(xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T, begin, end, buf);
     }
   });
   return y;

@@ -192,3 +192,150 @@ static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
     }
   }
 }
+
+// ---- stem: GELU(conv3x3 s2, Cin -> C) -> GELU(dw3x3 s2) -> GELU(1x1 C -> C), fused --------------
+// Per tile of final-grid pixels, the intermediate conv3x3 values each dw window needs are computed
+// on the fly (each intermediate pixel is used by 2.25 windows on average), so the full-resolution
+// intermediate (C x H/2 x W/2) is never written to memory. w0p: (3, 3, Cin, C), channel-contiguous.
+// `mid` and `acc` hold C rounded up to VL floats (the GELU runs on whole vectors).
+static inline void gelu_inplace(float* v, int64_t n) {
+  for (int64_t c = 0; c < n; c += VL) vstore(v + c, vgelu(vload(v + c)));
+}
+
+template <typename T_>
+static void stem_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t C, const float* w0p,
+                      const float* b0, const float* w1, const float* b1, const float* w2, const float* b2,
+                      int64_t H1, int64_t W1, int64_t W2, int64_t p0, int64_t np, int64_t T, float* dwT, float* o,
+                      float* mid, float* acc) {
+  const int64_t Cv = (C + VL - 1) / VL * VL;
+  for (int64_t j = 0; j < T; ++j) {
+    if (j >= np) {
+      for (int64_t c = 0; c < C; ++c) dwT[c * T + j] = 0.f;
+      continue;
+    }
+    const int64_t p = p0 + j, oh = p / W2, ow = p % W2;
+    for (int64_t c = 0; c < C; ++c) acc[c] = b1[c];
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const int64_t ih1 = oh * 2 - 1 + kh;
+      if (ih1 < 0 || ih1 >= H1) continue;
+      for (int64_t kw = 0; kw < 3; ++kw) {
+        const int64_t iw1 = ow * 2 - 1 + kw;
+        if (iw1 < 0 || iw1 >= W1) continue;
+        for (int64_t c = 0; c < C; ++c) mid[c] = b0[c];
+        for (int64_t th = 0; th < 3; ++th) {
+          const int64_t ih = ih1 * 2 - 1 + th;
+          if (ih < 0 || ih >= H) continue;
+          for (int64_t tw = 0; tw < 3; ++tw) {
+            const int64_t iw = iw1 * 2 - 1 + tw;
+            if (iw < 0 || iw >= Wd) continue;
+            const T_* xp = x + (ih * Wd + iw) * Cin;
+            const float* wp = w0p + (th * 3 + tw) * Cin * C;
+            for (int64_t ci = 0; ci < Cin; ++ci) {
+              const float xv = ld(xp, ci);
+              const float* wc = wp + ci * C;
+              for (int64_t c = 0; c < C; ++c) mid[c] += xv * wc[c];
+            }
+          }
+        }
+        gelu_inplace(mid, Cv);
+        const float* wd = w1 + (kh * 3 + kw) * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += mid[c] * wd[c];
+      }
+    }
+    gelu_inplace(acc, Cv);
+    for (int64_t c = 0; c < C; ++c) dwT[c * T + j] = acc[c];
+  }
+  gemm_t(w2, b2, C, C, dwT, T, o, true);
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t base = (p0 + j) * C;
+    for (int64_t c = 0; c < C; ++c) st(y, base + c, o[c * T + j]);
+  }
+}
+
+// Tiles [t_begin, t_end) of a batch of images (H x Wd x Cin) -> (H2 x W2 x C).
+// `scratch`: 2 * C * T + 2 * Cv floats, 64-byte aligned.
+static void stem_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t C,
+                       const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2,
+                       const float* b2, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
+  const int64_t H1 = (H - 1) / 2 + 1, W1 = (Wd - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
+  const int64_t HW2 = H2 * W2, per_image = (HW2 + T - 1) / T, Cv = (C + VL - 1) / VL * VL;
+  float *dwT = scratch, *o = dwT + C * T, *mid = o + C * T, *acc = mid + Cv;
+  for (int64_t c = C; c < Cv; ++c) mid[c] = acc[c] = 0.f;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t b = t / per_image, p0 = (t % per_image) * T;
+    const int64_t np = HW2 - p0 < T ? HW2 - p0 : T;
+    if (bf16) {
+      stem_tile(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * HW2 * C, H, Wd,
+                Cin, C, w0p, b0, w1, b1, w2, b2, H1, W1, W2, p0, np, T, dwT, o, mid, acc);
+    } else {
+      stem_tile(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * HW2 * C, H, Wd, Cin,
+                C, w0p, b0, w1, b1, w2, b2, H1, W1, W2, p0, np, T, dwT, o, mid, acc);
+    }
+  }
+}
+
+// ---- patch_embed: GELU(dw KxK stride s, channel multiplier M) -> GELU(1x1), fused ---------------
+// Per tile of output pixels: the grouped conv output (Co = M * Cin channels) goes channel-major
+// into the tile, then the 1x1 runs on the GEMM micro-kernel; the Co-wide intermediate never
+// leaves the tile. dw_w: (K, K, Co); pw_w: (Co, Co).
+template <typename T_>
+static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
+                      const float* dw_w, const float* dw_b, const float* pw_w, const float* pw_b, int64_t Wo,
+                      int64_t p0, int64_t np, int64_t T, float* dwT, float* o, float* acc) {
+  const int64_t M = Co / Cin, pad = Kk / 2, Cv = (Co + VL - 1) / VL * VL;
+  for (int64_t j = 0; j < T; ++j) {
+    if (j >= np) {
+      for (int64_t c = 0; c < Co; ++c) dwT[c * T + j] = 0.f;
+      continue;
+    }
+    const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo;
+    for (int64_t c = 0; c < Co; ++c) acc[c] = dw_b[c];
+    for (int64_t kh = 0; kh < Kk; ++kh) {
+      const int64_t ih = oh * s - pad + kh;
+      if (ih < 0 || ih >= H) continue;
+      for (int64_t kw = 0; kw < Kk; ++kw) {
+        const int64_t iw = ow * s - pad + kw;
+        if (iw < 0 || iw >= Wd) continue;
+        const T_* xp = x + (ih * Wd + iw) * Cin;
+        const float* wp = dw_w + (kh * Kk + kw) * Co;
+        if (M == 2) {
+          for (int64_t ci = 0; ci < Cin; ++ci) {
+            const float xv = ld(xp, ci);
+            acc[2 * ci] += xv * wp[2 * ci];
+            acc[2 * ci + 1] += xv * wp[2 * ci + 1];
+          }
+        } else {
+          for (int64_t co = 0; co < Co; ++co) acc[co] += ld(xp, co / M) * wp[co];
+        }
+      }
+    }
+    gelu_inplace(acc, Cv);
+    for (int64_t c = 0; c < Co; ++c) dwT[c * T + j] = acc[c];
+  }
+  gemm_t(pw_w, pw_b, Co, Co, dwT, T, o, true);
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t base = (p0 + j) * Co;
+    for (int64_t c = 0; c < Co; ++c) st(y, base + c, o[c * T + j]);
+  }
+}
+
+// Tiles [t_begin, t_end) of a batch. `scratch`: 2 * Co * T + Cv floats, 64-byte aligned.
+static void dwpw_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
+                       int64_t s, const float* dw_w, const float* dw_b, const float* pw_w, const float* pw_b,
+                       int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
+  const int64_t pad = Kk / 2, Ho = (H + 2 * pad - Kk) / s + 1, Wo = (Wd + 2 * pad - Kk) / s + 1;
+  const int64_t HWo = Ho * Wo, per_image = (HWo + T - 1) / T, Cv = (Co + VL - 1) / VL * VL;
+  float *dwT = scratch, *o = dwT + Co * T, *acc = o + Co * T;
+  for (int64_t c = Co; c < Cv; ++c) acc[c] = 0.f;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t b = t / per_image, p0 = (t % per_image) * T;
+    const int64_t np = HWo - p0 < T ? HWo - p0 : T;
+    if (bf16) {
+      dwpw_tile(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * HWo * Co, H, Wd,
+                Cin, Co, Kk, s, dw_w, dw_b, pw_w, pw_b, Wo, p0, np, T, dwT, o, acc);
+    } else {
+      dwpw_tile(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * HWo * Co, H, Wd, Cin,
+                Co, Kk, s, dw_w, dw_b, pw_w, pw_b, Wo, p0, np, T, dwT, o, acc);
+    }
+  }
+}

@@ -12,6 +12,10 @@ at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10:
 at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_w,
                         const at::Tensor& fc1_b, const at::Tensor& fc2_w, const at::Tensor& fc2_b,
                         const at::Tensor& gamma);
+at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
+                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2);
+at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b,
+                            const at::Tensor& pw_w, const at::Tensor& pw_b, int64_t stride);
 }
 #include "isa.h"
 
@@ -21,11 +25,15 @@ TORCH_LIBRARY(fastvlm_C, m) {
   m.def("dwconv_nhwc(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, bool gelu) -> Tensor");
   m.def("convffn_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, "
         "Tensor gamma) -> Tensor");
+  m.def("stem_nhwc(Tensor x, Tensor w0, Tensor b0, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
+  m.def("patch_embed_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor pw_w, Tensor pw_b, int stride) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
   m.impl("dwconv_nhwc", &fastvlm::dwconv_nhwc);
   m.impl("convffn_nhwc", &fastvlm::convffn_nhwc);
+  m.impl("stem_nhwc", &fastvlm::stem_nhwc);
+  m.impl("patch_embed_nhwc", &fastvlm::patch_embed_nhwc);
 }
 
 // `import fastvlm_kernels._C` loads this library, which runs the registrations above.

@@ -1,10 +1,12 @@
 """The ``cpu`` backend: C++ kernels from ``fastvlm_kernels._C`` (csrc/), registered per op.
 
-Implemented: ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile
-of pixels at a time, the 4C hidden kept in cache), ``repmixer_block`` (the RepMixer dw3x3 pass,
-then the same fused FFN) and ``dwconv``. Not written yet: stem, patch_embed, attention_mixer and
-conv_exp; for those the ``cpu`` backend runs the reference implementation, and ``accelerate()``
-says so once (``FALLBACK_OPS``).
+Implemented: ``stem`` (conv3x3 s2 -> dw3x3 s2 -> 1x1, each + GELU, in one pass: the
+full-resolution intermediate is recomputed per tile instead of stored), ``convffn`` (fused
+dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a time, the 4C
+hidden kept in cache), ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile),
+``repmixer_block`` (the RepMixer dw3x3 pass,
+then the same fused FFN) and ``dwconv``. Not written yet: attention_mixer and conv_exp; for those the ``cpu`` backend runs the reference implementation, declared with
+``ops.register_fallback`` and announced once by ``accelerate()``.
 """
 from __future__ import annotations
 
@@ -38,6 +40,14 @@ def _repmixer_block(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, g
     return _C.convffn_nhwc(m, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
 
 
+def _stem(x, w0, b0, w1, b1, w2, b2):
+    return _C.stem_nhwc(x, w0, b0, w1, b1, w2, b2)
+
+
+def _patch_embed(x, dw_w, dw_b, pw_w, pw_b):
+    return _C.patch_embed_nhwc(x, dw_w, dw_b, pw_w, pw_b, 2)
+
+
 def cpu_isa() -> str:
     """The vector ISA the C++ kernels use now ('avx512', 'avx2' or 'sse'; FASTVLM_CPU_ISA caps it)."""
     return load_extension().cpu_isa()
@@ -46,6 +56,8 @@ def cpu_isa() -> str:
 ops.register_kernel("dwconv", "cpu", _dwconv)
 ops.register_kernel("convffn", "cpu", _convffn)
 ops.register_kernel("repmixer_block", "cpu", _repmixer_block)
+ops.register_kernel("stem", "cpu", _stem)
+ops.register_kernel("patch_embed", "cpu", _patch_embed)
 for _op in ops.OPS:
     if _op not in ops.backend_ops("cpu"):
         ops.register_fallback(_op, "cpu", "reference")

@@ -194,3 +194,47 @@ def test_convffn_nhwc_rejects_bad_input():
     bad[0] = torch.randn(6, 6, 8)
     with pytest.raises(RuntimeError, match="odd K"):
         torch.ops.fastvlm_C.convffn_nhwc(torch.randn(1, 5, 5, 8), *bad)
+
+
+@needs_ext
+@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 13), (2, 1, 1, 8), (3, 7, 33, 20), (0, 9, 9, 8)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_stem_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
+    from fastvlm_kernels import reference
+    g = torch.Generator().manual_seed(C)
+
+    def r(*s, sc=1.0):
+        return torch.randn(*s, generator=g, dtype=torch.float64) * sc
+    a = [r(C, 3, 3, 3, sc=0.5), r(C, sc=0.1), r(3, 3, C, sc=0.4), r(C, sc=0.1), r(C, C, sc=C ** -0.5), r(C, sc=0.1)]
+    x = torch.rand(B, H, W, 3, dtype=torch.float64, generator=g)
+    ref = reference.stem(x, *a)
+    for isa in _isas():
+        monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+        y = torch.ops.fastvlm_C.stem_nhwc(x.to(dtype), *[t.to(dtype) for t in a])
+        assert y.shape == ref.shape and y.dtype == dtype
+        if B:
+            assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
+    with pytest.raises(RuntimeError, match="input channels"):
+        torch.ops.fastvlm_C.stem_nhwc(torch.rand(1, 8, 8, 4), *[t.float() for t in a])
+
+
+@needs_ext
+@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 11), (2, 1, 1, 8), (3, 7, 33, 20), (0, 5, 5, 4)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_patch_embed_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
+    from fastvlm_kernels import reference
+    g = torch.Generator().manual_seed(C)
+
+    def r(*s, sc=1.0):
+        return torch.randn(*s, generator=g, dtype=torch.float64) * sc
+    a = [r(7, 7, 2 * C, sc=0.2), r(2 * C, sc=0.1), r(2 * C, 2 * C, sc=(2 * C) ** -0.5), r(2 * C, sc=0.1)]
+    x = torch.randn(B, H, W, C, dtype=torch.float64, generator=g)
+    ref = reference.patch_embed(x, *a)
+    for isa in _isas():
+        monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+        y = torch.ops.fastvlm_C.patch_embed_nhwc(x.to(dtype), *[t.to(dtype) for t in a], 2)
+        assert y.shape == ref.shape and y.dtype == dtype
+        if B:
+            assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
+    with pytest.raises(RuntimeError, match="multiple"):
+        torch.ops.fastvlm_C.patch_embed_nhwc(torch.randn(1, 5, 5, 3), *[t.float() for t in a], 2)
