@@ -69,6 +69,19 @@ at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) 
 
 }  // namespace
 
+// Runs FN (one of the *_tiles functions of ffn_impl.h, compiled once per ISA) over tiles
+// [0, tiles) in parallel, each thread with its own 64-byte aligned scratch of `scratch` floats.
+#define FVK_PARALLEL_TILES(FN, tiles, scratch, isa, ...)                                              \
+  at::parallel_for(0, (tiles), 1, [&](int64_t begin_, int64_t end_) {                                  \
+    std::vector<float> raw_((scratch) + 16);                                                           \
+    float* buf_ = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw_.data()) + 63) & ~uintptr_t(63)); \
+    switch (isa) {                                                                                     \
+      case Isa::avx512: ffn_avx512::FN(__VA_ARGS__, begin_, end_, buf_); break;                        \
+      case Isa::avx2: ffn_avx2::FN(__VA_ARGS__, begin_, end_, buf_); break;                            \
+      default: ffn_sse::FN(__VA_ARGS__, begin_, end_, buf_);                                           \
+    }                                                                                                  \
+  })
+
 at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_w,
                         const at::Tensor& fc1_b, const at::Tensor& fc2_w, const at::Tensor& fc2_b,
                         const at::Tensor& gamma) {
@@ -103,20 +116,7 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
   const float *pdw = dww.data_ptr<float>(), *pdb = dwb.data_ptr<float>(), *p1 = w1.data_ptr<float>(),
               *pb1 = b1.data_ptr<float>(), *p2 = w2.data_ptr<float>(), *pb2 = b2.data_ptr<float>(),
               *pg = g.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> raw(scratch + 16);  // + room to align the tiles to a 64-byte cache line
-    float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
-    switch (isa) {
-      case Isa::avx512:
-        ffn_avx512::ffn_tiles(xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, T, begin, end, buf);
-        break;
-      case Isa::avx2:
-        ffn_avx2::ffn_tiles(xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, T, begin, end, buf);
-        break;
-      default:
-        ffn_sse::ffn_tiles(xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, T, begin, end, buf);
-    }
-  });
+  FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, T);
   return y;
 }
 
@@ -149,20 +149,7 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   void* yp = y.data_ptr();
   const float *p0 = w0p.data_ptr<float>(), *pb0 = fb0.data_ptr<float>(), *p1 = fw1.data_ptr<float>(),
               *pb1 = fb1.data_ptr<float>(), *p2 = fw2.data_ptr<float>(), *pb2 = fb2.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> raw(scratch + 16);
-    float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
-    switch (isa) {
-      case Isa::avx512:
-        ffn_avx512::stem_tiles(xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T, begin, end, buf);
-        break;
-      case Isa::avx2:
-        ffn_avx2::stem_tiles(xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T, begin, end, buf);
-        break;
-      default:
-        ffn_sse::stem_tiles(xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T, begin, end, buf);
-    }
-  });
+  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T);
   return y;
 }
 
@@ -198,20 +185,7 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
   void* yp = y.data_ptr();
   const float *pfw = fw.data_ptr<float>(), *pfb = fb.data_ptr<float>(), *ppw = pw.data_ptr<float>(),
               *ppb = pb.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> raw(scratch + 16);
-    float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
-    switch (isa) {
-      case Isa::avx512:
-        ffn_avx512::dwpw_tiles(xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T, begin, end, buf);
-        break;
-      case Isa::avx2:
-        ffn_avx2::dwpw_tiles(xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T, begin, end, buf);
-        break;
-      default:
-        ffn_sse::dwpw_tiles(xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T, begin, end, buf);
-    }
-  });
+  FVK_PARALLEL_TILES(dwpw_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T);
   return y;
 }
 
