@@ -1,4 +1,5 @@
 """The compiled extension: builds, registers its op, computes it right; the package works without it."""
+import os
 import subprocess
 import sys
 
@@ -238,3 +239,42 @@ def test_patch_embed_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
     with pytest.raises(RuntimeError, match="multiple"):
         torch.ops.fastvlm_C.patch_embed_nhwc(torch.randn(1, 5, 5, 3), *[t.float() for t in a], 2)
+
+
+_POISON_CHECK = r"""
+import torch, fastvlm_kernels
+from fastvlm_kernels import reference
+from fastvlm.testing import rel_l2
+fastvlm_kernels.load_extension()
+probe = torch.empty(4096)
+assert (probe == probe.new_full((1,), 3.3961514e38)).all(), "MALLOC_PERTURB_ did not poison torch.empty"
+g = torch.Generator().manual_seed(7)
+r = lambda *s, sc=1.0: torch.randn(*s, generator=g) * sc
+ffn = [r(7, 7, 12, sc=0.2), r(12, sc=0.1), r(48, 12, sc=0.3), r(48, sc=0.1), r(12, 48, sc=0.15), r(12, sc=0.1),
+       r(12).abs() + 0.5]
+x, px = r(2, 9, 11, 12), torch.rand(1, 21, 19, 3, generator=g)
+st = [r(16, 3, 3, 3, sc=0.5), r(16, sc=0.1), r(3, 3, 16, sc=0.4), r(16, sc=0.1), r(16, 16, sc=0.25), r(16, sc=0.1)]
+pe = [r(7, 7, 24, sc=0.2), r(24, sc=0.1), r(24, 24, sc=0.2), r(24, sc=0.1)]
+d = lambda ts: [t.double() for t in ts]
+cases = [
+    (torch.ops.fastvlm_C.dwconv_nhwc(x, ffn[0], ffn[1], 2, 3, True), reference.dwconv(x.double(), *d(ffn[:2]), 2, 3, True)),
+    (torch.ops.fastvlm_C.convffn_nhwc(x, *ffn), reference.convffn(x.double(), *d(ffn))),
+    (torch.ops.fastvlm_C.stem_nhwc(px, *st), reference.stem(px.double(), *d(st))),
+    (torch.ops.fastvlm_C.patch_embed_nhwc(x, *pe, 2), reference.patch_embed(x.double(), *d(pe))),
+]
+for y, ref in cases:
+    assert torch.isfinite(y).all() and rel_l2(y, ref) <= 1e-5, rel_l2(y, ref)
+print("ok", len(cases))
+"""
+
+
+@needs_ext
+def test_every_output_element_is_written():
+    """The C++ ops allocate their own outputs, so the allocator is poisoned instead: with glibc's
+    MALLOC_PERTURB_=128 every new heap block reads 0x7F7F7F7F (3.4e38) per float, and an element a
+    kernel forgot to write wrecks the parity check. The subprocess first checks the poisoning works."""
+    env = dict(os.environ, MALLOC_PERTURB_="128")
+    out = subprocess.run([sys.executable, "-c", _POISON_CHECK], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ok", "4"]
