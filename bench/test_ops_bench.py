@@ -6,7 +6,6 @@ composition, with the op's roofline floor beside it.
     pytest bench/ -k "repmixer and stage1"                          # one case
     FASTVLM_BENCH_COMPILE=0 pytest bench/                           # without torch.compile (faster)
 """
-import copy
 import os
 
 import pytest

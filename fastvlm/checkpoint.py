@@ -207,10 +207,8 @@ def _torch_load(path: str) -> Dict[str, torch.Tensor]:
 
 def read_state_dict(src) -> Dict[str, torch.Tensor]:
     """The whole state dict of a file, a directory (sharded or not) or a hub id, on the CPU."""
-    if isinstance(src, Mapping):
-        return dict(src)
-    lazy = _LazyStateDict(_weight_files(_resolve_source(src)))
-    return lazy.get(lazy.keys())
+    keys, get = _source_keys(src)
+    return get(keys)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ head_dim**-0.5, SE with ReLU and sigmoid.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, asdict
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, asdict
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn

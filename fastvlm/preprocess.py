@@ -5,7 +5,7 @@ centre crop ``size`` x ``size`` (a no-op after squaring) -> /255. No mean/std no
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence, Union
+from typing import List, Sequence, Union
 
 import numpy as np
 import torch

@@ -11,6 +11,6 @@ from . import ops
 from .backends import available_backends, resolve_backend, unavailable_reason
 from .accelerate import accelerate, is_accelerated
 
-__all__ = ["accelerate", "available_backends", "unavailable_reason", "is_accelerated", "ops",
+__all__ = ["accelerate", "available_backends", "unavailable_reason", "resolve_backend", "is_accelerated", "ops",
            "extension_available", "extension_error", "load_extension"]
 __version__ = "0.1.0"

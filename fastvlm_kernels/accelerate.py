@@ -7,7 +7,6 @@ encoder keeps the ``fastvlm.FastViTHD`` API (``forward_features`` NCHW, ``forwar
 """
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Tuple
 
 import torch

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 

@@ -20,7 +20,8 @@ __all__ = ["FusedStem", "FusedRepMixerBlock", "FusedConvFFN", "FusedAttentionBlo
 
 
 def pack_dw(weight: torch.Tensor) -> torch.Tensor:
-    """(Cout, 1, K, K) depthwise conv weight -> (K, K, Cout)."""
+    """(Cout, 1, K, K) depthwise / grouped conv weight (one input channel per group, Cout = M·Cin)
+    -> (K, K, Cout)."""
     if weight.dim() != 4 or weight.shape[1] != 1:
         raise ValueError(f"pack_dw: expected a depthwise (Cout, 1, K, K) weight, got {tuple(weight.shape)}")
     return weight[:, 0].permute(1, 2, 0)
@@ -130,20 +131,13 @@ class FusedPatchEmbed(_Fused):
         lk, pw = pe.proj[0].lkb_reparam, pe.proj[1].reparam_conv
         if lk.stride != (2, 2) or lk.padding != (lk.kernel_size[0] // 2,) * 2:
             raise ValueError(f"FusedPatchEmbed: expected a stride-2 'same'-padded conv, got {lk}")
-        self._pack("dw_w", pack_dw_grouped(lk.weight, lk.groups))
+        self._pack("dw_w", pack_dw(lk.weight))  # groups = Cin: one input channel per group
         self._pack("dw_b", lk.bias)
         self._pack("pw_w", pack_pw(pw.weight))
         self._pack("pw_b", pw.bias)
 
     def forward(self, x):
         return torch.ops.fastvlm.patch_embed(x, self.dw_w, self.dw_b, self.pw_w, self.pw_b, self.backend)
-
-
-def pack_dw_grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped conv with one input channel per group (groups = Cin, Cout = M·Cin) -> (K, K, Cout)."""
-    if weight.shape[1] != 1:
-        raise ValueError(f"expected one input channel per group, got weight {tuple(weight.shape)} with groups={groups}")
-    return pack_dw(weight)
 
 
 class FusedDWConv(_Fused):
@@ -167,7 +161,7 @@ class FusedConvExp(_Fused):
     def __init__(self, block: fv.MobileOneBlock, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)
         c = block.reparam_conv
-        self._pack("w", pack_dw_grouped(c.weight, c.groups))
+        self._pack("w", pack_dw(c.weight))
         self._pack("b", c.bias)
         se = block.se
         self._pack("se_r_w", pack_pw(se.reduce.weight))
