@@ -38,9 +38,10 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "onnxruntime", "onnx", "matplotlib"],
-        "vlm": ["transformers"],
+        "vlm": ["transformers>=4.50", "tokenizers"],
         "gpu": ["triton"],
     },
+    entry_points={"console_scripts": ["fastvlm=fastvlm.cli:main"]},
     ext_modules=[
         CppExtension(
             "fastvlm_kernels._C",

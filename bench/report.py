@@ -35,7 +35,7 @@ import torch
 
 import fastvlm
 import fastvlm_kernels
-from fastvlm.testing import randomize_, rel_l2
+from fastvlm.testing import random_tower, rel_l2
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SYSTEMS = ("eager", "eager_cl", "compile", "onnxruntime", "accelerated")
@@ -245,6 +245,63 @@ def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: tor
 REF_INPUTS: Dict[int, torch.Tensor] = {}
 
 
+def ttft_unavailable(dt: str, fast_bf16: bool) -> Optional[str]:
+    try:
+        import transformers  # noqa: F401
+        import tokenizers  # noqa: F401
+    except ImportError:
+        return "transformers/tokenizers are not installed (pip install 'fastvlm-kernels[vlm]')"
+    if dt == "bf16" and not fast_bf16:
+        return ("the LLM prefill in bf16 needs a fast bf16 GEMM, which this CPU lacks (no AVX512_BF16/AMX); "
+                "~300 GFLOP at ~1 GFLOP/s would not finish")
+    return None
+
+
+TTFT_TEXT = ("Describe the image in detail. What is in this picture, and what does the chart show about "
+             "sales over four years? Answer briefly.")
+
+
+def run_ttft(model, dt: str, size: int, llm: str, rounds: int, backend: str, prog: Progress) -> Dict:
+    """Time to first token of a FastVLM (this encoder + projector + Qwen2 of the ``llm`` shapes, random
+    weights): preprocess + encode + project + prefill + first token, eager vs accelerated tower,
+    the same projector and LLM (transformers, SDPA), interleaved rounds."""
+    import numpy as np
+    from fastvlm.vlm import FastVLM
+    dtype = DTYPES[dt]
+    prog.step(f"TTFT {size}x{size} {dt}: building Qwen2-{llm} shapes, random weights")
+    t0 = time.perf_counter()
+    base = FastVLM.from_config(llm, seed=0)
+    build_s = time.perf_counter() - t0
+    base.projector.to(dtype)
+    base.language_model.to(dtype)
+    eager_tower = copy.deepcopy(model).to(dtype).eval()
+    acc_tower = copy.deepcopy(model).eval()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastvlm_kernels.accelerate(acc_tower, backend=backend, dtype=dtype)
+    acc_s = time.perf_counter() - t0
+    vlms = {"eager": FastVLM(eager_tower, base.projector, base.language_model, base.tokenizer, image_size=size),
+            "accelerated": FastVLM(acc_tower, base.projector, base.language_model, base.tokenizer, image_size=size)}
+    image = (np.random.default_rng(0).random((size * 3 // 4, size, 3)) * 255).astype(np.uint8)
+    prompt = "<image>\n" + TTFT_TEXT
+    res: Dict = {"size": size, "dtype": dt, "llm": f"Qwen2-{llm} shapes, random weights", "build_s": build_s,
+                 "accelerate_s": acc_s, "systems": {k: {"runs": []} for k in vlms}, "first_tokens": {}}
+    for k, v in vlms.items():  # warm-up, and the tokens each one picks
+        prog.step(f"TTFT {size}x{size} {dt}: first call, {k}")
+        out = v.generate(image, prompt, max_new_tokens=1)
+        res["first_tokens"][k] = out.token_ids[0]
+        res["prompt_tokens"] = out.ttft.prompt_tokens
+    for r in range(rounds):
+        prog.step(f"TTFT {size}x{size} {dt}: round {r + 1}/{rounds}")
+        for k, v in vlms.items():
+            res["systems"][k]["runs"].append(v.generate(image, prompt, max_new_tokens=1).ttft.as_dict())
+    for k, d in res["systems"].items():
+        for part in ("preprocess", "encode", "project", "prefill", "first_token", "total"):
+            d[part] = statistics.median(run[part] for run in d["runs"])
+    return res
+
+
 def count_gflop(model, size: int, batch: int = 1) -> float:
     """Convolution + matmul GFLOP of one forward (2 per MAC), counted on the meta device (no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -277,6 +334,10 @@ def markdown(report: Dict) -> str:
              f"Model: {report['model']}. Accelerated backend: {report['backend']}.", "",
              "Median seconds of interleaved rounds (n = rounds); ratio = system time / accelerated time "
              "(> 1: accelerated is faster); rel-L2 of image 0's tokens against float64 eager.", ""]
+    sens = report.get("image_sensitivity")
+    if sens:
+        lines[-1:] = [f"For scale: two different random images' float64 outputs at {sens['size']}² differ by rel-L2 "
+                      f"{sens['rel_l2']:.2e}, so a kernel that lost the image would show up at that level.", ""]
     hdr = "| config | system | median s | n | vs accelerated | GFLOP/s | % of GEMM rate | rel-L2 | first call s | setup s |"
     lines += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
     notes: List[str] = []
@@ -300,6 +361,24 @@ def markdown(report: Dict) -> str:
                          f"{d['first_call_s']:.2f} | {d['setup_s']:.2f} |")
     if notes:
         lines += [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    if report.get("ttft"):
+        lines += ["", "## Time to first token (FastVLM: this encoder + projector + Qwen2, transformers SDPA)", "",
+                  "Median seconds of interleaved rounds: preprocess (PIL image -> tensor) + encode + project + "
+                  "prefill + first token; the same projector and LLM for both rows.", "",
+                  "| config | tower | TTFT s | preprocess | encode | project | prefill | first token | vs accelerated |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for t in report["ttft"]:
+            if "skipped" in t:
+                lines.append(f"| {t['size']}² {t['dtype']} | not run: {t['skipped']} | | | | | | | |")
+                continue
+            acc = t["systems"]["accelerated"]["total"]
+            for k in ("eager", "accelerated"):
+                d = t["systems"][k]
+                lines.append(f"| {t['size']}² {t['dtype']}, {t['llm']}, {t['prompt_tokens']} prompt tokens | {k} | "
+                             f"{d['total']:.3f} | {d['preprocess']:.3f} | {d['encode']:.3f} | {d['project']:.3f} | "
+                             f"{d['prefill']:.3f} | {d['first_token']:.3f} | {d['total'] / acc:.2f}x |")
+            same = t["first_tokens"]["eager"] == t["first_tokens"]["accelerated"]
+            lines.append(f"| | first token eager vs accelerated | {'identical' if same else 'DIFFERENT'} | | | | | | |")
     if report["skipped_configs"]:
         lines += ["", "Not run (time budget): " + "; ".join(report["skipped_configs"])]
     lines += ["", f"Total wall time {report['wall_s']:.0f} s. Command: `{report['command']}`"]
@@ -344,9 +423,13 @@ def build_model(checkpoint: Optional[str], quick: bool) -> (torch.nn.Module, str
         log(f"loading {checkpoint} ...")
         return fastvlm.load_vision_tower(checkpoint).reparameterize().eval(), f"checkpoint {checkpoint}"
     cfg = fastvlm.FastViTHDConfig.tiny() if quick else fastvlm.FastViTHDConfig()
-    m = randomize_(fastvlm.FastViTHD(cfg, inference_mode=True), seed=0).eval()
+    # Randomised in the train form, then folded: randomising the inference form directly makes the
+    # output nearly independent of the image (see fastvlm.testing.random_tower), and then a parity
+    # figure says little. The report prints how far apart two images' outputs are, for scale.
+    m = random_tower(cfg, seed=0, weight_gain=0.85 if quick else 0.5)
     name = "tiny FastViTHD" if quick else "FastViTHD"
-    return m, f"{name}, random weights (O(1) layer scales, randomised BN statistics), inference form"
+    return m, (f"{name}, random weights (train form randomised: O(1) layer scales, randomised BN statistics; "
+               "then folded to the inference form)")
 
 
 def main(argv=None) -> Dict:
@@ -360,6 +443,8 @@ def main(argv=None) -> Dict:
     ap.add_argument("--no-batch8", action="store_true", help="skip the 1024x1024 batch-8 configurations")
     ap.add_argument("--skip", default="", help=f"comma-separated systems to leave out: {','.join(SYSTEMS)}")
     ap.add_argument("--backend", default="auto", help="accelerate() backend (default auto)")
+    ap.add_argument("--no-ttft", action="store_true", help="skip the FastVLM time-to-first-token rows")
+    ap.add_argument("--ttft-llm", default=None, help="Qwen2 shapes for TTFT: 0.5b (default), 1.5b, 7b, tiny (--quick)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default=None, help="output file stem (default: cpu-<threads>t, or quick)")
     a = ap.parse_args(argv)
@@ -399,10 +484,31 @@ def main(argv=None) -> Dict:
               "model": model_desc, "backend": a.backend,
               "machine": {"cpu": cpu, "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
                           "gemm_fp32_gflops": g32, "gemm_bf16_gflops": g16, "fast_bf16": fast_bf16},
-              "configs": [], "skipped_configs": []}
+              "configs": [], "skipped_configs": [], "ttft": []}
     refs: Dict[int, torch.Tensor] = {}
     per_gflop_round = None  # seconds per GFLOP of one round over all systems, learned as we go
-    for size, batch, dt in plan:
+    ttft_after = 2 if len(plan) >= 2 else len(plan)  # TTFT right after the 1024² fp32/bf16 headline
+    ttft_llm = a.ttft_llm or ("tiny" if a.quick else "0.5b")
+    for idx, item in enumerate(plan + [None]):
+        if idx == ttft_after and not a.no_ttft:
+            for tdt in ("fp32", "bf16"):
+                why = ttft_unavailable(tdt, fast_bf16)
+                est = 60 if not a.quick else 5
+                if why is None and prog.elapsed() + est > budget:
+                    why = f"time budget ({budget - prog.elapsed():.0f} s left)"
+                if why:
+                    report["ttft"].append({"size": sizes[0], "dtype": tdt, "skipped": why})
+                    log(f"    TTFT {tdt}: not run: {why}")
+                    continue
+                t = run_ttft(model, tdt, sizes[0], ttft_llm, rounds, a.backend, prog)
+                report["ttft"].append(t)
+                e, c = t["systems"]["eager"], t["systems"]["accelerated"]
+                log(f"    TTFT {tdt}: eager {e['total']:.3f} s (encode {e['encode']:.3f}), accelerated "
+                    f"{c['total']:.3f} s (encode {c['encode']:.3f}); prefill {c['prefill']:.3f} s, "
+                    f"{t['prompt_tokens']} prompt tokens")
+        if item is None:
+            break
+        size, batch, dt = item
         label = f"{size}x{size} b{batch} {dt}"
         gflop = systems.gflop(size, batch)
         n_rounds = rounds8 if batch > 1 else rounds
@@ -416,6 +522,14 @@ def main(argv=None) -> Dict:
         if size not in refs:
             prog.step(f"{size}x{size}: float64 reference")
             refs[size] = reference_tokens(model, size)
+            if "image_sensitivity" not in report:
+                # The scale for the parity column: how far apart two different images' outputs are.
+                x2 = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(7))
+                with torch.inference_mode():
+                    other = copy.deepcopy(model).double()(x2.double())
+                report["image_sensitivity"] = {"size": size, "rel_l2": rel_l2(other, refs[size])}
+                log(f"    two different images' float64 outputs differ by rel-L2 "
+                    f"{report['image_sensitivity']['rel_l2']:.2e} (the scale for the parity column)")
         t0 = time.perf_counter()
         res = run_config(size, batch, dt, systems, refs[size], n_rounds, prog)
         spent = time.perf_counter() - t0

@@ -12,9 +12,21 @@ from .checkpoint import (
 )
 from . import reparam
 
+# The VLM needs transformers (an optional extra); import it lazily so the encoder works without it.
+_LAZY = {"FastVLM", "TTFT", "GenerationOutput", "MissingTokenizerError", "chat_prompt"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import vlm
+        return getattr(vlm, name)
+    raise AttributeError(f"module 'fastvlm' has no attribute {name!r}")
+
+
 __all__ = [
     "FastViTHD", "FastViTHDConfig", "Projector", "PROJECTOR_HIDDEN_SIZES", "preprocess",
     "load_vision_tower", "load_projector", "read_state_dict", "detect_layout", "convert_state_dict",
     "CheckpointError", "CheckpointMismatchError", "CorruptCheckpointError", "UnknownLayoutError", "reparam",
+    "FastVLM", "TTFT", "GenerationOutput", "MissingTokenizerError", "chat_prompt",
 ]
 __version__ = "0.1.0"

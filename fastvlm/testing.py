@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["randomize_", "rel_l2"]
+__all__ = ["randomize_", "random_tower", "rel_l2", "tiny_tokenizer"]
 
 
 @torch.no_grad()
@@ -41,6 +41,22 @@ def randomize_(model: nn.Module, seed: int = 0, weight_gain: float = 0.5) -> nn.
     return model
 
 
+def random_tower(config=None, seed: int = 0, weight_gain: float = 0.5):
+    """A random FastViTHD in the inference form whose output really depends on its input.
+
+    Randomising the *inference* form directly draws each folded kernel (RepMixer, MobileOne, PatchEmbed)
+    without the identity the fold puts in it, so every block shrinks the signal and the biases take
+    over: for the tiny config two different images then give outputs within rel-L2 1e-7 of each other,
+    and a whole-model parity test could not see a kernel that ignores its input. Randomising the train
+    form and folding keeps the identities: rel-L2 between two random images' outputs is ~0.1 for the
+    default config at gain 0.5 and ~0.17 for tiny at gain 0.85 (larger gains overflow the default
+    config's activations)."""
+    from .fastvithd import FastViTHD
+    m = FastViTHD(config, inference_mode=False)
+    randomize_(m, seed=seed, weight_gain=weight_gain)
+    return m.eval().reparameterize()
+
+
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN/inf in ``out`` give inf (never a pass)."""
     out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
@@ -51,3 +67,30 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     den = ref64.norm().item()
     num = (out64 - ref64).norm().item()
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+_TINY_CORPUS = (
+    "You are a helpful assistant.", "Describe the image in detail.", "What is in this picture?",
+    "A cat sits on a mat next to a red ball.", "The chart shows sales rising over four years.",
+    "system user assistant", "There are two people, a dog and a tree in the photo.",
+)
+
+
+def tiny_tokenizer(vocab_size: int = 400):
+    """A small byte-level BPE tokenizer with the Qwen2 chat specials and ``<image>``, built locally.
+
+    It is what tests, the CLI test and ``FastVLM.from_config('tiny')`` use offline: any text encodes
+    (byte level), ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>`` and ``<image>`` are single
+    special tokens, as in the released Qwen2 tokenizer. Needs ``tokenizers`` and ``transformers``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(list(_TINY_CORPUS) * 8, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])

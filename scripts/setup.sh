@@ -17,6 +17,8 @@ if [ "$have_torch" != "2.13.0" ]; then
 fi
 say "installing Python dependencies"
 "$PY" -m pip install -q numpy pillow safetensors ninja pytest pytest-benchmark
+say "installing the VLM extra (transformers, tokenizers) and triton (CPU interpreter + AOT compile checks)"
+"$PY" -m pip install -q "transformers>=4.50" tokenizers triton
 if [ "${1:-}" = "bench" ]; then
   say "installing benchmark peers (onnxruntime, onnx, onnxscript, matplotlib)"
   "$PY" -m pip install -q onnxruntime onnx onnxscript matplotlib || say "WARNING: benchmark extras failed to install; the report will skip those peers"
