@@ -7,6 +7,12 @@ import torch
 # Test this checkout, whatever an editable install elsewhere points at.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Without a GPU the triton backend is tested through Triton's interpreter. The variable must be set
+# before triton is first imported (its standard-library functions are made interpretable then), and
+# several test modules import it indirectly through fastvlm_kernels.available_backends().
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Keep runs on the 2-core machines predictable; tests never depend on timing.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

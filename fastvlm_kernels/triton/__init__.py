@@ -22,13 +22,12 @@ from . import kernels as K
 __all__ = ["INTERPRET", "FFN_FUSED_MAX_C", "launch_config"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-#: Widest C the fully fused FFN kernel takes (3 register accumulators of 32 columns); wider FFNs
+#: Widest C the fully fused FFN kernel takes (3 register accumulators of 64 columns); wider FFNs
 #: use fc1+GELU -> hidden -> fc2+epilogue (one round trip of the 4C hidden tensor). Measured with
-#: the AOT check (python -m fastvlm_kernels.triton.aot): at C = 384 every configuration spilled
-#: registers on sm_90 and sm_80, at C = 192 every one spilled on sm_80 (56-464 B of stack), at
-#: C = 96 three configurations are spill-free on both. So stage 0 is fully fused and stages 1-4
-#: take the split path until the kernel's register use comes down (not done: see the issue note).
-FFN_FUSED_MAX_C = 96
+#: the AOT check (python -m fastvlm_kernels.triton.aot): at C = 384 (three 128-column
+#: accumulators) every tile tried (BLOCK_M 64/128, BLOCK_K 32/64, BLOCK_H 16/32, 4/8 warps) spilled
+#: 64-1752 B of registers on sm_90 and sm_80, so stage 2 takes the split path for now.
+FFN_FUSED_MAX_C = 192
 _I32 = 2 ** 31
 
 #: Shape arguments each autotuned kernel is keyed on.

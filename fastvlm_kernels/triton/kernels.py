@@ -14,7 +14,7 @@ Fusion map (design.md §3):
 - ``ffn_fused_kernel``: fc1 + bias + GELU + fc2 + bias + layer scale + residual for a tile of BLOCK_M
   pixels. The 4C hidden activation lives only in registers, BLOCK_H columns at a time; the C-wide
   fc2 accumulator is held as up to three register tiles of BLOCK_O columns (C <= 3·BLOCK_O; used
-  for C <= FFN_FUSED_MAX_C = 96, stage 0: wider accumulators spilled registers, see there). Its input is the dw7x7 output
+  for C <= FFN_FUSED_MAX_C = 192, stages 0-1: wider accumulators spilled registers, see there). Its input is the dw7x7 output
   ``t`` (C wide), written once by ``dw_kernel``: computing the 7x7 taps inside the GEMM would redo
   them for every hidden chunk.
 - Wider FFNs (C = 768/1536, stages 3-4: at most 1024 pixels per image) take one round trip of the
@@ -250,7 +250,8 @@ def attention_kernel(qkv_ptr, o_ptr, N, C, HEADS, HEAD_DIM, scale,
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def stem_kernel(x_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, H, W, H1, W1, Ho, Wo, C, M,
-                CIN: tl.constexpr, CP: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+                CIN: tl.constexpr, CP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PREC: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -270,25 +271,29 @@ def stem_kernel(x_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, H,
             iw = wo * 2 - 1 + tw
             valid = rmask & (ih >= 0) & (ih < H1) & (iw >= 0) & (iw < W1)
             u = tl.zeros((BLOCK_M, CP), dtype=tl.float32) + b0[None, :]
-            for ci in tl.static_range(CIN):
-                for kh in tl.static_range(3):
-                    xh = ih * 2 - 1 + kh
-                    for kw in tl.static_range(3):
-                        xw = iw * 2 - 1 + kw
-                        xm = valid & (xh >= 0) & (xh < H) & (xw >= 0) & (xw < W)
-                        xv = tl.load(x_ptr + ((b * H + xh) * W + xw) * CIN + ci, mask=xm, other=0.0).to(tl.float32)
-                        wv = tl.load(w0_ptr + c * (CIN * 9) + ci * 9 + kh * 3 + kw, mask=cmask, other=0.0).to(tl.float32)
-                        u += xv[:, None] * wv[None, :]
+            for j in range(CIN * 9):  # the conv3x3 taps x input channels, a loop (kept small for ptxas)
+                ci = j // 9
+                kh = (j % 9) // 3
+                kw = j % 3
+                xh = ih * 2 - 1 + kh
+                xw = iw * 2 - 1 + kw
+                xm = valid & (xh >= 0) & (xh < H) & (xw >= 0) & (xw < W)
+                xv = tl.load(x_ptr + ((b * H + xh) * W + xw) * CIN + ci, mask=xm, other=0.0).to(tl.float32)
+                wv = tl.load(w0_ptr + c * (CIN * 9) + j, mask=cmask, other=0.0).to(tl.float32)
+                u += xv[:, None] * wv[None, :]
             u = tl.where(valid[:, None], _gelu(u), 0.0)  # the dw conv's zero padding of the intermediate
             w1 = tl.load(w1_ptr + (th * 3 + tw) * C + c, mask=cmask, other=0.0).to(tl.float32)
             d += u * w1[None, :]
     d = _gelu(d + tl.load(b1_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :])
     d = tl.where(cmask[None, :], d, 0.0).to(y_ptr.dtype.element_ty)
-    w2 = tl.load(w2_ptr + c[None, :] * C + c[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
-    out = tl.dot(d, w2, input_precision=PREC)
-    out = _gelu(out + tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :])
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + c[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    for n0 in range(0, CP, BLOCK_N):  # the 1x1 in column chunks: a (BLOCK_N x C) weight tile at a time
+        nn = n0 + tl.arange(0, BLOCK_N)
+        nmask = nn < C
+        w2 = tl.load(w2_ptr + nn[:, None] * C + c[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+        out = tl.dot(d, tl.trans(w2), input_precision=PREC)
+        out = _gelu(out + tl.load(b2_ptr + nn, mask=nmask, other=0.0).to(tl.float32)[None, :])
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + nn[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,15 +321,14 @@ def patch_embed_kernel(x_ptr, dw_ptr, dwb_ptr, w_ptr, b_ptr, y_ptr, H, W, Cin, H
         kmask = kc < Cout
         ci = kc // mult
         a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for kh in range(K):  # a loop, not unrolled: 49 unrolled taps spilled registers
-            hi = ho * 2 - (K // 2) + kh
-            for kw in tl.static_range(K):
-                wi = wo * 2 - (K // 2) + kw
-                pmask = rmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                xv = tl.load(x_ptr + ((b * H + hi) * W + wi)[:, None] * Cin + ci[None, :],
-                             mask=pmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                wv = tl.load(dw_ptr + (kh * K + kw) * Cout + kc, mask=kmask, other=0.0).to(tl.float32)
-                a += xv * wv[None, :]
+        for tap in range(K * K):  # a loop, not unrolled: unrolled taps spilled registers
+            hi = ho * 2 - (K // 2) + tap // K
+            wi = wo * 2 - (K // 2) + tap % K
+            pmask = rmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            xv = tl.load(x_ptr + ((b * H + hi) * W + wi)[:, None] * Cin + ci[None, :],
+                         mask=pmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(dw_ptr + tap * Cout + kc, mask=kmask, other=0.0).to(tl.float32)
+            a += xv * wv[None, :]
         a = _gelu(a + tl.load(dwb_ptr + kc, mask=kmask, other=0.0).to(tl.float32)[None, :])
         a = tl.where(kmask[None, :], a, 0.0).to(dt)
         w = tl.load(w_ptr + cols[:, None] * Cout + kc[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
@@ -386,18 +390,19 @@ def _cfg(num_warps, num_stages=2, **kw):
 CONFIGS = {
     "dw_kernel": [_cfg(4, BLOCK_W=8, BLOCK_C=64), _cfg(4, BLOCK_W=16, BLOCK_C=64), _cfg(8, BLOCK_W=16, BLOCK_C=128),
                   _cfg(4, BLOCK_W=32, BLOCK_C=32)],
-    "ffn_fused_kernel": [_cfg(8, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_H=64), _cfg(4, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_H=32),
-                         _cfg(8, 2, BLOCK_M=128, BLOCK_K=32, BLOCK_H=32)],
+    # C = 96 and 192 (BLOCK_O = 32, 64); the only tiles found spill-free at C = 192 on both sm_90 and sm_80
+    "ffn_fused_kernel": [_cfg(8, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_H=32), _cfg(8, 3, BLOCK_M=64, BLOCK_K=32, BLOCK_H=32)],
     "linear_kernel": [_cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
                       _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
                       _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
                       _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)],
     "attention_kernel": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64), _cfg(4, 3, BLOCK_M=128, BLOCK_N=64),
                          _cfg(8, 3, BLOCK_M=128, BLOCK_N=128)],
-    "stem_kernel": [_cfg(4, 1, BLOCK_M=32), _cfg(8, 1, BLOCK_M=64)],
+    "stem_kernel": [_cfg(8, 1, BLOCK_M=32, BLOCK_N=64), _cfg(8, 1, BLOCK_M=32, BLOCK_N=32),
+                    ],
     "patch_embed_kernel": [_cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), _cfg(8, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
                            _cfg(8, 2, BLOCK_M=64, BLOCK_N=256, BLOCK_K=32)],
-    "se_kernel": [_cfg(4, 1, BLOCK_C=32, BLOCK_P=16)],
+    "se_kernel": [_cfg(8, 1, BLOCK_C=16, BLOCK_P=16)],
     "scale_gelu_kernel": [_cfg(4, 1, BLOCK=1024)],
 }
 
