@@ -74,6 +74,29 @@ FVK_INLINE void dw_pixel(const in_t* __restrict__ x, const float* __restrict__ w
 FVK_DW_ROW(dw_row_f32, float)
 FVK_DW_ROW(dw_row_bf16, c10::BFloat16)
 
+// conv_exp pass 1, one output row: z = dw conv (fp32) and the row's per-channel sums.
+template <typename IN_T>
+FVK_CLONES void dw_row_sums(const IN_T* x, const float* w, const float* bias, float* z, float* rowsum, float* acc,
+                            int64_t H, int64_t W, int64_t Cin, int64_t Cout, int64_t M, int64_t K, int64_t pad,
+                            int64_t Wo, int64_t oh) {
+  for (int64_t c = 0; c < Cout; ++c) rowsum[c] = 0.f;
+  for (int64_t ow = 0; ow < Wo; ++ow) {
+    dw_pixel<IN_T>(x, w, bias, acc, H, W, Cin, Cout, M, K, oh - pad, ow - pad);
+    float* zp = z + ow * Cout;
+    for (int64_t c = 0; c < Cout; ++c) {
+      zp[c] = acc[c];
+      rowsum[c] += acc[c];
+    }
+  }
+}
+
+// conv_exp pass 2, one output row: y = GELU(z * s).
+template <typename OUT_T>
+FVK_CLONES void scale_gelu_row(const float* z, const float* s, OUT_T* y, int64_t Wo, int64_t Cout) {
+  for (int64_t ow = 0; ow < Wo; ++ow)
+    for (int64_t c = 0; c < Cout; ++c) y[ow * Cout + c] = from_float<OUT_T>(gelu_erf(z[ow * Cout + c] * s[c]));
+}
+
 }  // namespace
 
 at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -130,6 +153,91 @@ at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10:
     }
   });
   return out;
+}
+
+// fastvlm_C::conv_exp_nhwc -- GELU(SE(dw KxK, multiplier Cout/Cin)) in two passes over the output:
+//   pass 1 (parallel over output rows): the dw conv in fp32 into z (the output itself for fp32) and
+//           each row's channel sums; then per image, in a fixed order: mean -> reduce (rd x Cout) ->
+//           ReLU -> expand (Cout x rd) -> sigmoid = s (rd-wide, tiny);
+//   pass 2 (parallel over rows): y = GELU(z * s).
+//   x (B, H, W, Cin) float32/bf16; w (K, K, Cout), b (Cout); se_r_w (rd, Cout), se_r_b (rd);
+//   se_e_w (Cout, rd), se_e_b (Cout). Stride 1, padding K / 2. Thread-count independent.
+at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& se_r_w,
+                         const at::Tensor& se_r_b, const at::Tensor& se_e_w, const at::Tensor& se_e_b) {
+  TORCH_CHECK(x.device().is_cpu(), "conv_exp_nhwc: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "conv_exp_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "conv_exp_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
+  auto f32 = [](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK(t.device().is_cpu() && t.sizes() == shape, "conv_exp_nhwc: ", name, " must be a CPU tensor of shape ",
+                shape, ", got ", t.sizes());
+    return t.to(at::kFloat).contiguous();
+  };
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == w.size(1) && w.size(0) % 2 == 1,
+              "conv_exp_nhwc: w must be (K, K, Cout) with odd K, got ", w.sizes());
+  TORCH_CHECK(se_r_w.dim() == 2, "conv_exp_nhwc: se_r_w must be (rd, Cout), got ", se_r_w.sizes());
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), Cin = x.size(3), K = w.size(0), Cout = w.size(2);
+  const int64_t rd = se_r_w.size(0);
+  TORCH_CHECK(Cin >= 1 && Cout % Cin == 0, "conv_exp_nhwc: w's Cout (", Cout, ") must be a multiple of x's ", Cin,
+              " channels");
+  const at::Tensor fw = f32(w, "w", {K, K, Cout}), fb = f32(b, "b", {Cout}), rw = f32(se_r_w, "se_r_w", {rd, Cout});
+  const at::Tensor rb = f32(se_r_b, "se_r_b", {rd}), ew = f32(se_e_w, "se_e_w", {Cout, rd}), eb = f32(se_e_b, "se_e_b", {Cout});
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({B, H, W, Cout}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
+  if (B == 0 || H == 0 || W == 0 || Cout == 0) return y;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor zt = bf16 ? at::empty({B, H, W, Cout}, xc.options().dtype(at::kFloat)) : y;  // fp32: in place
+  at::Tensor rows = at::empty({B * H, Cout}, xc.options().dtype(at::kFloat));
+  at::Tensor sc = at::empty({B, Cout}, xc.options().dtype(at::kFloat));
+  float *z = zt.data_ptr<float>(), *rs = rows.data_ptr<float>(), *s = sc.data_ptr<float>();
+  const float *pw = fw.data_ptr<float>(), *pb = fb.data_ptr<float>(), *prw = rw.data_ptr<float>(),
+              *prb = rb.data_ptr<float>(), *pew = ew.data_ptr<float>(), *peb = eb.data_ptr<float>();
+  const int64_t M = Cout / Cin, pad = K / 2;
+  const void* xbase = xc.data_ptr();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(Cout);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bi = r / H, oh = r % H;
+      float* zr = z + r * W * Cout;
+      if (bf16)
+        dw_row_sums(static_cast<const c10::BFloat16*>(xbase) + bi * H * W * Cin, pw, pb, zr, rs + r * Cout, acc.data(),
+                    H, W, Cin, Cout, M, K, pad, W, oh);
+      else
+        dw_row_sums(static_cast<const float*>(xbase) + bi * H * W * Cin, pw, pb, zr, rs + r * Cout, acc.data(), H, W,
+                    Cin, Cout, M, K, pad, W, oh);
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> mean(Cout);
+    std::vector<float> red(rd);
+    for (int64_t bi = begin; bi < end; ++bi) {
+      for (int64_t c = 0; c < Cout; ++c) mean[c] = 0.0;
+      for (int64_t oh = 0; oh < H; ++oh)
+        for (int64_t c = 0; c < Cout; ++c) mean[c] += rs[(bi * H + oh) * Cout + c];
+      for (int64_t c = 0; c < Cout; ++c) mean[c] /= static_cast<double>(H * W);
+      for (int64_t j = 0; j < rd; ++j) {
+        double a = prb[j];
+        for (int64_t c = 0; c < Cout; ++c) a += prw[j * Cout + c] * mean[c];
+        red[j] = a > 0 ? static_cast<float>(a) : 0.f;
+      }
+      for (int64_t c = 0; c < Cout; ++c) {
+        float a = peb[c];
+        for (int64_t j = 0; j < rd; ++j) a += pew[c * rd + j] * red[j];
+        s[bi * Cout + c] = 1.f / (1.f + std::exp(-a));
+      }
+    }
+  });
+  void* ybase = y.data_ptr();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* sr = s + (r / H) * Cout;
+      if (bf16)
+        scale_gelu_row(z + r * W * Cout, sr, static_cast<c10::BFloat16*>(ybase) + r * W * Cout, W, Cout);
+      else
+        scale_gelu_row(z + r * W * Cout, sr, static_cast<float*>(ybase) + r * W * Cout, W, Cout);
+    }
+  });
+  return y;
 }
 
 }  // namespace fastvlm

@@ -15,8 +15,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -32,6 +35,7 @@ namespace fastvlm { namespace ffn_avx512 {
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 #include "ffn_impl.h"
+#include "attn_impl.h"
 #undef FVK_VL
 }}  // namespace fastvlm::ffn_avx512
 #pragma GCC pop_options
@@ -43,6 +47,7 @@ namespace fastvlm { namespace ffn_avx2 {
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 #include "ffn_impl.h"
+#include "attn_impl.h"
 #undef FVK_VL
 }}  // namespace fastvlm::ffn_avx2
 #pragma GCC pop_options
@@ -52,6 +57,7 @@ namespace fastvlm { namespace ffn_sse {
 typedef float vf __attribute__((vector_size(16)));
 typedef int32_t vi __attribute__((vector_size(16)));
 #include "ffn_impl.h"
+#include "attn_impl.h"
 #undef FVK_VL
 }}  // namespace fastvlm::ffn_sse
 
@@ -186,6 +192,56 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
   const float *pfw = fw.data_ptr<float>(), *pfb = fb.data_ptr<float>(), *ppw = pw.data_ptr<float>(),
               *ppb = pb.data_ptr<float>();
   FVK_PARALLEL_TILES(dwpw_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T);
+  return y;
+}
+
+// fastvlm_C::attention_mixer_nhwc -- y = x + gamma * proj(MHSA(LayerNormChannel(x))) (attn_impl.h):
+// LayerNorm fused into the qkv GEMM, flash attention (online softmax over key blocks, no N x N
+// matrix), proj + bias + layer scale + residual in the epilogue.
+//   x (B, H, W, C) float32/bf16; ln_w, ln_b (C); qkv_w (3C, C) [q | k | v, heads of head_dim];
+//   proj_w (C, C), proj_b (C); gamma (C). Softmax scale head_dim^-0.5, LayerNorm eps 1e-5.
+at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b,
+                                const at::Tensor& qkv_w, const at::Tensor& proj_w, const at::Tensor& proj_b,
+                                const at::Tensor& gamma, int64_t head_dim) {
+  TORCH_CHECK(x.device().is_cpu(), "attention_mixer_nhwc: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "attention_mixer_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "attention_mixer_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t B = x.size(0), N = x.size(1) * x.size(2), C = x.size(3);
+  TORCH_CHECK(head_dim >= 1 && C % head_dim == 0, "attention_mixer_nhwc: C = ", C, " is not a multiple of head_dim ",
+              head_dim);
+  const at::Tensor lw = as_f32(ln_w, "attention_mixer_nhwc: ln_w", {C}), lb = as_f32(ln_b, "attention_mixer_nhwc: ln_b", {C});
+  const at::Tensor wq = as_f32(qkv_w, "attention_mixer_nhwc: qkv_w", {3 * C, C});
+  const at::Tensor wp = as_f32(proj_w, "attention_mixer_nhwc: proj_w", {C, C});
+  const at::Tensor bp = as_f32(proj_b, "attention_mixer_nhwc: proj_b", {C}), g = as_f32(gamma, "attention_mixer_nhwc: gamma", {C});
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
+  if (B == 0 || N == 0 || C == 0) return y;
+
+  const Isa isa = active_isa();
+  const int64_t nr = isa == Isa::avx512 ? 32 : (isa == Isa::avx2 ? 16 : 8);
+  // phase 1 tile: ln^T + qkv^T (4C x T floats) in about half of a 1 MiB L2
+  int64_t T = (512 * 1024 / 4) / (4 * C);
+  T = std::max<int64_t>(nr, std::min<int64_t>(128, T / nr * nr));
+  const int64_t Tq = 2 * nr, BK = 128;
+  const int64_t Np = (N + std::max(T, Tq) - 1) / std::max(T, Tq) * std::max(T, Tq) + Tq;
+  const auto f32 = xc.options().dtype(at::kFloat);
+  at::Tensor Qt = at::zeros({B, C, Np}, f32), Vt = at::zeros({B, C, Np}, f32), Kb = at::empty({B, N, C}, f32);
+  at::Tensor zeros = at::zeros({std::max<int64_t>(3 * C, BK) + 16}, f32);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const void* xp = xc.data_ptr();
+  void* yp = y.data_ptr();
+  float *pq = Qt.data_ptr<float>(), *pk = Kb.data_ptr<float>(), *pv = Vt.data_ptr<float>();
+  const float *plw = lw.data_ptr<float>(), *plb = lb.data_ptr<float>(), *pwq = wq.data_ptr<float>(),
+              *pwp = wp.data_ptr<float>(), *pbp = bp.data_ptr<float>(), *pg = g.data_ptr<float>(),
+              *pz = zeros.data_ptr<float>();
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const int64_t tiles1 = B * ((N + T - 1) / T), scratch1 = 4 * C * T;
+  FVK_PARALLEL_TILES(qkv_tiles, tiles1, scratch1, isa, xp, bf16, N, C, head_dim, plw, plb, pwq, pz, scale, pq, pk, pv,
+                     Np, T);
+  const int64_t tiles2 = B * ((N + Tq - 1) / Tq), scratch2 = BK * Tq + 2 * head_dim * Tq + 2 * C * Tq + 2 * Tq;
+  FVK_PARALLEL_TILES(attn_tiles, tiles2, scratch2, isa, xp, yp, bf16, N, C, head_dim, pq, pk, pv, Np, pwp, pbp, pg,
+                     pz, Tq, BK);
   return y;
 }
 

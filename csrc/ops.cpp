@@ -16,6 +16,11 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
                      const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2);
 at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b,
                             const at::Tensor& pw_w, const at::Tensor& pw_b, int64_t stride);
+at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b,
+                                const at::Tensor& qkv_w, const at::Tensor& proj_w, const at::Tensor& proj_b,
+                                const at::Tensor& gamma, int64_t head_dim);
+at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& se_r_w,
+                         const at::Tensor& se_r_b, const at::Tensor& se_e_w, const at::Tensor& se_e_b);
 }
 #include "isa.h"
 
@@ -27,6 +32,10 @@ TORCH_LIBRARY(fastvlm_C, m) {
         "Tensor gamma) -> Tensor");
   m.def("stem_nhwc(Tensor x, Tensor w0, Tensor b0, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
   m.def("patch_embed_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor pw_w, Tensor pw_b, int stride) -> Tensor");
+  m.def("attention_mixer_nhwc(Tensor x, Tensor ln_w, Tensor ln_b, Tensor qkv_w, Tensor proj_w, Tensor proj_b, "
+        "Tensor gamma, int head_dim) -> Tensor");
+  m.def("conv_exp_nhwc(Tensor x, Tensor w, Tensor b, Tensor se_r_w, Tensor se_r_b, Tensor se_e_w, Tensor se_e_b) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
@@ -34,6 +43,8 @@ TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
   m.impl("convffn_nhwc", &fastvlm::convffn_nhwc);
   m.impl("stem_nhwc", &fastvlm::stem_nhwc);
   m.impl("patch_embed_nhwc", &fastvlm::patch_embed_nhwc);
+  m.impl("attention_mixer_nhwc", &fastvlm::attention_mixer_nhwc);
+  m.impl("conv_exp_nhwc", &fastvlm::conv_exp_nhwc);
 }
 
 // `import fastvlm_kernels._C` loads this library, which runs the registrations above.

@@ -1,12 +1,17 @@
 """The ``cpu`` backend: C++ kernels from ``fastvlm_kernels._C`` (csrc/), registered per op.
 
-Implemented: ``stem`` (conv3x3 s2 -> dw3x3 s2 -> 1x1, each + GELU, in one pass: the
-full-resolution intermediate is recomputed per tile instead of stored), ``convffn`` (fused
-dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a time, the 4C
-hidden kept in cache), ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile),
-``repmixer_block`` (the RepMixer dw3x3 pass,
-then the same fused FFN) and ``dwconv``. Not written yet: attention_mixer and conv_exp; for those the ``cpu`` backend runs the reference implementation, declared with
-``ops.register_fallback`` and announced once by ``accelerate()``.
+All seven ops:
+
+- ``stem`` (conv3x3 s2 -> dw3x3 s2 -> 1x1, each + GELU, in one pass: the full-resolution
+  intermediate is recomputed per tile instead of stored);
+- ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
+  time, the 4C hidden kept in cache) and ``repmixer_block`` (the RepMixer dw3x3 pass, then the same
+  fused FFN);
+- ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile) and ``dwconv``;
+- ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
+  attention with online softmax over key blocks, proj + bias + layer scale + residual epilogue;
+  csrc/attn_impl.h);
+- ``conv_exp`` (dw conv with per-row channel sums, SE, then GELU(z·s): two passes; csrc/dwconv.cpp).
 """
 from __future__ import annotations
 
@@ -48,6 +53,14 @@ def _patch_embed(x, dw_w, dw_b, pw_w, pw_b):
     return _C.patch_embed_nhwc(x, dw_w, dw_b, pw_w, pw_b, 2)
 
 
+def _conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
+    return _C.conv_exp_nhwc(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b)
+
+
+def _attention_mixer(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
+    return _C.attention_mixer_nhwc(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
+
+
 def cpu_isa() -> str:
     """The vector ISA the C++ kernels use now ('avx512', 'avx2' or 'sse'; FASTVLM_CPU_ISA caps it)."""
     return load_extension().cpu_isa()
@@ -58,6 +71,8 @@ ops.register_kernel("convffn", "cpu", _convffn)
 ops.register_kernel("repmixer_block", "cpu", _repmixer_block)
 ops.register_kernel("stem", "cpu", _stem)
 ops.register_kernel("patch_embed", "cpu", _patch_embed)
+ops.register_kernel("attention_mixer", "cpu", _attention_mixer)
+ops.register_kernel("conv_exp", "cpu", _conv_exp)
 for _op in ops.OPS:
     if _op not in ops.backend_ops("cpu"):
         ops.register_fallback(_op, "cpu", "reference")
