@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the C++ extension with AddressSanitizer into a scratch directory (the installed build is
+# left alone) and runs the C++ op tests against it at their small shapes. Fails on any ASan report.
+# (Left out: opcheck, the no-extension subprocess and the MALLOC_PERTURB_ test, which needs glibc malloc.)
+# Needs gcc's libasan (preloaded: python itself is not instrumented; leak checking is off because
+# the interpreter's own allocations are never freed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+say() { printf '[asan] %s\n' "$*"; }
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+say "building fastvlm_kernels._C with -fsanitize=address in $out"
+FASTVLM_ASAN=1 "$PY" setup.py -q build_ext --build-temp "$out/build" --build-lib "$out/lib" > "$out/build.log" 2>&1 \
+  || { tail -30 "$out/build.log"; exit 1; }
+so=$(find "$out/lib" -name '_C*.so' | head -1)
+libasan=$(${CC:-gcc} -print-file-name=libasan.so)
+libstdcxx=$(${CC:-gcc} -print-file-name=libstdc++.so)  # so ASan's __cxa_throw interceptor finds the real one
+say "running tests/test_extension.py and the cpu cases of tests/test_ops.py under ASan ($libasan)"
+# pytest captures stderr, so ASan writes its report to files, shown on failure.
+rc=0
+FASTVLM_EXT="$so" LD_PRELOAD="$libasan $libstdcxx" \
+  ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$out/asan" \
+  "$PY" -m pytest tests/test_extension.py tests/test_ops.py -q -x -k "not opcheck and not without_extension and not every_output_element" -p no:cacheprovider "$@" || rc=$?
+if ls "$out"/asan* > /dev/null 2>&1; then
+  cat "$out"/asan*
+  say "FAILED: AddressSanitizer reported errors"
+  exit 1
+fi
+[ "$rc" = 0 ] || { say "FAILED: the tests failed under ASan (exit $rc)"; exit "$rc"; }
+say "clean"
