@@ -24,6 +24,21 @@ from fastvlm_kernels import modules as fm  # noqa: E402
 import fastvlm.fastvithd as fv  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not ft.INTERPRET
+
+
+def _version(v):
+    return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+import numpy  # noqa: E402
+# triton 3.6's interpreter turns runtime loop bounds into Python ints with int() of a 1-element
+# array, which numpy >= 2.3 refuses; compiled kernels are unaffected (checked: with numpy 2.2 all
+# of this file passes on triton 3.6).
+INTERPRETER_BROKEN = (ft.INTERPRET and _version(triton.__version__) < (3, 7)
+                      and _version(numpy.__version__) >= (2, 3))
+needs_interpreter = pytest.mark.skipif(
+    INTERPRETER_BROKEN, reason=f"triton {triton.__version__}'s interpreter does not work with numpy "
+    f"{numpy.__version__} (int() of 1-element arrays); use numpy < 2.3 or triton >= 3.7")
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -46,6 +61,7 @@ def _run(case, fused, x64, dtype):
     return case.run(fused, x64.to(DEVICE), dtype).cpu()
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("case_name", list(CASES))
@@ -66,6 +82,7 @@ def test_triton_op_matches_float64(case_name, shape, dtype):
         assert rel_l2(out, ref) <= BOUND[dtype], rel_l2(out, ref)
 
 
+@needs_interpreter
 def test_triton_kernels_are_sensitive_to_their_weights():
     """The check above is not blind: one perturbed weight in the packed buffers breaks it."""
     case = T.CASES["convffn"]()
@@ -80,6 +97,7 @@ def test_triton_kernels_are_sensitive_to_their_weights():
         assert rel_l2(_run(case, bad, x, torch.float32), ref) > 1e-4, name
 
 
+@needs_interpreter
 def test_whole_tiny_encoder_through_triton_matches_eager():
     m64 = random_tower(fastvlm.FastViTHDConfig.tiny(), seed=3, weight_gain=0.85).double()
     x = torch.rand(2, 3, 96, 70, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
