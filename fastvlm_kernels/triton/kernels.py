@@ -65,15 +65,14 @@ def dw_kernel(x_ptr, w_ptr, b_ptr, y_ptr, sum_ptr, H, W, Cin, Ho, Wo, Cout, MULT
     cmask = co < Cout
     ci = co // MULT
     acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    for kh in range(K):  # rows: a loop (unrolling all K*K taps made ptxas spill); columns unrolled
-        hi = ho * STRIDE - PAD + kh + tl.zeros((BLOCK_W,), dtype=tl.int32)  # a vector: masks stay i1 tensors
-        for kw in tl.static_range(K):
-            wi = wo * STRIDE - PAD + kw
-            pm = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & (wo < Wo)
-            xv = tl.load(x_ptr + ((b * H + hi) * W + wi)[:, None] * Cin + ci[None, :],
-                         mask=pm[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + (kh * K + kw) * Cout + co, mask=cmask, other=0.0).to(tl.float32)
-            acc += xv * wv[None, :]
+    for tap in range(K * K):  # one loop over the taps: unrolled taps made ptxas spill registers
+        hi = ho * STRIDE - PAD + tap // K + tl.zeros((BLOCK_W,), dtype=tl.int32)  # a vector: masks stay i1
+        wi = wo * STRIDE - PAD + tap % K
+        pm = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & (wo < Wo)
+        xv = tl.load(x_ptr + ((b * H + hi) * W + wi)[:, None] * Cin + ci[None, :],
+                     mask=pm[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + tap * Cout + co, mask=cmask, other=0.0).to(tl.float32)
+        acc += xv * wv[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if GELU:
