@@ -1,5 +1,5 @@
 // The attention mixer y = x + gamma * proj(MHSA(LayerNormChannel(x))), included by ffn.cpp after
-// ffn_impl.h once per ISA (same vector type `vf`, micro-kernel `micro<M>`, `ld`/`st`, `vexp`).
+// ffn_impl.h once per ISA (same vector type `vf`, `gemm_s` on the micro-kernel, `ld`/`st`, `vexp`).
 //
 // Two phases per batch, each parallel over tiles and deterministic (one thread per tile, fixed order):
 //  1. qkv_tiles, per tile of T tokens: LayerNormChannel of each token (fp32 statistics) goes
@@ -13,27 +13,6 @@
 //     y = x + gamma * out. Queries are the vector dimension throughout (2 vectors per micro-tile).
 // Buffers Qt / Vt are padded to Np = a multiple of Tq columns (zero), so micro-tiles never read
 // past them; padded queries are computed and dropped.
-
-// out(N x T) (row stride ldo) = W(N x K) (row stride ldw) . in(K x T) (row stride ldi) [+ bias]
-static void gemm_s(const float* W, int64_t ldw, const float* bias, int64_t N, int64_t K, const float* in, int64_t ldi,
-                   int64_t T, float* out, int64_t ldo) {
-  for (int64_t n0 = 0; n0 < N; n0 += MR) {
-    const int m = static_cast<int>(N - n0 < MR ? N - n0 : MR);
-    for (int64_t t0 = 0; t0 < T; t0 += NR) {
-      const float* w = W + n0 * ldw;
-      const float* b = in + t0;
-      float* c = out + n0 * ldo + t0;
-      switch (m) {
-        case 6: micro<6>(w, ldw, b, ldi, K, bias + n0, c, ldo, false); break;
-        case 5: micro<5>(w, ldw, b, ldi, K, bias + n0, c, ldo, false); break;
-        case 4: micro<4>(w, ldw, b, ldi, K, bias + n0, c, ldo, false); break;
-        case 3: micro<3>(w, ldw, b, ldi, K, bias + n0, c, ldo, false); break;
-        case 2: micro<2>(w, ldw, b, ldi, K, bias + n0, c, ldo, false); break;
-        default: micro<1>(w, ldw, b, ldi, K, bias + n0, c, ldo, false); break;
-      }
-    }
-  }
-}
 
 // Phase 1 for tiles [t_begin, t_end): tile t = image t / per_image, tokens from (t % per_image) * T.
 // scratch: C * T (ln^T) + 3C * T (qkv^T) floats. `zeros`: >= 3C zero floats (no qkv bias).
@@ -58,7 +37,7 @@ static void qkv_tile(const T_* x, int64_t N, int64_t C, int64_t hd, const float*
     const float rstd = static_cast<float>(1.0 / std::sqrt(v / C + 1e-5));
     for (int64_t c = 0; c < C; ++c) lnT[c * T + j] = (ld(xp, c) - mean) * rstd * ln_w[c] + ln_b[c];
   }
-  gemm_s(wqkv, C, zeros, 3 * C, C, lnT, T, T, qkvT, T);
+  gemm_s(wqkv, C, zeros, 3 * C, C, lnT, T, T, qkvT, T, false);
   const int64_t heads = C / hd;
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t d = 0; d < hd; ++d) {
@@ -113,7 +92,7 @@ static void attn_tile(const T_* x, T_* y, int64_t N, int64_t C, int64_t hd, cons
     for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vset(0.f));
     for (int64_t k0 = 0; k0 < N; k0 += BK) {
       const int64_t nk = N - k0 < BK ? N - k0 : BK;
-      gemm_s(kh + k0 * hd, hd, zeros, nk, hd, q, Np, Tq, S, Tq);  // S^T (nk x Tq)
+      gemm_s(kh + k0 * hd, hd, zeros, nk, hd, q, Np, Tq, S, Tq, false);  // S^T (nk x Tq)
       for (int64_t j = 0; j < Tq; j += VL) {
         vf m = vload(mx + j);
         vf mb = vload(S + j);
@@ -133,13 +112,13 @@ static void attn_tile(const T_* x, T_* y, int64_t N, int64_t C, int64_t hd, cons
         vstore(mx + j, mn);
         for (int64_t d = 0; d < hd; ++d) vstore(Oh + d * Tq + j, vload(Oh + d * Tq + j) * alpha);
       }
-      gemm_s(vh + k0, Np, zeros, hd, nk, S, Tq, Tq, PV, Tq);  // (hd x Tq) = Vt_blk . P^T
+      gemm_s(vh + k0, Np, zeros, hd, nk, S, Tq, Tq, PV, Tq, false);  // (hd x Tq) = Vt_blk . P^T
       for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vload(Oh + i) + vload(PV + i));
     }
     for (int64_t d = 0; d < hd; ++d)
       for (int64_t j = 0; j < Tq; j += VL) vstore(Ot + (h * hd + d) * Tq + j, vload(Oh + d * Tq + j) / vload(sm + j));
   }
-  gemm_s(wp, C, bp, C, C, Ot, Tq, Tq, out, Tq);  // proj + bias
+  gemm_s(wp, C, bp, C, C, Ot, Tq, Tq, out, Tq, false);  // proj + bias
   for (int64_t j = 0; j < nq; ++j) {
     const int64_t base = (q0 + j) * C;
     for (int64_t c = 0; c < C; ++c) st(y, base + c, ld(x, base + c) + gamma[c] * out[c * Tq + j]);

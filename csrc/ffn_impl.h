@@ -90,26 +90,32 @@ static inline void micro(const float* __restrict__ W, int64_t ldw, const float* 
   }
 }
 
-// out(N x T) = [GELU](W(N x K) . in(K x T) + bias); T a multiple of NR. For each block of MR weight
-// rows (kept in L1), sweep all pixel columns of the tile (kept in L2).
-static void gemm_t(const float* W, const float* bias, int64_t N, int64_t K, const float* in, int64_t T, float* out,
-                   bool gelu) {
+// out(N x T) (row stride ldo) = [GELU](W(N x K) (row stride ldw) . in(K x T) (row stride ldi) + bias);
+// T a multiple of NR. For each block of MR weight rows (kept in L1), sweep all columns (kept in L2).
+static void gemm_s(const float* W, int64_t ldw, const float* bias, int64_t N, int64_t K, const float* in, int64_t ldi,
+                   int64_t T, float* out, int64_t ldo, bool gelu) {
   for (int64_t n0 = 0; n0 < N; n0 += MR) {
     const int m = static_cast<int>(N - n0 < MR ? N - n0 : MR);
     for (int64_t t0 = 0; t0 < T; t0 += NR) {
-      const float* w = W + n0 * K;
+      const float* w = W + n0 * ldw;
       const float* b = in + t0;
-      float* c = out + n0 * T + t0;
+      float* c = out + n0 * ldo + t0;
       switch (m) {
-        case 6: micro<6>(w, K, b, T, K, bias + n0, c, T, gelu); break;
-        case 5: micro<5>(w, K, b, T, K, bias + n0, c, T, gelu); break;
-        case 4: micro<4>(w, K, b, T, K, bias + n0, c, T, gelu); break;
-        case 3: micro<3>(w, K, b, T, K, bias + n0, c, T, gelu); break;
-        case 2: micro<2>(w, K, b, T, K, bias + n0, c, T, gelu); break;
-        default: micro<1>(w, K, b, T, K, bias + n0, c, T, gelu); break;
+        case 6: micro<6>(w, ldw, b, ldi, K, bias + n0, c, ldo, gelu); break;
+        case 5: micro<5>(w, ldw, b, ldi, K, bias + n0, c, ldo, gelu); break;
+        case 4: micro<4>(w, ldw, b, ldi, K, bias + n0, c, ldo, gelu); break;
+        case 3: micro<3>(w, ldw, b, ldi, K, bias + n0, c, ldo, gelu); break;
+        case 2: micro<2>(w, ldw, b, ldi, K, bias + n0, c, ldo, gelu); break;
+        default: micro<1>(w, ldw, b, ldi, K, bias + n0, c, ldo, gelu); break;
       }
     }
   }
+}
+
+// The packed case: W (N x K) and in (K x T) contiguous, out (N x T).
+static inline void gemm_t(const float* W, const float* bias, int64_t N, int64_t K, const float* in, int64_t T,
+                          float* out, bool gelu) {
+  gemm_s(W, K, bias, N, K, in, T, T, out, T, gelu);
 }
 
 // Storage <-> float. bf16 is carried as uint16_t bits; the store rounds to nearest even.

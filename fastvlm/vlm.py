@@ -268,7 +268,8 @@ class FastVLM(nn.Module):
         lcfg = _llm_config(text)
         with torch.device("meta"):
             lm = tf.Qwen2ForCausalLM(lcfg)
-        want = set(lm.state_dict())
+        shapes = lm.state_dict()
+        want = set(shapes)
         sd: Dict[str, torch.Tensor] = {}
         n_chunks = max(1, min(10, len(llm_keys)))
         step = math.ceil(len(llm_keys) / n_chunks) if llm_keys else 1
@@ -281,7 +282,6 @@ class FastVLM(nn.Module):
         tied = "lm_head.weight" not in sd
         missing = sorted(k for k in want if k not in sd and not (tied and k == "lm_head.weight"))
         unexpected = sorted(k for k in sd if k not in want)
-        shapes = lm.state_dict()
         mismatched = [(k, tuple(sd[k].shape), tuple(shapes[k].shape)) for k in sorted(sd)
                       if k in shapes and tuple(sd[k].shape) != tuple(shapes[k].shape)]
         if missing or unexpected or mismatched:
