@@ -1,11 +1,12 @@
 // fastvlm_C::convffn_nhwc -- the fused ConvFFN: y = x + gamma * fc2(GELU(fc1(dwKxK_bnfolded(x)))),
 // one tile of pixels at a time (ffn_impl.h); the 4C-wide hidden activation lives in a per-thread
-// buffer sized for L2 and is never written to memory in full.
+// buffer and is never written to memory in full.
 //
 //   x      (B, H, W, C) contiguous, float32 or bfloat16 (bf16 storage, fp32 accumulation)
 //   dw_w   (K, K, C), dw_b (C): the depthwise conv with its BatchNorm folded in
-//   fc1_w  (Hd, C), fc1_b (Hd); fc2_w (C, Hd), fc2_b (C); gamma (C)    (nn.Linear layout)
-// Weights may be float32 or bfloat16; they are used as float32.
+//   fc1_wp = pack_linear(fc1_w (Hd, C)), fc1_b (Hd); fc2_wp = pack_linear(fc2_w (C, Hd)), fc2_b (C);
+//   gamma (C). Biases, gamma and dw weights may be float32 or bfloat16; they are used as float32.
+// (Also here: stem, patch_embed and attention_mixer, which share the tile GEMM of ffn_impl.h.)
 //
 // ISA: the tile kernel is compiled for AVX-512 (16 floats), AVX2+FMA (8) and baseline SSE2 (4), and
 // picked at run time from the CPU's features; FASTVLM_CPU_ISA=avx2|sse forces a narrower one.
@@ -88,8 +89,47 @@ at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) 
     }                                                                                                  \
   })
 
-at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_w,
-                        const at::Tensor& fc1_b, const at::Tensor& fc2_w, const at::Tensor& fc2_b,
+// The packed panel count for n output channels (ffn_impl.h: panels of 16, an even count).
+static int64_t packed_panels(int64_t n) { return ffn_avx2::packed_panels(n); }
+constexpr int64_t kPanel = 16;
+static_assert(ffn_avx2::PW == kPanel && ffn_avx512::PW == kPanel && ffn_sse::PW == kPanel, "one packed layout");
+
+// fastvlm_C::pack_linear -- an (N, K) nn.Linear / 1x1 conv weight (float32 or bfloat16) -> the
+// float32 panels the ConvFFN GEMMs read: (P, K, 16), P = packed_panels(N), out[p][k][i] =
+// w[16p + i][k] (zero where 16p + i >= N). The same layout for every ISA.
+at::Tensor pack_linear(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu(), "pack_linear: w must be a CPU tensor, got ", w.device());
+  TORCH_CHECK(w.dim() == 2, "pack_linear: w must be 2-D (N, K), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+              "pack_linear: w must be float32 or bfloat16, got ", w.scalar_type());
+  const int64_t N = w.size(0), K = w.size(1), P = packed_panels(N);
+  const at::Tensor wf = w.to(at::kFloat).contiguous();
+  at::Tensor out = at::zeros({P, K, kPanel}, wf.options());
+  const float* src = wf.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t i = 0; i < kPanel && p * kPanel + i < N; ++i) {
+        const float* row = src + (p * kPanel + i) * K;
+        float* col = dst + p * K * kPanel + i;
+        for (int64_t k = 0; k < K; ++k) col[k * kPanel] = row[k];
+      }
+  });
+  return out;
+}
+
+namespace {
+// A per-channel vector as float32, zero padded to `padded` floats (the kernels read whole vectors).
+at::Tensor padded_f32(const at::Tensor& t, const char* name, int64_t n, int64_t padded) {
+  const at::Tensor f = as_f32(t, name, {n});
+  at::Tensor out = at::zeros({padded}, f.options());
+  out.narrow(0, 0, n).copy_(f);
+  return out;
+}
+}  // namespace
+
+at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
+                        const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
                         const at::Tensor& gamma) {
   TORCH_CHECK(x.device().is_cpu(), "convffn_nhwc: x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "convffn_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
@@ -98,29 +138,44 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   TORCH_CHECK(dw_w.dim() == 3 && dw_w.size(0) == dw_w.size(1) && dw_w.size(0) % 2 == 1,
               "convffn_nhwc: dw_w must be (K, K, C) with odd K, got ", dw_w.sizes());
-  TORCH_CHECK(fc1_w.dim() == 2, "convffn_nhwc: fc1_w must be (Hd, C), got ", fc1_w.sizes());
-  const int64_t K = dw_w.size(0), Hd = fc1_w.size(0);
+  TORCH_CHECK(fc1_b.dim() == 1, "convffn_nhwc: fc1_b must be 1-D (Hd), got ", fc1_b.sizes());
+  const int64_t K = dw_w.size(0), Hd = fc1_b.size(0);
+  // fc1_wp / fc2_wp: pack_linear's panels of fc1_w (Hd, C) and fc2_w (C, Hd)
+  TORCH_CHECK(fc1_wp.scalar_type() == at::kFloat && fc1_wp.is_contiguous() &&
+                  fc1_wp.sizes() == at::IntArrayRef({packed_panels(Hd), C, kPanel}),
+              "convffn_nhwc: fc1_wp must be pack_linear(fc1_w), float32 (", packed_panels(Hd), ", ", C, ", ", kPanel,
+              "), got ", fc1_wp.scalar_type(), " ", fc1_wp.sizes());
+  TORCH_CHECK(fc2_wp.scalar_type() == at::kFloat && fc2_wp.is_contiguous() &&
+                  fc2_wp.sizes() == at::IntArrayRef({packed_panels(C), Hd, kPanel}),
+              "convffn_nhwc: fc2_wp must be pack_linear(fc2_w), float32 (", packed_panels(C), ", ", Hd, ", ", kPanel,
+              "), got ", fc2_wp.scalar_type(), " ", fc2_wp.sizes());
+  TORCH_CHECK(fc1_wp.device().is_cpu() && fc2_wp.device().is_cpu(), "convffn_nhwc: weights must be CPU tensors");
+  const int64_t Hdp = (Hd + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel, Cp = (C + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel;
   const at::Tensor dww = as_f32(dw_w, "convffn_nhwc: dw_w", {K, K, C}), dwb = as_f32(dw_b, "convffn_nhwc: dw_b", {C});
-  const at::Tensor w1 = as_f32(fc1_w, "convffn_nhwc: fc1_w", {Hd, C}), b1 = as_f32(fc1_b, "convffn_nhwc: fc1_b", {Hd});
-  const at::Tensor w2 = as_f32(fc2_w, "convffn_nhwc: fc2_w", {C, Hd}), b2 = as_f32(fc2_b, "convffn_nhwc: fc2_b", {C});
-  const at::Tensor g = as_f32(gamma, "convffn_nhwc: gamma", {C});
+  const at::Tensor b1 = padded_f32(fc1_b, "convffn_nhwc: fc1_b", Hd, Hdp);
+  const at::Tensor b2 = padded_f32(fc2_b, "convffn_nhwc: fc2_b", C, Cp);
+  const at::Tensor g = padded_f32(gamma, "convffn_nhwc: gamma", C, Cp);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || H == 0 || W == 0 || C == 0) return y;
 
   const Isa isa = active_isa();
-  const int64_t nr = isa == Isa::avx512 ? 32 : (isa == Isa::avx2 ? 16 : 8);
-  // Tile width: the hidden (Hd x T floats) and the input tile in about half of a 1 MiB L2, at least
-  // one micro-tile, a multiple of the micro-tile width, at most 128 pixels.
-  int64_t T = (512 * 1024 / 4) / (Hd + 2 * C);
-  T = std::max<int64_t>(nr, std::min<int64_t>(128, T / nr * nr));
+  // Tiles of T pixels (a multiple of the 6-row micro-tile, at most FVK_FFN_TILE = 96): enough of
+  // them to give every thread the same number where the image is small. T does not change the
+  // result: each output is summed in the same order whatever the tiling.
+  const int64_t total = B * H * W, nth = std::max<int64_t>(1, at::get_num_threads());
+  int64_t T = 96;
+  if (const char* env = std::getenv("FASTVLM_FFN_TILE")) T = std::max<int64_t>(6, std::atoll(env) / 6 * 6);
+  int64_t n = (total + T - 1) / T;
+  n = (n + nth - 1) / nth * nth;
+  T = std::min<int64_t>(T, ((total + n - 1) / n + 5) / 6 * 6);
   const int64_t per_image = (H * W + T - 1) / T, tiles = B * per_image;
-  const int64_t scratch = (2 * C + Hd) * T + C;
+  const int64_t scratch = T * (C + Hdp + Cp);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
-  const float *pdw = dww.data_ptr<float>(), *pdb = dwb.data_ptr<float>(), *p1 = w1.data_ptr<float>(),
-              *pb1 = b1.data_ptr<float>(), *p2 = w2.data_ptr<float>(), *pb2 = b2.data_ptr<float>(),
+  const float *pdw = dww.data_ptr<float>(), *pdb = dwb.data_ptr<float>(), *p1 = fc1_wp.data_ptr<float>(),
+              *pb1 = b1.data_ptr<float>(), *p2 = fc2_wp.data_ptr<float>(), *pb2 = b2.data_ptr<float>(),
               *pg = g.data_ptr<float>();
   FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, T);
   return y;

@@ -137,64 +137,242 @@ static inline void st(uint16_t* p, int64_t i, float v) {
   p[i] = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
-// One tile: pixels [p0, p0 + np) of one image x (H x Wd x C, flattened row-major h * Wd + w).
-//   dwT(C x T)   = depthwise KxK (BN folded) of the input around each pixel, channel-major
-//   hid(Hd x T)  = GELU(W1 . dwT + b1)        -- the 4C-wide hidden, never leaves this buffer
-//   o(C x T)     = W2 . hid + b2
-//   y[p][c]      = x[p][c] + gamma[c] * o[c][p]
-template <typename T_>
-static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
-                     const float* dw_w, const float* dw_b, const float* w1, const float* b1, const float* w2,
-                     const float* b2, const float* gamma, int64_t p0, int64_t np, int64_t T, float* dwT, float* hid,
-                     float* o, float* pix) {
-  const int64_t pad = Kk / 2;
-  for (int64_t j = 0; j < T; ++j) {
-    if (j >= np) {  // columns past the image: zeros, computed and dropped
-      for (int64_t c = 0; c < C; ++c) dwT[c * T + j] = 0.f;
-      continue;
-    }
-    const int64_t p = p0 + j, h = p / Wd, w = p % Wd;
-    for (int64_t c = 0; c < C; ++c) pix[c] = dw_b[c];
-    for (int64_t kh = 0; kh < Kk; ++kh) {
-      const int64_t ih = h + kh - pad;
-      if (ih < 0 || ih >= H) continue;
-      for (int64_t kw = 0; kw < Kk; ++kw) {
-        const int64_t iw = w + kw - pad;
-        if (iw < 0 || iw >= Wd) continue;
-        const T_* xp = x + (ih * Wd + iw) * C;
-        const float* wp = dw_w + (kh * Kk + kw) * C;
-        for (int64_t c = 0; c < C; ++c) pix[c] += ld(xp, c) * wp[c];
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) dwT[c * T + j] = pix[c];
+// ---- ConvFFN: pixel-major GEMMs on pre-packed weight panels --------------------------------------
+// The FFN's two 1x1 convs run pixel-major, C(T x N) = A(T x K) . W^T, the classic GEMM orientation:
+// the micro-kernel broadcasts one activation A[t][k] and multiplies it by NR consecutive output
+// channels of a weight panel. Activations then stay in their natural NHWC layout (the depthwise
+// output feeds fc1 and the residual epilogue writes y rows directly, with no transposes), and the
+// weights are pre-packed once (pack_panels, called at accelerate() time through the cpu backend)
+// into panels of 16 output channels: panel p holds W[16p .. 16p+15][k] at [p][k][0..15], zero
+// padded, the panel count rounded up to even so a 32-channel AVX-512 micro-tile never reads past it.
+//
+// Blocking (per tile of T pixels): K in blocks of at most KC_MAX; for each block, for each NR-wide
+// column of panels (KC x NR floats, kept in L1), for each MR-row group of pixels (the T x KC
+// activation block, kept in L2). Every weight is read from L3/memory once per tile.
+constexpr int PW = 16;          // packed panel width (output channels)
+constexpr int64_t KC_MAX = 256;  // K block: a KC x NR weight panel slice is 16 KB (AVX2), 32 KB (AVX-512)
+
+static inline int64_t packed_panels(int64_t n) { return (n + 2 * PW - 1) / (2 * PW) * 2; }
+
+// bf16 <-> float on whole vectors (bf16 bits in uint16; round to nearest even, NaN kept).
+typedef uint16_t vh __attribute__((vector_size(FVK_VL * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(FVK_VL * 4)));
+static inline vf vld(const float* p) { return vload(p); }
+static inline vf vld(const uint16_t* p) {
+  const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
+  return (vf)u;
+}
+static inline void vst(float* p, vf v) { vstore(p, v); }
+static inline void vst(uint16_t* p, vf v) {
+  const vu b = (vu)v;
+  vu r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  r = (v != v) ? vu{} + 0x7FC0u : r;
+  *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
+}
+
+// One MR x NR (M <= MR pixels, 2 vectors of channels) tile of a K block.
+//   A: pixel rows (A[t][k] at a[t * lda + k]); w0, w1: the two vectors' panel columns (16 floats per k)
+//   first: start from bias (else from the fp32 accumulator buf); last: run the epilogue (else store to buf)
+//   EPI 0 (fc1): buf is also the output: GELU(acc) on the last block.
+//   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (storage T_).
+template <int M, int EPI, typename T_>
+static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, const float* __restrict__ w0,
+                         const float* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
+                         int64_t ldb, int64_t n0, int64_t N, const T_* x, T_* y, int64_t ldy, const float* gamma) {
+  vf acc0[M], acc1[M];
+  if (first) {
+    const vf b0 = vload(bias + n0), b1 = vload(bias + n0 + VL);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) acc0[r] = b0, acc1[r] = b1;
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) acc0[r] = vload(buf + r * ldb + n0), acc1[r] = vload(buf + r * ldb + n0 + VL);
   }
-  gemm_t(w1, b1, Hd, C, dwT, T, hid, true);
-  gemm_t(w2, b2, C, Hd, hid, T, o, false);
-  for (int64_t j = 0; j < np; ++j) {
-    const int64_t base = (p0 + j) * C;
-    for (int64_t c = 0; c < C; ++c) st(y, base + c, ld(x, base + c) + gamma[c] * o[c * T + j]);
+  for (int64_t k = 0; k < kc; ++k) {
+    const vf b0 = vload(w0 + k * PW), b1 = vload(w1 + k * PW);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const float s = a[r * lda + k];  // broadcast straight from memory
+      acc0[r] += s * b0;
+      acc1[r] += s * b1;
+    }
+  }
+  if (!last || EPI == 0) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      if (EPI == 0 && last) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
+      vstore(buf + r * ldb + n0, acc0[r]);
+      vstore(buf + r * ldb + n0 + VL, acc1[r]);
+    }
+    return;
+  }
+  const vf g0 = vload(gamma + n0), g1 = vload(gamma + n0 + VL);  // gamma is padded to whole vectors
+  if (n0 + 2 * VL <= N) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      vst(y + r * ldy + n0, vld(x + r * ldy + n0) + g0 * acc0[r]);
+      vst(y + r * ldy + n0 + VL, vld(x + r * ldy + n0 + VL) + g1 * acc1[r]);
+    }
+    return;
+  }
+  alignas(64) float o[2 * VL];
+  for (int r = 0; r < M; ++r) {  // the last, partial column of channels
+    vstore(o, g0 * acc0[r]);
+    vstore(o + VL, g1 * acc1[r]);
+    for (int64_t n = n0; n < N; ++n) st(y, r * ldy + n, ld(x, r * ldy + n) + o[n - n0]);
   }
 }
 
+// C(np x N) for one tile: see the blocking note above. Wp: packed panels of a (N x K) weight.
+template <int EPI, typename T_>
+static void pgemm(const float* a, int64_t lda, int64_t np, int64_t K, const float* Wp, int64_t N, const float* bias,
+                  float* buf, int64_t ldb, const T_* x, T_* y, int64_t ldy, const float* gamma) {
+  const int64_t nkb = (K + KC_MAX - 1) / KC_MAX, kcb = (K + nkb - 1) / nkb;
+  for (int64_t k0 = 0; k0 < K; k0 += kcb) {
+    const int64_t kc = K - k0 < kcb ? K - k0 : kcb;
+    const bool first = k0 == 0, last = k0 + kc == K;
+    for (int64_t n0 = 0; n0 < N; n0 += NR) {
+      // the two vectors' columns: panel n / PW, offset n % PW
+      const int64_t na = n0, nb = n0 + VL;
+      const float* w0 = Wp + (na / PW) * K * PW + k0 * PW + na % PW;
+      const float* w1 = Wp + (nb / PW) * K * PW + k0 * PW + nb % PW;
+      for (int64_t t0 = 0; t0 < np; t0 += MR) {
+        const int m = static_cast<int>(np - t0 < MR ? np - t0 : MR);
+        const float* at = a + t0 * lda + k0;
+        float* bt = buf + t0 * ldb;
+        const T_* xt = x ? x + t0 * ldy : nullptr;
+        T_* yt = y ? y + t0 * ldy : nullptr;
+        switch (m) {
+#define FVK_PT(MM) \
+  case MM: ptile<MM, EPI>(at, lda, kc, w0, w1, first, last, bias, bt, ldb, n0, N, xt, yt, ldy, gamma); break;
+          FVK_PT(6) FVK_PT(5) FVK_PT(4) FVK_PT(3) FVK_PT(2) FVK_PT(1)
+#undef FVK_PT
+        }
+      }
+    }
+  }
+}
+
+// Depthwise KxK (BN folded) of one pixel, channels [c0, C), into out: channel vectors held in
+// registers across the taps, four at a time.
+template <typename T_>
+static inline void dw_pixel(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, const float* dw_w,
+                            const float* dw_b, int64_t h, int64_t w, int64_t c0, float* out) {
+  const int64_t pad = Kk / 2, Cv = C / VL * VL;
+  const int64_t kh0 = pad - h > 0 ? pad - h : 0, kh1 = H - h + pad < Kk ? H - h + pad : Kk;
+  const int64_t kw0 = pad - w > 0 ? pad - w : 0, kw1 = Wd - w + pad < Kk ? Wd - w + pad : Kk;
+  int64_t c = c0;
+  for (; c + 4 * VL <= Cv; c += 4 * VL) {
+    vf s0 = vload(dw_b + c), s1 = vload(dw_b + c + VL), s2 = vload(dw_b + c + 2 * VL), s3 = vload(dw_b + c + 3 * VL);
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      const T_* xr = x + ((h + kh - pad) * Wd + (w - pad)) * C + c;
+      const float* wr = dw_w + kh * Kk * C + c;
+      for (int64_t kw = kw0; kw < kw1; ++kw) {
+        const T_* xp = xr + kw * C;
+        const float* wp = wr + kw * C;
+        s0 += vld(xp) * vload(wp);
+        s1 += vld(xp + VL) * vload(wp + VL);
+        s2 += vld(xp + 2 * VL) * vload(wp + 2 * VL);
+        s3 += vld(xp + 3 * VL) * vload(wp + 3 * VL);
+      }
+    }
+    vstore(out + c, s0), vstore(out + c + VL, s1), vstore(out + c + 2 * VL, s2), vstore(out + c + 3 * VL, s3);
+  }
+  for (; c < Cv; c += VL) {
+    vf s = vload(dw_b + c);
+    for (int64_t kh = kh0; kh < kh1; ++kh)
+      for (int64_t kw = kw0; kw < kw1; ++kw)
+        s += vld(x + ((h + kh - pad) * Wd + (w + kw - pad)) * C + c) * vload(dw_w + (kh * Kk + kw) * C + c);
+    vstore(out + c, s);
+  }
+  for (; c < C; ++c) {
+    float s = dw_b[c];
+    for (int64_t kh = kh0; kh < kh1; ++kh)
+      for (int64_t kw = kw0; kw < kw1; ++kw)
+        s += ld(x, ((h + kh - pad) * Wd + (w + kw - pad)) * C + c) * dw_w[(kh * Kk + kw) * C + c];
+    out[c] = s;
+  }
+}
+
+// Depthwise KxK (BN folded) of pixels [p0, p0 + np) of one image x (H x Wd x C), pixel-major into
+// d (np x C). Runs of 4 pixels of one image row whose windows lie inside the row share each weight
+// load: 2 channel vectors x 4 pixels of accumulators, 1.25 loads per FMA instead of 2. Other
+// pixels (row ends, short runs) and the channels past a multiple of 2 vectors take dw_pixel.
+template <typename T_>
+static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, const float* dw_w, const float* dw_b,
+                    int64_t p0, int64_t np, float* d) {
+  constexpr int R = 4;
+  const int64_t pad = Kk / 2, C2 = C / (2 * VL) * (2 * VL);
+  int64_t j = 0;
+  while (j < np) {
+    const int64_t p = p0 + j, h = p / Wd, w = p % Wd;
+    if (w >= pad && w + R - 1 + pad < Wd && j + R <= np) {  // R pixels, full windows along the row
+      const int64_t kh0 = pad - h > 0 ? pad - h : 0, kh1 = H - h + pad < Kk ? H - h + pad : Kk;
+      for (int64_t c = 0; c < C2; c += 2 * VL) {
+        vf a0[R], a1[R];
+        const vf b0 = vload(dw_b + c), b1 = vload(dw_b + c + VL);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) a0[r] = b0, a1[r] = b1;
+        for (int64_t kh = kh0; kh < kh1; ++kh) {
+          const T_* xr = x + ((h + kh - pad) * Wd + (w - pad)) * C + c;
+          const float* wr = dw_w + kh * Kk * C + c;
+          for (int64_t kw = 0; kw < Kk; ++kw) {
+            const vf w0 = vload(wr + kw * C), w1 = vload(wr + kw * C + VL);
+            const T_* xp = xr + kw * C;
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+              a0[r] += vld(xp + r * C) * w0;
+              a1[r] += vld(xp + r * C + VL) * w1;
+            }
+          }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) vstore(d + (j + r) * C + c, a0[r]), vstore(d + (j + r) * C + c + VL, a1[r]);
+      }
+      if (C2 < C)
+        for (int r = 0; r < R; ++r) dw_pixel(x, H, Wd, C, Kk, dw_w, dw_b, h, w + r, C2, d + (j + r) * C);
+      j += R;
+    } else {
+      dw_pixel(x, H, Wd, C, Kk, dw_w, dw_b, h, w, 0, d + j * C);
+      j += 1;
+    }
+  }
+}
+
+// One tile of the ConvFFN: pixels [p0, p0 + np) of one image x (H x Wd x C):
+//   d(np x C)    = depthwise KxK (BN folded) of x, pixel-major
+//   hid(np x Hd) = GELU(d . W1^T + b1)      -- the 4C-wide hidden, never leaves this buffer
+//   y[p]         = x[p] + gamma * (hid . W2^T + b2)   (fc2's K blocks accumulate in `acc`)
+// Row strides: d C, hid Hdp, acc Cp (Hd, C rounded up to NR so whole vectors can be stored).
+template <typename T_>
+static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+                     const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
+                     const float* b2, const float* gamma, int64_t p0, int64_t np, float* d, float* hid, float* acc) {
+  const int64_t Hdp = (Hd + NR - 1) / NR * NR, Cp = (C + NR - 1) / NR * NR;
+  dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
+  pgemm<0, T_>(d, C, np, C, w1p, Hd, b1, hid, Hdp, nullptr, nullptr, 0, nullptr);
+  pgemm<1, T_>(hid, Hdp, np, Hd, w2p, C, b2, acc, Cp, x + p0 * C, y + p0 * C, C, gamma);
+}
+
 // Tiles [t_begin, t_end) of a batch: tile t covers image t / tiles_per_image, pixels from
-// (t % tiles_per_image) * T. `scratch` holds (2C + Hd) * T + C floats.
+// (t % tiles_per_image) * T. b1, b2 and gamma are zero padded to Hdp / Cp floats.
+// `scratch` holds T * (C + Hdp + Cp) floats.
 static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
-                      const float* dw_w, const float* dw_b, const float* w1, const float* b1, const float* w2,
+                      const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
                       const float* b2, const float* gamma, int64_t T, int64_t t_begin, int64_t t_end,
                       float* scratch) {
   const int64_t HW = H * Wd, per_image = (HW + T - 1) / T;
-  float *dwT = scratch, *hid = dwT + C * T, *o = hid + Hd * T, *pix = o + C * T;
+  const int64_t Hdp = (Hd + NR - 1) / NR * NR;
+  float *d = scratch, *hid = d + C * T, *acc = hid + Hdp * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = (t % per_image) * T;
     const int64_t np = HW - p0 < T ? HW - p0 : T;
     if (bf16) {
-      const uint16_t* xb = static_cast<const uint16_t*>(x) + b * HW * C;
-      uint16_t* yb = static_cast<uint16_t*>(y) + b * HW * C;
-      ffn_tile(xb, yb, H, Wd, C, Hd, Kk, dw_w, dw_b, w1, b1, w2, b2, gamma, p0, np, T, dwT, hid, o, pix);
+      ffn_tile(static_cast<const uint16_t*>(x) + b * HW * C, static_cast<uint16_t*>(y) + b * HW * C, H, Wd, C, Hd,
+               Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d, hid, acc);
     } else {
-      const float* xb = static_cast<const float*>(x) + b * HW * C;
-      float* yb = static_cast<float*>(y) + b * HW * C;
-      ffn_tile(xb, yb, H, Wd, C, Hd, Kk, dw_w, dw_b, w1, b1, w2, b2, gamma, p0, np, T, dwT, hid, o, pix);
+      ffn_tile(static_cast<const float*>(x) + b * HW * C, static_cast<float*>(y) + b * HW * C, H, Wd, C, Hd, Kk,
+               dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d, hid, acc);
     }
   }
 }

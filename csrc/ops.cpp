@@ -9,9 +9,10 @@
 namespace fastvlm {
 at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        int64_t stride, int64_t padding, bool gelu);
-at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_w,
-                        const at::Tensor& fc1_b, const at::Tensor& fc2_w, const at::Tensor& fc2_b,
+at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
+                        const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
                         const at::Tensor& gamma);
+at::Tensor pack_linear(const at::Tensor& w);
 at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
                      const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2);
 at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b,
@@ -28,8 +29,9 @@ static std::string cpu_isa() { return fastvlm::isa_name(fastvlm::active_isa()); 
 
 TORCH_LIBRARY(fastvlm_C, m) {
   m.def("dwconv_nhwc(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, bool gelu) -> Tensor");
-  m.def("convffn_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, Tensor fc2_b, "
+  m.def("convffn_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor fc1_wp, Tensor fc1_b, Tensor fc2_wp, Tensor fc2_b, "
         "Tensor gamma) -> Tensor");
+  m.def("pack_linear(Tensor w) -> Tensor");
   m.def("stem_nhwc(Tensor x, Tensor w0, Tensor b0, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
   m.def("patch_embed_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor pw_w, Tensor pw_b, int stride) -> Tensor");
   m.def("attention_mixer_nhwc(Tensor x, Tensor ln_w, Tensor ln_b, Tensor qkv_w, Tensor proj_w, Tensor proj_b, "
@@ -41,6 +43,7 @@ TORCH_LIBRARY(fastvlm_C, m) {
 TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
   m.impl("dwconv_nhwc", &fastvlm::dwconv_nhwc);
   m.impl("convffn_nhwc", &fastvlm::convffn_nhwc);
+  m.impl("pack_linear", &fastvlm::pack_linear);
   m.impl("stem_nhwc", &fastvlm::stem_nhwc);
   m.impl("patch_embed_nhwc", &fastvlm::patch_embed_nhwc);
   m.impl("attention_mixer_nhwc", &fastvlm::attention_mixer_nhwc);

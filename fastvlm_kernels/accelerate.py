@@ -79,11 +79,13 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
             for m in enc.modules():
                 if isinstance(m, _Fused):
                     m.backend = name
+            _prepack(enc, name)
             enc.accelerated_backend = name
             continue
         with torch.no_grad():
             enc.reparameterize()
             _swap(enc, name, want_dtype)
+        _prepack(enc, name)
         enc.accelerated_backend = name
         enc.accelerated_dtype = want_dtype
     if dtype is not None:
@@ -95,6 +97,14 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
             if isinstance(m, Projector):
                 m.to(dtype)
     return model
+
+
+def _prepack(enc: nn.Module, backend: str) -> None:
+    """Weights in the layout the backend's kernels read, once (the cpu ConvFFN GEMMs' panels)."""
+    if backend == "cpu":
+        from . import cpu
+        with torch.no_grad():
+            cpu.prepack(enc)
 
 
 def _swap(enc: FastViTHD, backend: str, dtype: torch.dtype) -> None:
@@ -134,6 +144,7 @@ def _accelerate_timm(tm: nn.Module, backend: str, dtype: Optional[torch.dtype]) 
         for m in tm.modules():
             if isinstance(m, _Fused):
                 m.backend = name
+        _prepack(tm, name)
         return
     from fastvlm.checkpoint import load_vision_tower
     t = next(t for t in tm.parameters() if t.is_floating_point())

@@ -35,14 +35,44 @@ def _dwconv(x, w, b, stride, padding, gelu):
     return _C.dwconv_nhwc(x, _f32(w), _f32(b), stride, padding, gelu)
 
 
+def packed(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (N, K) in the ConvFFN GEMMs' panel layout (``fastvlm_C::pack_linear``: float32
+    (P, K, 16), 16 output channels per panel), packed once per weight tensor.
+
+    The panels are kept on the tensor itself, tagged with its version counter, so an in-place
+    update of the weight (``copy_``, ``load_state_dict``) repacks on the next call and a new tensor
+    (``.to()``, a fresh module) packs anew. ``accelerate()`` calls :func:`prepack`, so a model's
+    weights are packed before its first forward. Inference tensors have no version counter: they
+    are packed on every call (correct, a few ms slower per block)."""
+    try:
+        version = w._version
+    except RuntimeError:  # an inference tensor
+        return _C.pack_linear(w)
+    cached = getattr(w, "_fastvlm_packed", None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    p = _C.pack_linear(w)
+    w._fastvlm_packed = (version, p)
+    return p
+
+
+def prepack(model: torch.nn.Module) -> None:
+    """Pack the ConvFFN weights of every fused module in ``model`` (called by ``accelerate()``)."""
+    for m in model.modules():
+        for name in ("fc1_w", "fc2_w"):
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 2:
+                packed(t)
+
+
 def _convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
-    return _C.convffn_nhwc(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    return _C.convffn_nhwc(x, ffn_w, ffn_b, packed(fc1_w), fc1_b, packed(fc2_w), fc2_b, gamma)
 
 
 def _repmixer_block(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
     k = mix_w.shape[0]
     m = _C.dwconv_nhwc(x, _f32(mix_w), _f32(mix_b), 1, k // 2, False)  # m: the one C-wide round trip
-    return _C.convffn_nhwc(m, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    return _C.convffn_nhwc(m, ffn_w, ffn_b, packed(fc1_w), fc1_b, packed(fc2_w), fc2_b, gamma)
 
 
 def _stem(x, w0, b0, w1, b1, w2, b2):

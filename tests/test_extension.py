@@ -106,6 +106,40 @@ def _ffn_args(C, Hd, K=7, seed=0):
             r(C, sc=0.1), r(C).abs() + 0.5]
 
 
+def _convffn_c(x, a):
+    """The C++ op with fc1_w / fc2_w in pack_linear's panels (what the cpu backend passes)."""
+    pk = torch.ops.fastvlm_C.pack_linear
+    return torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], pk(a[2]), a[3], pk(a[4]), a[5], a[6])
+
+
+@needs_ext
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 5), (32, 3), (33, 7), (96, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_linear_layout(N, K, dtype):
+    w = torch.randn(N, K).to(dtype)
+    p = torch.ops.fastvlm_C.pack_linear(w)
+    P = (N + 31) // 32 * 2
+    assert p.dtype == torch.float32 and p.shape == (P, K, 16)
+    full = torch.zeros(P * 16, K)
+    full[:N] = w.float()
+    assert torch.equal(p, full.reshape(P, 16, K).transpose(1, 2))  # p[q][k][i] = w[16q + i][k], zero padded
+
+
+@needs_ext
+def test_cpu_backend_repacks_when_a_weight_changes_in_place():
+    import fastvlm_kernels.cpu as cpu
+    w = torch.randn(40, 12)
+    p1 = cpu.packed(w)
+    assert cpu.packed(w) is p1  # packed once
+    with torch.no_grad():
+        w.mul_(2)
+    p2 = cpu.packed(w)
+    assert p2 is not p1 and torch.equal(p2, 2 * p1)
+    with torch.inference_mode():
+        wi = torch.randn(40, 12)
+    assert torch.equal(cpu.packed(wi), torch.ops.fastvlm_C.pack_linear(wi))  # no version counter: packed per call
+
+
 def _isas():
     """Every ISA path this CPU can run (the widest first): FASTVLM_CPU_ISA caps the choice."""
     import fastvlm_kernels.cpu as cpu
@@ -126,7 +160,7 @@ def test_convffn_nhwc_every_isa(monkeypatch, B, H, W, C, Hd, dtype, bound):
     outs = {}
     for isa in _isas():
         monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
-        y = torch.ops.fastvlm_C.convffn_nhwc(x.to(dtype), *[t.to(dtype) for t in a])
+        y = _convffn_c(x.to(dtype), [t.to(dtype) for t in a])
         assert y.dtype == dtype and y.shape == x.shape
         if B:
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
@@ -138,9 +172,9 @@ def test_convffn_nhwc_every_isa(monkeypatch, B, H, W, C, Hd, dtype, bound):
 def test_convffn_nhwc_writes_every_output_and_ignores_input_strides():
     a = [t.float() for t in _ffn_args(24, 96)]
     x = torch.randn(2, 9, 11, 24)
-    y1 = torch.ops.fastvlm_C.convffn_nhwc(x, *a)
+    y1 = _convffn_c(x, a)
     xt = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # same values, other strides
-    y2 = torch.ops.fastvlm_C.convffn_nhwc(xt, *a)
+    y2 = _convffn_c(xt, a)
     assert torch.isfinite(y1).all() and torch.equal(y1, y2)
 
 
@@ -167,7 +201,7 @@ def test_thread_counts_and_concurrent_callers_agree(op):
         x = torch.randn(2, 37, 29, 40)
 
         def call():
-            return torch.ops.fastvlm_C.convffn_nhwc(x, *a)
+            return _convffn_c(x, a)
     else:
         x, w, b = torch.randn(2, 29, 31, 40), torch.randn(7, 7, 40), torch.randn(40)
 
@@ -198,17 +232,19 @@ def test_thread_counts_and_concurrent_callers_agree(op):
 def test_convffn_nhwc_rejects_bad_input():
     a = [t.float() for t in _ffn_args(8, 32)]
     with pytest.raises(RuntimeError, match="4-D"):
-        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(5, 5, 8), *a)
+        _convffn_c(torch.randn(5, 5, 8), a)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(1, 5, 5, 8, dtype=torch.float64), *a)
+        _convffn_c(torch.randn(1, 5, 5, 8, dtype=torch.float64), a)
     bad = list(a)
     bad[2] = torch.randn(32, 9)
     with pytest.raises(RuntimeError, match="fc1_w"):
-        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(1, 5, 5, 8), *bad)
+        _convffn_c(torch.randn(1, 5, 5, 8), bad)
+    with pytest.raises(RuntimeError, match=r"fc1_wp must be pack_linear\(fc1_w\)"):  # unpacked weights
+        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(1, 5, 5, 8), *a)
     bad = list(a)
     bad[0] = torch.randn(6, 6, 8)
     with pytest.raises(RuntimeError, match="odd K"):
-        torch.ops.fastvlm_C.convffn_nhwc(torch.randn(1, 5, 5, 8), *bad)
+        _convffn_c(torch.randn(1, 5, 5, 8), bad)
 
 
 @needs_ext
@@ -310,7 +346,7 @@ ce = [r(3, 3, 24, sc=0.3), r(24, sc=0.1), r(6, 24, sc=0.4), r(6, sc=0.1), r(24, 
 d = lambda ts: [t.double() for t in ts]
 cases = [
     (torch.ops.fastvlm_C.dwconv_nhwc(x, ffn[0], ffn[1], 2, 3, True), reference.dwconv(x.double(), *d(ffn[:2]), 2, 3, True)),
-    (torch.ops.fastvlm_C.convffn_nhwc(x, *ffn), reference.convffn(x.double(), *d(ffn))),
+    (torch.ops.fastvlm_C.convffn_nhwc(x, ffn[0], ffn[1], torch.ops.fastvlm_C.pack_linear(ffn[2]), ffn[3], torch.ops.fastvlm_C.pack_linear(ffn[4]), *ffn[5:]), reference.convffn(x.double(), *d(ffn))),
     (torch.ops.fastvlm_C.stem_nhwc(px, *st), reference.stem(px.double(), *d(st))),
     (torch.ops.fastvlm_C.patch_embed_nhwc(x, *pe, 2), reference.patch_embed(x.double(), *d(pe))),
     (torch.ops.fastvlm_C.attention_mixer_nhwc(xa, *at, 4), reference.attention_mixer(xa.double(), *d(at), 4)),
