@@ -32,7 +32,4 @@ FVK_INLINE float from_float<float>(float v) { return v; }
 template <>
 FVK_INLINE c10::BFloat16 from_float<c10::BFloat16>(float v) { return c10::BFloat16(v); }  // round to nearest even
 
-// Exact (erf) GELU, as nn.GELU() computes it.
-FVK_INLINE float gelu_erf(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)); }
-
 }  // namespace fastvlm

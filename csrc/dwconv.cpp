@@ -8,7 +8,8 @@
 //   bias   (Cout) float32 or None
 //   out    (B, Ho, Wo, Cout)         dtype of x; Ho = (H + 2p - K) / s + 1
 // Accumulation is float32. Each output row is computed by one thread with a fixed summation order,
-// so results do not depend on the thread count.
+// so results do not depend on the thread count. Multiplier 1, stride 1 and 'same' padding (the
+// RepMixer and RepCPE convs) take ffn.cpp's register-blocked kernel (dw_rows of ffn_impl.h, per ISA).
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,9 +22,18 @@
 #include <vector>
 
 #include "common.h"
+#include "gelu.h"
 
 namespace fastvlm {
+void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu);
 namespace {
+
+// Exact-form GELU, the rational erf of gelu.h (the same formula as the vector kernels' vgelu).
+FVK_INLINE float gelu_as(float x) {
+  float fvk_gelu_out;
+  FVK_GELU_BODY(float, x, 1.f);
+  return fvk_gelu_out;
+}
 
 // One output pixel's Cout channels: acc = bias + sum over valid taps of x[tap][co / M] * w[tap][co].
 template <typename in_t>
@@ -64,7 +74,7 @@ FVK_INLINE void dw_pixel(const in_t* __restrict__ x, const float* __restrict__ w
       dw_pixel<IN_T>(x, w, bias, acc, H, W, Cin, Cout, M, K, oh * stride - pad, ow * stride - pad);       \
       IN_T* op = out + ow * Cout;                                                                       \
       if (gelu) {                                                                                       \
-        for (int64_t c = 0; c < Cout; ++c) op[c] = from_float<IN_T>(gelu_erf(acc[c]));                  \
+        for (int64_t c = 0; c < Cout; ++c) op[c] = from_float<IN_T>(gelu_as(acc[c]));                  \
       } else {                                                                                          \
         for (int64_t c = 0; c < Cout; ++c) op[c] = from_float<IN_T>(acc[c]);                            \
       }                                                                                                 \
@@ -88,16 +98,6 @@ FVK_CLONES void dw_row_sums(const IN_T* x, const float* w, const float* bias, fl
       rowsum[c] += acc[c];
     }
   }
-}
-
-// Exact-form GELU with erf by Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7, as ffn_impl.h's vgelu):
-// one expf instead of erff, several times cheaper here.
-FVK_INLINE float gelu_as(float x) {
-  const float z = x * 0.70710678118654752f, az = std::fabs(z);
-  const float t = 1.f / (1.f + 0.3275911f * az);
-  const float poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-  const float e = 1.f - poly * std::exp(-az * az);
-  return 0.5f * x * (1.f + (z < 0.f ? -e : e));
 }
 
 // conv_exp pass 2, one output row: y = GELU(z * s).
@@ -143,6 +143,10 @@ at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10:
   at::Tensor out = at::empty({B, Ho, Wo, Cout}, x.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || Cout == 0) return out;
   const float* wptr = weight.data_ptr<float>();
+  if (M == 1 && stride == 1 && K % 2 == 1 && padding == K / 2) {  // the RepMixer / RepCPE convs
+    dwconv_same_fast(xc, wptr, bptr, K, out, gelu);  // ffn.cpp: register-blocked, per ISA
+    return out;
+  }
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
   const void* xbase = xc.data_ptr();
   void* obase = out.data_ptr();

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "gelu.h"
 #include "isa.h"
 
 #pragma GCC push_options
@@ -179,6 +180,23 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
               *pg = g.data_ptr<float>();
   FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, T);
   return y;
+}
+
+// dwconv_nhwc's fast path (dwconv.cpp calls it for multiplier 1, stride 1, padding K / 2, odd K):
+// x and y (B, H, W, C) contiguous with the same dtype (float32 / bfloat16); w (K, K, C) float32
+// contiguous; b (C) float32 or null. Parallel over image rows; thread-count independent.
+void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu) {
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  at::Tensor zeros;
+  if (!b) {
+    zeros = at::zeros({C}, x.options().dtype(at::kFloat));
+    b = zeros.data_ptr<float>();
+  }
+  const Isa isa = active_isa();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const void* xp = x.data_ptr();
+  void* yp = y.data_ptr();
+  FVK_PARALLEL_TILES(dw_same_rows, B * H, W * C, isa, xp, yp, bf16, H, W, C, K, w, b, gelu);
 }
 
 // fastvlm_C::stem_nhwc -- GELU(conv3x3 s2) -> GELU(dw3x3 s2) -> GELU(1x1), fused (see stem_tile).

@@ -1,7 +1,8 @@
 // The fused ConvFFN tile kernel, written once against a vector type `vf` of VL floats and included
 // by ffn.cpp once per ISA (AVX2 with VL = 8, AVX-512 with VL = 16), each inside its own
 // `#pragma GCC target` region and namespace. Self-contained: plain C++ and GCC vector extensions
-// only (no intrinsics headers, no library calls), so it compiles under any target pragma.
+// only (no intrinsics headers, no library calls; gelu.h is plain C++ too), so it compiles under any
+// target pragma.
 //
 // Layout trick: the 1x1 convs run transposed, hidden(4C x T) = W1(4C x C) . tile(C x T), with the
 // activation tile stored channel-major. The micro-kernel then broadcasts one weight W[n][k] and
@@ -10,6 +11,9 @@
 
 #ifndef FVK_VL
 #error "define FVK_VL (and the vf / vi types) before including ffn_impl.h"
+#endif
+#ifndef FVK_GELU_BODY
+#error "include gelu.h (outside any namespace) before ffn_impl.h"
 #endif
 
 typedef float vfu __attribute__((vector_size(FVK_VL * 4), aligned(4)));  // unaligned access
@@ -43,19 +47,11 @@ static inline vf vexp(vf x) {
   return (vf)bits;
 }
 
-// Exact-form GELU 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7).
+// Exact-form GELU (gelu.h: erf by a rational approximation, |error| <= 3.7e-7 in float32).
 static inline vf vgelu(vf x) {
-  vf z = x * vset(0.70710678118654752f);
-  vf az = z < vset(0.f) ? -z : z;
-  vf t = vset(1.f) / (vset(1.f) + vset(0.3275911f) * az);
-  vf poly = vset(1.061405429f);
-  poly = poly * t + vset(-1.453152027f);
-  poly = poly * t + vset(1.421413741f);
-  poly = poly * t + vset(-0.284496736f);
-  poly = poly * t + vset(0.254829592f);
-  vf e = vset(1.f) - poly * t * vexp(-az * az);
-  e = z < vset(0.f) ? -e : e;
-  return vset(0.5f) * x * (vset(1.f) + e);
+  vf fvk_gelu_out;
+  FVK_GELU_BODY(vf, x, vset(1.f));
+  return fvk_gelu_out;
 }
 
 // C[n][t] (n < mr, t < NR) = bias[n] + sum_k W[n][k] * B[k][t]; W rows of length K (stride ldw),
@@ -335,6 +331,37 @@ static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, c
     } else {
       dw_pixel(x, H, Wd, C, Kk, dw_w, dw_b, h, w, 0, d + j * C);
       j += 1;
+    }
+  }
+}
+
+// Depthwise KxK, stride 1, 'same' padding, multiplier 1 (the RepMixer and RepCPE convs) through
+// dw_rows: image rows [r_begin, r_end) of a batch (row r: image r / H, row r % H), optional GELU.
+// `scratch` holds Wd * C floats (bf16 output, or GELU tails).
+static inline float gelu_scalar(float x) {
+  float fvk_gelu_out;
+  FVK_GELU_BODY(float, x, 1.f);
+  return fvk_gelu_out;
+}
+
+static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Kk,
+                         const float* w, const float* b, bool gelu, int64_t r_begin, int64_t r_end, float* scratch) {
+  const int64_t n = Wd * C, nv = n / VL * VL;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const int64_t bi = r / H, h = r % H, img = bi * H * Wd * C;
+    float* row = bf16 ? scratch : static_cast<float*>(y) + r * n;
+    if (bf16)
+      dw_rows(static_cast<const uint16_t*>(x) + img, H, Wd, C, Kk, w, b, h * Wd, Wd, row);
+    else
+      dw_rows(static_cast<const float*>(x) + img, H, Wd, C, Kk, w, b, h * Wd, Wd, row);
+    if (gelu) {
+      for (int64_t i = 0; i < nv; i += VL) vstore(row + i, vgelu(vload(row + i)));
+      for (int64_t i = nv; i < n; ++i) row[i] = gelu_scalar(row[i]);
+    }
+    if (bf16) {
+      uint16_t* out = static_cast<uint16_t*>(y) + r * n;
+      for (int64_t i = 0; i < nv; i += VL) vst(out + i, vload(row + i));
+      for (int64_t i = nv; i < n; ++i) st(out, i, row[i]);
     }
   }
 }

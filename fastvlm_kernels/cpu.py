@@ -12,6 +12,10 @@ All seven ops:
   attention with online softmax over key blocks, proj + bias + layer scale + residual epilogue;
   csrc/attn_impl.h);
 - ``conv_exp`` (dw conv with per-row channel sums, SE, then GELU(z·s): two passes; csrc/dwconv.cpp).
+
+The ConvFFN's fc1 / fc2 weights are handed to the C++ op in the panel layout its GEMMs read
+(``fastvlm_C::pack_linear``, see :func:`packed`); the op contract (``ops.py``) keeps the nn.Linear
+layout, so the same fused modules serve every backend. ``accelerate()`` packs them once.
 """
 from __future__ import annotations
 
