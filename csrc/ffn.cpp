@@ -129,6 +129,26 @@ at::Tensor padded_f32(const at::Tensor& t, const char* name, int64_t n, int64_t 
 }
 }  // namespace
 
+// The pointwise weight of stem / patch_embed: pack_linear's panels of a (C, C) weight, checked.
+static void check_packed(const at::Tensor& wp, int64_t N, int64_t K, const char* what) {
+  TORCH_CHECK(wp.device().is_cpu() && wp.scalar_type() == at::kFloat && wp.is_contiguous() &&
+                  wp.sizes() == at::IntArrayRef({packed_panels(N), K, kPanel}),
+              what, " must be pack_linear() of the (", N, ", ", K, ") weight: float32 (", packed_panels(N), ", ", K,
+              ", ", kPanel, "), got ", wp.scalar_type(), " ", wp.sizes());
+}
+
+// Tile width for the 1x1-GEMM ops: at most 96 pixels, a multiple of the 6-pixel micro-tile, and
+// enough tiles to give every thread the same number where the image is small (FASTVLM_FFN_TILE
+// overrides the 96). T does not change results: each output is summed in the same order.
+static int64_t gemm_tile(int64_t total) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  int64_t T = 96;
+  if (const char* env = std::getenv("FASTVLM_FFN_TILE")) T = std::max<int64_t>(6, std::atoll(env) / 6 * 6);
+  int64_t n = (total + T - 1) / T;
+  n = (n + nth - 1) / nth * nth;
+  return std::max<int64_t>(6, std::min<int64_t>(T, ((total + n - 1) / n + 5) / 6 * 6));
+}
+
 at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
                         const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
                         const at::Tensor& gamma) {
@@ -161,15 +181,7 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
   if (B == 0 || H == 0 || W == 0 || C == 0) return y;
 
   const Isa isa = active_isa();
-  // Tiles of T pixels (a multiple of the 6-row micro-tile, at most FVK_FFN_TILE = 96): enough of
-  // them to give every thread the same number where the image is small. T does not change the
-  // result: each output is summed in the same order whatever the tiling.
-  const int64_t total = B * H * W, nth = std::max<int64_t>(1, at::get_num_threads());
-  int64_t T = 96;
-  if (const char* env = std::getenv("FASTVLM_FFN_TILE")) T = std::max<int64_t>(6, std::atoll(env) / 6 * 6);
-  int64_t n = (total + T - 1) / T;
-  n = (n + nth - 1) / nth * nth;
-  T = std::min<int64_t>(T, ((total + n - 1) / n + 5) / 6 * 6);
+  const int64_t T = gemm_tile(B * H * W);
   const int64_t per_image = (H * W + T - 1) / T, tiles = B * per_image;
   const int64_t scratch = T * (C + Hdp + Cp);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
@@ -200,9 +212,10 @@ void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64
 }
 
 // fastvlm_C::stem_nhwc -- GELU(conv3x3 s2) -> GELU(dw3x3 s2) -> GELU(1x1), fused (see stem_tile).
-//   x (B, H, W, Cin) float32/bf16; w0 (C, Cin, 3, 3), b0 (C); w1 (3, 3, C), b1 (C); w2 (C, C), b2 (C)
+//   x (B, H, W, Cin) float32/bf16; w0 (C, Cin, 3, 3), b0 (C); w1 (3, 3, C), b1 (C);
+//   w2p = pack_linear(w2 (C, C)), b2 (C)
 at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
-                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+                     const at::Tensor& b1, const at::Tensor& w2p, const at::Tensor& b2) {
   TORCH_CHECK(x.device().is_cpu(), "stem_nhwc: x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "stem_nhwc: x must be 4-D (B, H, W, Cin), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -212,30 +225,32 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), Cin = x.size(3), C = w0.size(0);
   TORCH_CHECK(w0.size(1) == Cin, "stem_nhwc: w0 expects ", w0.size(1), " input channels, x has ", Cin);
   TORCH_CHECK(H >= 1 && W >= 1, "stem_nhwc: x must have H, W >= 1, got ", x.sizes());
+  check_packed(w2p, C, C, "stem_nhwc: w2p");
+  const int64_t Cp = (C + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel;
   const at::Tensor w0p = as_f32(w0, "stem_nhwc: w0", {C, Cin, 3, 3}).permute({2, 3, 1, 0}).contiguous();  // (3, 3, Cin, C)
   const at::Tensor fb0 = as_f32(b0, "stem_nhwc: b0", {C}), fw1 = as_f32(w1, "stem_nhwc: w1", {3, 3, C}), fb1 = as_f32(b1, "stem_nhwc: b1", {C});
-  const at::Tensor fw2 = as_f32(w2, "stem_nhwc: w2", {C, C}), fb2 = as_f32(b2, "stem_nhwc: b2", {C});
+  const at::Tensor fb2 = padded_f32(b2, "stem_nhwc: b2", C, Cp);
   const int64_t H1 = (H - 1) / 2 + 1, W1 = (W - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({B, H2, W2, C}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || C == 0) return y;
   const Isa isa = active_isa();
-  const int64_t T = isa == Isa::avx512 ? 64 : 32;  // a multiple of every micro-tile width
+  const int64_t T = gemm_tile(B * H2 * W2);
   const int64_t per_image = (H2 * W2 + T - 1) / T, tiles = B * per_image;
-  const int64_t Cv = (C + 15) / 16 * 16, scratch = 2 * C * T + 2 * Cv;
+  const int64_t scratch = T * (C + Cp);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   const float *p0 = w0p.data_ptr<float>(), *pb0 = fb0.data_ptr<float>(), *p1 = fw1.data_ptr<float>(),
-              *pb1 = fb1.data_ptr<float>(), *p2 = fw2.data_ptr<float>(), *pb2 = fb2.data_ptr<float>();
+              *pb1 = fb1.data_ptr<float>(), *p2 = w2p.data_ptr<float>(), *pb2 = fb2.data_ptr<float>();
   FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T);
   return y;
 }
 
 // fastvlm_C::patch_embed_nhwc -- GELU(dw KxK stride s, multiplier Co/Cin) -> GELU(1x1), fused.
-//   x (B, H, W, Cin) float32/bf16; dw_w (K, K, Co), dw_b (Co); pw_w (Co, Co), pw_b (Co)
+//   x (B, H, W, Cin) float32/bf16; dw_w (K, K, Co), dw_b (Co); pw_p = pack_linear(pw_w (Co, Co)), pw_b (Co)
 at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b,
-                            const at::Tensor& pw_w, const at::Tensor& pw_b, int64_t stride) {
+                            const at::Tensor& pw_p, const at::Tensor& pw_b, int64_t stride) {
   TORCH_CHECK(x.device().is_cpu(), "patch_embed_nhwc: x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "patch_embed_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -247,22 +262,22 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
   TORCH_CHECK(Cin >= 1 && Co % Cin == 0, "patch_embed_nhwc: dw_w's Co (", Co, ") must be a multiple of x's channels (",
               Cin, ")");
   TORCH_CHECK(H >= 1 && W >= 1, "patch_embed_nhwc: x must have H, W >= 1, got ", x.sizes());
+  check_packed(pw_p, Co, Co, "patch_embed_nhwc: pw_p");
+  const int64_t Cop = (Co + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel;
   const at::Tensor fw = as_f32(dw_w, "patch_embed_nhwc: dw_w", {K, K, Co}), fb = as_f32(dw_b, "patch_embed_nhwc: dw_b", {Co});
-  const at::Tensor pw = as_f32(pw_w, "patch_embed_nhwc: pw_w", {Co, Co}), pb = as_f32(pw_b, "patch_embed_nhwc: pw_b", {Co});
+  const at::Tensor pb = padded_f32(pw_b, "patch_embed_nhwc: pw_b", Co, Cop);
   const int64_t pad = K / 2, Ho = (H + 2 * pad - K) / stride + 1, Wo = (W + 2 * pad - K) / stride + 1;
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({B, Ho, Wo, Co}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0) return y;
   const Isa isa = active_isa();
-  const int64_t nr = isa == Isa::avx512 ? 32 : (isa == Isa::avx2 ? 16 : 8);
-  int64_t T = (256 * 1024 / 4) / (2 * Co);  // the tile and its output in about a quarter of L2
-  T = std::max<int64_t>(nr, std::min<int64_t>(128, T / nr * nr));
+  const int64_t T = gemm_tile(B * Ho * Wo);
   const int64_t per_image = (Ho * Wo + T - 1) / T, tiles = B * per_image;
-  const int64_t scratch = 2 * Co * T + (Co + 15) / 16 * 16;
+  const int64_t scratch = T * (Co + Cop);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
-  const float *pfw = fw.data_ptr<float>(), *pfb = fb.data_ptr<float>(), *ppw = pw.data_ptr<float>(),
+  const float *pfw = fw.data_ptr<float>(), *pfb = fb.data_ptr<float>(), *ppw = pw_p.data_ptr<float>(),
               *ppb = pb.data_ptr<float>();
   FVK_PARALLEL_TILES(dwpw_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T);
   return y;

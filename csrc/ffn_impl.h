@@ -171,6 +171,7 @@ static inline void vst(uint16_t* p, vf v) {
 //   first: start from bias (else from the fp32 accumulator buf); last: run the epilogue (else store to buf)
 //   EPI 0 (fc1): buf is also the output: GELU(acc) on the last block.
 //   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (storage T_).
+//   EPI 2 (the stem's and patch_embed's 1x1): last block writes y[t][n] = GELU(acc), n < N.
 template <int M, int EPI, typename T_>
 static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, const float* __restrict__ w0,
                          const float* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
@@ -199,6 +200,22 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
       if (EPI == 0 && last) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
       vstore(buf + r * ldb + n0, acc0[r]);
       vstore(buf + r * ldb + n0 + VL, acc1[r]);
+    }
+    return;
+  }
+  if (EPI == 2) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
+    if (n0 + 2 * VL <= N) {
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) vst(y + r * ldy + n0, acc0[r]), vst(y + r * ldy + n0 + VL, acc1[r]);
+      return;
+    }
+    alignas(64) float o[2 * VL];
+    for (int r = 0; r < M; ++r) {  // the last, partial column of channels
+      vstore(o, acc0[r]);
+      vstore(o + VL, acc1[r]);
+      for (int64_t n = n0; n < N; ++n) st(y, r * ldy + n, o[n - n0]);
     }
     return;
   }
@@ -407,146 +424,185 @@ static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
 // ---- stem: GELU(conv3x3 s2, Cin -> C) -> GELU(dw3x3 s2) -> GELU(1x1 C -> C), fused --------------
 // Per tile of final-grid pixels, the intermediate conv3x3 values each dw window needs are computed
 // on the fly (each intermediate pixel is used by 2.25 windows on average), so the full-resolution
-// intermediate (C x H/2 x W/2) is never written to memory. w0p: (3, 3, Cin, C), channel-contiguous.
-// `mid` and `acc` hold C rounded up to VL floats (the GELU runs on whole vectors).
-static inline void gelu_inplace(float* v, int64_t n) {
-  for (int64_t c = 0; c < n; c += VL) vstore(v + c, vgelu(vload(v + c)));
+// intermediate (C x H/2 x W/2) is never written to memory; the dw output goes pixel-major into the
+// tile and the 1x1 runs on pgemm (packed weights, GELU epilogue straight into y).
+// w0p: (3, 3, Cin, C), channel-contiguous.
+// Channels [c, c + NV * VL) of one final-grid pixel's GELU(dw3x3 s2(GELU(conv3x3 s2))), in registers.
+template <int NV, typename T_>
+static inline void stem_pixel_chunk(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t C, const float* w0p,
+                                    const float* b0, const float* w1, const float* b1, int64_t H1, int64_t W1,
+                                    int64_t oh, int64_t ow, int64_t c, float* out) {
+  vf acc[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) acc[v] = vload(b1 + c + v * VL);
+  for (int64_t kh = 0; kh < 3; ++kh) {
+    const int64_t ih1 = oh * 2 - 1 + kh;
+    if (ih1 < 0 || ih1 >= H1) continue;
+    for (int64_t kw = 0; kw < 3; ++kw) {
+      const int64_t iw1 = ow * 2 - 1 + kw;
+      if (iw1 < 0 || iw1 >= W1) continue;
+      vf mid[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) mid[v] = vload(b0 + c + v * VL);
+      for (int64_t th = 0; th < 3; ++th) {
+        const int64_t ih = ih1 * 2 - 1 + th;
+        if (ih < 0 || ih >= H) continue;
+        for (int64_t tw = 0; tw < 3; ++tw) {
+          const int64_t iw = iw1 * 2 - 1 + tw;
+          if (iw < 0 || iw >= Wd) continue;
+          const T_* xp = x + (ih * Wd + iw) * Cin;
+          const float* wp = w0p + (th * 3 + tw) * Cin * C + c;
+          for (int64_t ci = 0; ci < Cin; ++ci) {
+            const float xv = ld(xp, ci);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) mid[v] += xv * vload(wp + ci * C + v * VL);
+          }
+        }
+      }
+      const float* wd = w1 + (kh * 3 + kw) * C + c;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[v] += vgelu(mid[v]) * vload(wd + v * VL);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) vstore(out + c + v * VL, vgelu(acc[v]));
 }
 
 template <typename T_>
 static void stem_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t C, const float* w0p,
-                      const float* b0, const float* w1, const float* b1, const float* w2, const float* b2,
-                      int64_t H1, int64_t W1, int64_t W2, int64_t p0, int64_t np, int64_t T, float* dwT, float* o,
-                      float* mid, float* acc) {
-  const int64_t Cv = (C + VL - 1) / VL * VL;
-  for (int64_t j = 0; j < T; ++j) {
-    if (j >= np) {
-      for (int64_t c = 0; c < C; ++c) dwT[c * T + j] = 0.f;
-      continue;
-    }
+                      const float* b0, const float* w1, const float* b1, const float* w2p, const float* b2,
+                      int64_t H1, int64_t W1, int64_t W2, int64_t p0, int64_t np, float* d, float* buf) {
+  const int64_t Cv = C / VL * VL, Cp = (C + NR - 1) / NR * NR;
+  for (int64_t j = 0; j < np; ++j) {
     const int64_t p = p0 + j, oh = p / W2, ow = p % W2;
-    for (int64_t c = 0; c < C; ++c) acc[c] = b1[c];
-    for (int64_t kh = 0; kh < 3; ++kh) {
-      const int64_t ih1 = oh * 2 - 1 + kh;
-      if (ih1 < 0 || ih1 >= H1) continue;
-      for (int64_t kw = 0; kw < 3; ++kw) {
-        const int64_t iw1 = ow * 2 - 1 + kw;
-        if (iw1 < 0 || iw1 >= W1) continue;
-        for (int64_t c = 0; c < C; ++c) mid[c] = b0[c];
-        for (int64_t th = 0; th < 3; ++th) {
-          const int64_t ih = ih1 * 2 - 1 + th;
-          if (ih < 0 || ih >= H) continue;
-          for (int64_t tw = 0; tw < 3; ++tw) {
-            const int64_t iw = iw1 * 2 - 1 + tw;
-            if (iw < 0 || iw >= Wd) continue;
-            const T_* xp = x + (ih * Wd + iw) * Cin;
-            const float* wp = w0p + (th * 3 + tw) * Cin * C;
-            for (int64_t ci = 0; ci < Cin; ++ci) {
-              const float xv = ld(xp, ci);
-              const float* wc = wp + ci * C;
-              for (int64_t c = 0; c < C; ++c) mid[c] += xv * wc[c];
+    float* out = d + j * C;
+    int64_t c = 0;
+    for (; c + 4 * VL <= Cv; c += 4 * VL) stem_pixel_chunk<4>(x, H, Wd, Cin, C, w0p, b0, w1, b1, H1, W1, oh, ow, c, out);
+    for (; c < Cv; c += VL) stem_pixel_chunk<1>(x, H, Wd, Cin, C, w0p, b0, w1, b1, H1, W1, oh, ow, c, out);
+    for (; c < C; ++c) {  // channels past the last whole vector
+      float acc = b1[c];
+      for (int64_t kh = 0; kh < 3; ++kh) {
+        const int64_t ih1 = oh * 2 - 1 + kh;
+        if (ih1 < 0 || ih1 >= H1) continue;
+        for (int64_t kw = 0; kw < 3; ++kw) {
+          const int64_t iw1 = ow * 2 - 1 + kw;
+          if (iw1 < 0 || iw1 >= W1) continue;
+          float m = b0[c];
+          for (int64_t th = 0; th < 3; ++th) {
+            const int64_t ih = ih1 * 2 - 1 + th;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t tw = 0; tw < 3; ++tw) {
+              const int64_t iw = iw1 * 2 - 1 + tw;
+              if (iw < 0 || iw >= Wd) continue;
+              for (int64_t ci = 0; ci < Cin; ++ci)
+                m += ld(x, (ih * Wd + iw) * Cin + ci) * w0p[((th * 3 + tw) * Cin + ci) * C + c];
             }
           }
+          acc += gelu_scalar(m) * w1[(kh * 3 + kw) * C + c];
         }
-        gelu_inplace(mid, Cv);
-        const float* wd = w1 + (kh * 3 + kw) * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += mid[c] * wd[c];
       }
+      out[c] = gelu_scalar(acc);
     }
-    gelu_inplace(acc, Cv);
-    for (int64_t c = 0; c < C; ++c) dwT[c * T + j] = acc[c];
   }
-  gemm_t(w2, b2, C, C, dwT, T, o, true);
-  for (int64_t j = 0; j < np; ++j) {
-    const int64_t base = (p0 + j) * C;
-    for (int64_t c = 0; c < C; ++c) st(y, base + c, o[c * T + j]);
-  }
+  pgemm<2, T_>(d, C, np, C, w2p, C, b2, buf, Cp, nullptr, y + p0 * C, C, nullptr);
 }
 
-// Tiles [t_begin, t_end) of a batch of images (H x Wd x Cin) -> (H2 x W2 x C).
-// `scratch`: 2 * C * T + 2 * Cv floats, 64-byte aligned.
+// Tiles [t_begin, t_end) of a batch of images (H x Wd x Cin) -> (H2 x W2 x C). b0, b1 (and w0p's,
+// w1's channel rows) are used in whole vectors up to C rounded down; b2 is padded to Cp floats.
+// `scratch`: T * (C + Cp) floats.
 static void stem_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t C,
-                       const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2,
+                       const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
                        const float* b2, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t H1 = (H - 1) / 2 + 1, W1 = (Wd - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
-  const int64_t HW2 = H2 * W2, per_image = (HW2 + T - 1) / T, Cv = (C + VL - 1) / VL * VL;
-  float *dwT = scratch, *o = dwT + C * T, *mid = o + C * T, *acc = mid + Cv;
-  for (int64_t c = C; c < Cv; ++c) mid[c] = acc[c] = 0.f;
+  const int64_t HW2 = H2 * W2, per_image = (HW2 + T - 1) / T, Cp = (C + NR - 1) / NR * NR;
+  float *d = scratch, *buf = d + C * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = (t % per_image) * T;
     const int64_t np = HW2 - p0 < T ? HW2 - p0 : T;
     if (bf16) {
       stem_tile(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * HW2 * C, H, Wd,
-                Cin, C, w0p, b0, w1, b1, w2, b2, H1, W1, W2, p0, np, T, dwT, o, mid, acc);
+                Cin, C, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, d, buf);
     } else {
       stem_tile(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * HW2 * C, H, Wd, Cin,
-                C, w0p, b0, w1, b1, w2, b2, H1, W1, W2, p0, np, T, dwT, o, mid, acc);
+                C, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, d, buf);
     }
   }
 }
 
 // ---- patch_embed: GELU(dw KxK stride s, channel multiplier M) -> GELU(1x1), fused ---------------
-// Per tile of output pixels: the grouped conv output (Co = M * Cin channels) goes channel-major
-// into the tile, then the 1x1 runs on the GEMM micro-kernel; the Co-wide intermediate never
-// leaves the tile. dw_w: (K, K, Co); pw_w: (Co, Co).
-template <typename T_>
-static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
-                      const float* dw_w, const float* dw_b, const float* pw_w, const float* pw_b, int64_t Wo,
-                      int64_t p0, int64_t np, int64_t T, float* dwT, float* o, float* acc) {
-  const int64_t M = Co / Cin, pad = Kk / 2, Cv = (Co + VL - 1) / VL * VL;
-  for (int64_t j = 0; j < T; ++j) {
-    if (j >= np) {
-      for (int64_t c = 0; c < Co; ++c) dwT[c * T + j] = 0.f;
-      continue;
-    }
-    const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo;
-    for (int64_t c = 0; c < Co; ++c) acc[c] = dw_b[c];
-    for (int64_t kh = 0; kh < Kk; ++kh) {
-      const int64_t ih = oh * s - pad + kh;
-      if (ih < 0 || ih >= H) continue;
-      for (int64_t kw = 0; kw < Kk; ++kw) {
-        const int64_t iw = ow * s - pad + kw;
-        if (iw < 0 || iw >= Wd) continue;
-        const T_* xp = x + (ih * Wd + iw) * Cin;
-        const float* wp = dw_w + (kh * Kk + kw) * Co;
-        if (M == 2) {
-          for (int64_t ci = 0; ci < Cin; ++ci) {
-            const float xv = ld(xp, ci);
-            acc[2 * ci] += xv * wp[2 * ci];
-            acc[2 * ci + 1] += xv * wp[2 * ci + 1];
-          }
-        } else {
-          for (int64_t co = 0; co < Co; ++co) acc[co] += ld(xp, co / M) * wp[co];
-        }
-      }
-    }
-    gelu_inplace(acc, Cv);
-    for (int64_t c = 0; c < Co; ++c) dwT[c * T + j] = acc[c];
-  }
-  gemm_t(pw_w, pw_b, Co, Co, dwT, T, o, true);
-  for (int64_t j = 0; j < np; ++j) {
-    const int64_t base = (p0 + j) * Co;
-    for (int64_t c = 0; c < Co; ++c) st(y, base + c, o[c * T + j]);
-  }
+// Per tile of output pixels: the grouped conv output (Co = M * Cin channels, GELU) goes pixel-major
+// into the tile, then the 1x1 runs on pgemm (packed weights, GELU epilogue into y); the Co-wide
+// intermediate never leaves the tile. dw_w: (K, K, Co).
+#if FVK_VL == 16
+#define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7
+#elif FVK_VL == 8
+#define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3
+#else
+#define FVK_DUP2 0, 0, 1, 1
+#endif
+typedef float vfh __attribute__((vector_size(FVK_VL * 2), aligned(4)));  // half a vector, unaligned
+static inline vf dup2(const float* p) {  // p[0], p[0], p[1], p[1], ... (VL / 2 inputs)
+  const vfh h = *reinterpret_cast<const vfh*>(p);
+  return __builtin_shufflevector(h, h, FVK_DUP2);
+}
+static inline vf dup2(const uint16_t* p) {
+  alignas(64) float f[VL / 2];
+  for (int l = 0; l < VL / 2; ++l) f[l] = ld(p, l);
+  return dup2(f);
 }
 
-// Tiles [t_begin, t_end) of a batch. `scratch`: 2 * Co * T + Cv floats, 64-byte aligned.
+template <typename T_>
+static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
+                      const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b, int64_t Wo,
+                      int64_t p0, int64_t np, float* d, float* buf) {
+  const int64_t M = Co / Cin, pad = Kk / 2, Cv = Co / VL * VL, Cop = (Co + NR - 1) / NR * NR;
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo;
+    const int64_t kh0 = pad - oh * s > 0 ? pad - oh * s : 0, kh1 = H + pad - oh * s < Kk ? H + pad - oh * s : Kk;
+    const int64_t kw0 = pad - ow * s > 0 ? pad - ow * s : 0, kw1 = Wd + pad - ow * s < Kk ? Wd + pad - ow * s : Kk;
+    float* out = d + j * Co;
+    int64_t c = 0;
+    if (M == 2) {  // output channels 2ci, 2ci + 1 read input channel ci: duplicated half vectors
+      for (; c + 2 * VL <= Cv; c += 2 * VL) {
+        vf a0 = vload(dw_b + c), a1 = vload(dw_b + c + VL);
+        for (int64_t kh = kh0; kh < kh1; ++kh) {
+          const T_* xr = x + ((oh * s - pad + kh) * Wd + (ow * s - pad)) * Cin + c / 2;
+          const float* wr = dw_w + kh * Kk * Co + c;
+          for (int64_t kw = kw0; kw < kw1; ++kw) {
+            a0 += dup2(xr + kw * Cin) * vload(wr + kw * Co);
+            a1 += dup2(xr + kw * Cin + VL / 2) * vload(wr + kw * Co + VL);
+          }
+        }
+        vstore(out + c, vgelu(a0)), vstore(out + c + VL, vgelu(a1));
+      }
+    }
+    for (; c < Co; ++c) {  // other multipliers, and the channels past the vectorised ones
+      float a = dw_b[c];
+      for (int64_t kh = kh0; kh < kh1; ++kh)
+        for (int64_t kw = kw0; kw < kw1; ++kw)
+          a += ld(x, ((oh * s - pad + kh) * Wd + (ow * s - pad + kw)) * Cin + c / M) * dw_w[(kh * Kk + kw) * Co + c];
+      out[c] = gelu_scalar(a);
+    }
+  }
+  pgemm<2, T_>(d, Co, np, Co, pw_p, Co, pw_b, buf, Cop, nullptr, y + p0 * Co, Co, nullptr);
+}
+
+// Tiles [t_begin, t_end) of a batch; pw_b padded to Cop floats. `scratch`: T * (Co + Cop) floats.
 static void dwpw_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
-                       int64_t s, const float* dw_w, const float* dw_b, const float* pw_w, const float* pw_b,
+                       int64_t s, const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b,
                        int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t pad = Kk / 2, Ho = (H + 2 * pad - Kk) / s + 1, Wo = (Wd + 2 * pad - Kk) / s + 1;
-  const int64_t HWo = Ho * Wo, per_image = (HWo + T - 1) / T, Cv = (Co + VL - 1) / VL * VL;
-  float *dwT = scratch, *o = dwT + Co * T, *acc = o + Co * T;
-  for (int64_t c = Co; c < Cv; ++c) acc[c] = 0.f;
+  const int64_t HWo = Ho * Wo, per_image = (HWo + T - 1) / T;
+  float *d = scratch, *buf = d + Co * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = (t % per_image) * T;
     const int64_t np = HWo - p0 < T ? HWo - p0 : T;
     if (bf16) {
       dwpw_tile(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * HWo * Co, H, Wd,
-                Cin, Co, Kk, s, dw_w, dw_b, pw_w, pw_b, Wo, p0, np, T, dwT, o, acc);
+                Cin, Co, Kk, s, dw_w, dw_b, pw_p, pw_b, Wo, p0, np, d, buf);
     } else {
       dwpw_tile(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * HWo * Co, H, Wd, Cin,
-                Co, Kk, s, dw_w, dw_b, pw_w, pw_b, Wo, p0, np, T, dwT, o, acc);
+                Co, Kk, s, dw_w, dw_b, pw_p, pw_b, Wo, p0, np, d, buf);
     }
   }
 }

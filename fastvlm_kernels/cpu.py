@@ -13,9 +13,10 @@ All seven ops:
   csrc/attn_impl.h);
 - ``conv_exp`` (dw conv with per-row channel sums, SE, then GELU(z·s): two passes; csrc/dwconv.cpp).
 
-The ConvFFN's fc1 / fc2 weights are handed to the C++ op in the panel layout its GEMMs read
-(``fastvlm_C::pack_linear``, see :func:`packed`); the op contract (``ops.py``) keeps the nn.Linear
-layout, so the same fused modules serve every backend. ``accelerate()`` packs them once.
+The 1x1 weights of convffn / repmixer_block (fc1, fc2), stem (w2) and patch_embed (pw) are handed
+to the C++ ops in the panel layout their GEMMs read (``fastvlm_C::pack_linear``, see :func:`packed`);
+the op contract (``ops.py``) keeps the nn.Linear layout, so the same fused modules serve every
+backend. ``accelerate()`` packs them once.
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def _dwconv(x, w, b, stride, padding, gelu):
 
 
 def packed(w: torch.Tensor) -> torch.Tensor:
-    """``w`` (N, K) in the ConvFFN GEMMs' panel layout (``fastvlm_C::pack_linear``: float32
-    (P, K, 16), 16 output channels per panel), packed once per weight tensor.
+    """``w`` (N, K) in the panel layout of the pixel-major GEMMs (ConvFFN, stem, patch_embed):
+    ``fastvlm_C::pack_linear``, float32 (P, K, 16), 16 output channels per panel; packed once per
+    weight tensor.
 
     The panels are kept on the tensor itself, tagged with its version counter, so an in-place
     update of the weight (``copy_``, ``load_state_dict``) repacks on the next call and a new tensor
@@ -61,9 +63,9 @@ def packed(w: torch.Tensor) -> torch.Tensor:
 
 
 def prepack(model: torch.nn.Module) -> None:
-    """Pack the ConvFFN weights of every fused module in ``model`` (called by ``accelerate()``)."""
+    """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``)."""
     for m in model.modules():
-        for name in ("fc1_w", "fc2_w"):
+        for name in ("fc1_w", "fc2_w", "w2", "pw_w"):
             t = getattr(m, name, None)
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 2:
                 packed(t)
@@ -80,11 +82,11 @@ def _repmixer_block(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, g
 
 
 def _stem(x, w0, b0, w1, b1, w2, b2):
-    return _C.stem_nhwc(x, w0, b0, w1, b1, w2, b2)
+    return _C.stem_nhwc(x, w0, b0, w1, b1, packed(w2), b2)
 
 
 def _patch_embed(x, dw_w, dw_b, pw_w, pw_b):
-    return _C.patch_embed_nhwc(x, dw_w, dw_b, pw_w, pw_b, 2)
+    return _C.patch_embed_nhwc(x, dw_w, dw_b, packed(pw_w), pw_b, 2)
 
 
 def _conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):

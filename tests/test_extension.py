@@ -162,6 +162,14 @@ def test_cpu_backend_repacks_when_a_weight_changes_in_place():
     assert torch.equal(cpu.packed(wi), torch.ops.fastvlm_C.pack_linear(wi))  # no version counter: packed per call
 
 
+def _stem_c(x, a):  # the C++ stem with its 1x1 weight packed
+    return torch.ops.fastvlm_C.stem_nhwc(x, *a[:4], torch.ops.fastvlm_C.pack_linear(a[4]), a[5])
+
+
+def _patch_embed_c(x, a):  # the C++ patch_embed with its 1x1 weight packed
+    return torch.ops.fastvlm_C.patch_embed_nhwc(x, a[0], a[1], torch.ops.fastvlm_C.pack_linear(a[2]), a[3], 2)
+
+
 def _isas():
     """Every ISA path this CPU can run (the widest first): FASTVLM_CPU_ISA caps the choice."""
     import fastvlm_kernels.cpu as cpu
@@ -270,7 +278,7 @@ def test_convffn_nhwc_rejects_bad_input():
 
 
 @needs_ext
-@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 13), (2, 1, 1, 8), (3, 7, 33, 20), (0, 9, 9, 8)])
+@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 13), (2, 1, 1, 8), (3, 7, 33, 20), (0, 9, 9, 8), (1, 19, 23, 45)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_stem_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
     from fastvlm_kernels import reference
@@ -283,16 +291,18 @@ def test_stem_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
     ref = reference.stem(x, *a)
     for isa in _isas():
         monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
-        y = torch.ops.fastvlm_C.stem_nhwc(x.to(dtype), *[t.to(dtype) for t in a])
+        y = _stem_c(x.to(dtype), [t.to(dtype) for t in a])
         assert y.shape == ref.shape and y.dtype == dtype
         if B:
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
     with pytest.raises(RuntimeError, match="input channels"):
-        torch.ops.fastvlm_C.stem_nhwc(torch.rand(1, 8, 8, 4), *[t.float() for t in a])
+        _stem_c(torch.rand(1, 8, 8, 4), [t.float() for t in a])
+    with pytest.raises(RuntimeError, match=r"w2p must be pack_linear\(\)"):  # an unpacked 1x1 weight
+        torch.ops.fastvlm_C.stem_nhwc(torch.rand(1, 8, 8, 3), *[t.float() for t in a])
 
 
 @needs_ext
-@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 11), (2, 1, 1, 8), (3, 7, 33, 20), (0, 5, 5, 4)])
+@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 11), (2, 1, 1, 8), (3, 7, 33, 20), (0, 5, 5, 4), (1, 21, 18, 25)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_patch_embed_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
     from fastvlm_kernels import reference
@@ -305,12 +315,14 @@ def test_patch_embed_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
     ref = reference.patch_embed(x, *a)
     for isa in _isas():
         monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
-        y = torch.ops.fastvlm_C.patch_embed_nhwc(x.to(dtype), *[t.to(dtype) for t in a], 2)
+        y = _patch_embed_c(x.to(dtype), [t.to(dtype) for t in a])
         assert y.shape == ref.shape and y.dtype == dtype
         if B:
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
     with pytest.raises(RuntimeError, match="multiple"):
-        torch.ops.fastvlm_C.patch_embed_nhwc(torch.randn(1, 5, 5, 3), *[t.float() for t in a], 2)
+        _patch_embed_c(torch.randn(1, 5, 5, 3), [t.float() for t in a])
+    with pytest.raises(RuntimeError, match=r"pw_p must be pack_linear\(\)"):
+        torch.ops.fastvlm_C.patch_embed_nhwc(torch.randn(1, 5, 5, C), *[t.float() for t in a], 2)
 
 
 def _attn_args(C, seed=0):
@@ -366,12 +378,13 @@ at = [r(12).abs() + 0.5, r(12, sc=0.1), r(36, 12, sc=0.3), r(12, 12, sc=0.3), r(
 xa = r(2, 15, 11, 12)  # 165 tokens: two key blocks
 ce = [r(3, 3, 24, sc=0.3), r(24, sc=0.1), r(6, 24, sc=0.4), r(6, sc=0.1), r(24, 6, sc=0.4), r(24, sc=0.1)]
 d = lambda ts: [t.double() for t in ts]
+pk = torch.ops.fastvlm_C.pack_linear
 cases = [
     (torch.ops.fastvlm_C.dwconv_nhwc(x, ffn[0], ffn[1], 2, 3, True), reference.dwconv(x.double(), *d(ffn[:2]), 2, 3, True)),
     (torch.ops.fastvlm_C.dwconv_nhwc(x, ffn[0], ffn[1], 1, 3, True), reference.dwconv(x.double(), *d(ffn[:2]), 1, 3, True)),
-    (torch.ops.fastvlm_C.convffn_nhwc(x, ffn[0], ffn[1], torch.ops.fastvlm_C.pack_linear(ffn[2]), ffn[3], torch.ops.fastvlm_C.pack_linear(ffn[4]), *ffn[5:]), reference.convffn(x.double(), *d(ffn))),
-    (torch.ops.fastvlm_C.stem_nhwc(px, *st), reference.stem(px.double(), *d(st))),
-    (torch.ops.fastvlm_C.patch_embed_nhwc(x, *pe, 2), reference.patch_embed(x.double(), *d(pe))),
+    (torch.ops.fastvlm_C.convffn_nhwc(x, ffn[0], ffn[1], pk(ffn[2]), ffn[3], pk(ffn[4]), *ffn[5:]), reference.convffn(x.double(), *d(ffn))),
+    (torch.ops.fastvlm_C.stem_nhwc(px, *st[:4], pk(st[4]), st[5]), reference.stem(px.double(), *d(st))),
+    (torch.ops.fastvlm_C.patch_embed_nhwc(x, pe[0], pe[1], pk(pe[2]), pe[3], 2), reference.patch_embed(x.double(), *d(pe))),
     (torch.ops.fastvlm_C.attention_mixer_nhwc(xa, *at, 4), reference.attention_mixer(xa.double(), *d(at), 4)),
     (torch.ops.fastvlm_C.conv_exp_nhwc(x, *ce), reference.conv_exp(x.double(), *d(ce))),
     (torch.ops.fastvlm_C.conv_exp_nhwc(x.bfloat16(), *ce).float(), reference.conv_exp(x.bfloat16().double(), *d(ce))),
