@@ -175,7 +175,8 @@ static inline void vst(uint16_t* p, vf v) {
 template <int M, int EPI, typename T_>
 static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, const float* __restrict__ w0,
                          const float* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
-                         int64_t ldb, int64_t n0, int64_t N, const T_* x, T_* y, int64_t ldy, const float* gamma) {
+                         int64_t ldb, int64_t n0, int64_t N, const T_* x, T_* y, int64_t ldy, const float* gamma,
+                         const float* pf) {
   vf acc0[M], acc1[M];
   if (first) {
     const vf b0 = vload(bias + n0), b1 = vload(bias + n0 + VL);
@@ -185,7 +186,18 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) acc0[r] = vload(buf + r * ldb + n0), acc1[r] = vload(buf + r * ldb + n0 + VL);
   }
-  for (int64_t k = 0; k < kc; ++k) {
+  if (pf) {  // the last pixel group of a weight slice: pull the next slice into L1 meanwhile
+    for (int64_t k = 0; k < kc; ++k) {
+      __builtin_prefetch(pf + k * PW);
+      const vf b0 = vload(w0 + k * PW), b1 = vload(w1 + k * PW);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        const float s = a[r * lda + k];
+        acc0[r] += s * b0;
+        acc1[r] += s * b1;
+      }
+    }
+  } else for (int64_t k = 0; k < kc; ++k) {
     const vf b0 = vload(w0 + k * PW), b1 = vload(w1 + k * PW);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
@@ -249,15 +261,19 @@ static void pgemm(const float* a, int64_t lda, int64_t np, int64_t K, const floa
       const int64_t na = n0, nb = n0 + VL;
       const float* w0 = Wp + (na / PW) * K * PW + k0 * PW + na % PW;
       const float* w1 = Wp + (nb / PW) * K * PW + k0 * PW + nb % PW;
+      // the next weight slice (next column of panels, else the next K block's first column)
+      const int64_t nn = n0 + NR < N ? n0 + NR : 0, nk0 = n0 + NR < N ? k0 : k0 + kc;
+      const float* wn = nk0 < K ? Wp + (nn / PW) * K * PW + nk0 * PW + nn % PW : nullptr;
       for (int64_t t0 = 0; t0 < np; t0 += MR) {
         const int m = static_cast<int>(np - t0 < MR ? np - t0 : MR);
+        const float* pf = t0 + MR >= np ? wn : nullptr;
         const float* at = a + t0 * lda + k0;
         float* bt = buf + t0 * ldb;
         const T_* xt = x ? x + t0 * ldy : nullptr;
         T_* yt = y ? y + t0 * ldy : nullptr;
         switch (m) {
 #define FVK_PT(MM) \
-  case MM: ptile<MM, EPI>(at, lda, kc, w0, w1, first, last, bias, bt, ldb, n0, N, xt, yt, ldy, gamma); break;
+  case MM: ptile<MM, EPI>(at, lda, kc, w0, w1, first, last, bias, bt, ldb, n0, N, xt, yt, ldy, gamma, pf); break;
           FVK_PT(6) FVK_PT(5) FVK_PT(4) FVK_PT(3) FVK_PT(2) FVK_PT(1)
 #undef FVK_PT
         }
