@@ -1,13 +1,16 @@
-// The fused ConvFFN tile kernel, written once against a vector type `vf` of VL floats and included
-// by ffn.cpp once per ISA (AVX2 with VL = 8, AVX-512 with VL = 16), each inside its own
-// `#pragma GCC target` region and namespace. Self-contained: plain C++ and GCC vector extensions
-// only (no intrinsics headers, no library calls; gelu.h is plain C++ too), so it compiles under any
-// target pragma.
+// The tile kernels of the ConvFFN, stem, patch_embed and the RepMixer / RepCPE depthwise convs,
+// written once against a vector type `vf` of VL floats and included by ffn.cpp once per ISA (AVX2
+// with VL = 8, AVX-512 with VL = 16, SSE with VL = 4), each inside its own `#pragma GCC target`
+// region and namespace. Self-contained: plain C++ and GCC vector extensions only (no intrinsics
+// headers, no library calls; gelu.h is plain C++ too), so it compiles under any target pragma.
 //
-// Layout trick: the 1x1 convs run transposed, hidden(4C x T) = W1(4C x C) . tile(C x T), with the
-// activation tile stored channel-major. The micro-kernel then broadcasts one weight W[n][k] and
-// multiplies it by a vector of NR = 2*VL pixels, so it streams W in its canonical (Cout, Cin)
-// layout: the weights need no per-backend packing, and each weight row is read sequentially.
+// Two GEMM drivers on the same 6 x 2-vector register tile (12 accumulators, the AVX2 maximum with
+// one broadcast and two loads live):
+//  - gemm_s, channel-major: out(N x T) = W(N x K) . in(K x T), broadcasting weights from their
+//    canonical (Cout, Cin) rows and loading vectors of pixels; attention (attn_impl.h) uses it;
+//  - pgemm, pixel-major: C(T x N) = A(T x K) . W^T on weights packed once into 16-channel panels,
+//    broadcasting activations; the ConvFFN, stem and patch_embed use it (no transposes in the tile,
+//    the epilogue writes NHWC rows of y directly).
 
 #ifndef FVK_VL
 #error "define FVK_VL (and the vf / vi types) before including ffn_impl.h"
@@ -106,12 +109,6 @@ static void gemm_s(const float* W, int64_t ldw, const float* bias, int64_t N, in
       }
     }
   }
-}
-
-// The packed case: W (N x K) and in (K x T) contiguous, out (N x T).
-static inline void gemm_t(const float* W, const float* bias, int64_t N, int64_t K, const float* in, int64_t T,
-                          float* out, bool gelu) {
-  gemm_s(W, K, bias, N, K, in, T, T, out, T, gelu);
 }
 
 // Storage <-> float. bf16 is carried as uint16_t bits; the store rounds to nearest even.
