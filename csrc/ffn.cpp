@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -227,8 +228,14 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   TORCH_CHECK(H >= 1 && W >= 1, "stem_nhwc: x must have H, W >= 1, got ", x.sizes());
   check_packed(w2p, C, C, "stem_nhwc: w2p");
   const int64_t Cp = (C + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel;
-  const at::Tensor w0p = as_f32(w0, "stem_nhwc: w0", {C, Cin, 3, 3}).permute({2, 3, 1, 0}).contiguous();  // (3, 3, Cin, C)
-  const at::Tensor fb0 = as_f32(b0, "stem_nhwc: b0", {C}), fw1 = as_f32(w1, "stem_nhwc: w1", {3, 3, C}), fb1 = as_f32(b1, "stem_nhwc: b1", {C});
+  // the conv weights and biases zero padded to Cs channels (a multiple of 16): whole vectors on every ISA
+  const int64_t Cs = (C + 15) / 16 * 16;
+  const auto pad_c = [&](const at::Tensor& t) {  // last dim C -> Cs
+    return at::constant_pad_nd(t, {0, Cs - C}).contiguous();
+  };
+  const at::Tensor w0p = pad_c(as_f32(w0, "stem_nhwc: w0", {C, Cin, 3, 3}).permute({2, 3, 1, 0}));  // (3, 3, Cin, Cs)
+  const at::Tensor fb0 = pad_c(as_f32(b0, "stem_nhwc: b0", {C})), fw1 = pad_c(as_f32(w1, "stem_nhwc: w1", {3, 3, C}));
+  const at::Tensor fb1 = pad_c(as_f32(b1, "stem_nhwc: b1", {C}));
   const at::Tensor fb2 = padded_f32(b2, "stem_nhwc: b2", C, Cp);
   const int64_t H1 = (H - 1) / 2 + 1, W1 = (W - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
   const at::Tensor xc = x.contiguous();
@@ -237,13 +244,13 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   const Isa isa = active_isa();
   const int64_t T = gemm_tile(B * H2 * W2);
   const int64_t per_image = (H2 * W2 + T - 1) / T, tiles = B * per_image;
-  const int64_t scratch = T * (C + Cp);
+  const int64_t scratch = T * (Cs + Cp);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   const float *p0 = w0p.data_ptr<float>(), *pb0 = fb0.data_ptr<float>(), *p1 = fw1.data_ptr<float>(),
               *pb1 = fb1.data_ptr<float>(), *p2 = w2p.data_ptr<float>(), *pb2 = fb2.data_ptr<float>();
-  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, p0, pb0, p1, pb1, p2, pb2, T);
+  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, Cs, p0, pb0, p1, pb1, p2, pb2, T);
   return y;
 }
 

@@ -481,63 +481,42 @@ static inline void stem_pixel_chunk(const T_* x, int64_t H, int64_t Wd, int64_t 
   for (int v = 0; v < NV; ++v) vstore(out + c + v * VL, vgelu(acc[v]));
 }
 
+// Cs: the channel count the conv weights and biases are zero padded to (a multiple of 16, so of
+// every VL); the tile's rows have that stride and the 1x1 reads their first C.
 template <typename T_>
-static void stem_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t C, const float* w0p,
-                      const float* b0, const float* w1, const float* b1, const float* w2p, const float* b2,
-                      int64_t H1, int64_t W1, int64_t W2, int64_t p0, int64_t np, float* d, float* buf) {
-  const int64_t Cv = C / VL * VL, Cp = (C + NR - 1) / NR * NR;
+static void stem_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t C, int64_t Cs,
+                      const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
+                      const float* b2, int64_t H1, int64_t W1, int64_t W2, int64_t p0, int64_t np, float* d,
+                      float* buf) {
+  const int64_t Cp = (C + NR - 1) / NR * NR;
   for (int64_t j = 0; j < np; ++j) {
     const int64_t p = p0 + j, oh = p / W2, ow = p % W2;
-    float* out = d + j * C;
+    float* out = d + j * Cs;
     int64_t c = 0;
-    for (; c + 4 * VL <= Cv; c += 4 * VL) stem_pixel_chunk<4>(x, H, Wd, Cin, C, w0p, b0, w1, b1, H1, W1, oh, ow, c, out);
-    for (; c < Cv; c += VL) stem_pixel_chunk<1>(x, H, Wd, Cin, C, w0p, b0, w1, b1, H1, W1, oh, ow, c, out);
-    for (; c < C; ++c) {  // channels past the last whole vector
-      float acc = b1[c];
-      for (int64_t kh = 0; kh < 3; ++kh) {
-        const int64_t ih1 = oh * 2 - 1 + kh;
-        if (ih1 < 0 || ih1 >= H1) continue;
-        for (int64_t kw = 0; kw < 3; ++kw) {
-          const int64_t iw1 = ow * 2 - 1 + kw;
-          if (iw1 < 0 || iw1 >= W1) continue;
-          float m = b0[c];
-          for (int64_t th = 0; th < 3; ++th) {
-            const int64_t ih = ih1 * 2 - 1 + th;
-            if (ih < 0 || ih >= H) continue;
-            for (int64_t tw = 0; tw < 3; ++tw) {
-              const int64_t iw = iw1 * 2 - 1 + tw;
-              if (iw < 0 || iw >= Wd) continue;
-              for (int64_t ci = 0; ci < Cin; ++ci)
-                m += ld(x, (ih * Wd + iw) * Cin + ci) * w0p[((th * 3 + tw) * Cin + ci) * C + c];
-            }
-          }
-          acc += gelu_scalar(m) * w1[(kh * 3 + kw) * C + c];
-        }
-      }
-      out[c] = gelu_scalar(acc);
-    }
+    for (; c + 4 * VL <= Cs; c += 4 * VL)
+      stem_pixel_chunk<4>(x, H, Wd, Cin, Cs, w0p, b0, w1, b1, H1, W1, oh, ow, c, out);
+    for (; c < Cs; c += VL) stem_pixel_chunk<1>(x, H, Wd, Cin, Cs, w0p, b0, w1, b1, H1, W1, oh, ow, c, out);
   }
-  pgemm<2, T_>(d, C, np, C, w2p, C, b2, buf, Cp, nullptr, y + p0 * C, C, nullptr);
+  pgemm<2, T_>(d, Cs, np, C, w2p, C, b2, buf, Cp, nullptr, y + p0 * C, C, nullptr);
 }
 
-// Tiles [t_begin, t_end) of a batch of images (H x Wd x Cin) -> (H2 x W2 x C). b0, b1 (and w0p's,
-// w1's channel rows) are used in whole vectors up to C rounded down; b2 is padded to Cp floats.
-// `scratch`: T * (C + Cp) floats.
+// Tiles [t_begin, t_end) of a batch of images (H x Wd x Cin) -> (H2 x W2 x C). w0p, b0, w1, b1
+// are zero padded to Cs channels (stem_tile), b2 to Cp floats. `scratch`: T * (Cs + Cp) floats.
 static void stem_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t C,
-                       const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
+                       int64_t Cs, const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
                        const float* b2, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t H1 = (H - 1) / 2 + 1, W1 = (Wd - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
   const int64_t HW2 = H2 * W2, per_image = (HW2 + T - 1) / T, Cp = (C + NR - 1) / NR * NR;
-  float *d = scratch, *buf = d + C * T;
+  float *d = scratch, *buf = d + Cs * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = (t % per_image) * T;
     const int64_t np = HW2 - p0 < T ? HW2 - p0 : T;
     if (bf16) {
       stem_tile(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * HW2 * C, H, Wd,
-                Cin, C, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, d, buf);
+                Cin, C, Cs, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, d, buf);
     } else {
       stem_tile(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * HW2 * C, H, Wd, Cin,
-                C, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, d, buf);
+                C, Cs, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, d, buf);
     }
   }
 }
