@@ -28,13 +28,6 @@ namespace fastvlm {
 void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu);
 namespace {
 
-// Exact-form GELU, the rational erf of gelu.h (the same formula as the vector kernels' vgelu).
-FVK_INLINE float gelu_as(float x) {
-  float fvk_gelu_out;
-  FVK_GELU_BODY(float, x, 1.f);
-  return fvk_gelu_out;
-}
-
 // One output pixel's Cout channels: acc = bias + sum over valid taps of x[tap][co / M] * w[tap][co].
 template <typename in_t>
 FVK_INLINE void dw_pixel(const in_t* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
@@ -74,7 +67,7 @@ FVK_INLINE void dw_pixel(const in_t* __restrict__ x, const float* __restrict__ w
       dw_pixel<IN_T>(x, w, bias, acc, H, W, Cin, Cout, M, K, oh * stride - pad, ow * stride - pad);       \
       IN_T* op = out + ow * Cout;                                                                       \
       if (gelu) {                                                                                       \
-        for (int64_t c = 0; c < Cout; ++c) op[c] = from_float<IN_T>(gelu_as(acc[c]));                  \
+        for (int64_t c = 0; c < Cout; ++c) op[c] = from_float<IN_T>(gelu_scalar(acc[c]));                  \
       } else {                                                                                          \
         for (int64_t c = 0; c < Cout; ++c) op[c] = from_float<IN_T>(acc[c]);                            \
       }                                                                                                 \
@@ -104,7 +97,7 @@ FVK_CLONES void dw_row_sums(const IN_T* x, const float* w, const float* bias, fl
 template <typename OUT_T>
 FVK_CLONES void scale_gelu_row(const float* z, const float* s, OUT_T* y, int64_t Wo, int64_t Cout) {
   for (int64_t ow = 0; ow < Wo; ++ow)
-    for (int64_t c = 0; c < Cout; ++c) y[ow * Cout + c] = from_float<OUT_T>(gelu_as(z[ow * Cout + c] * s[c]));
+    for (int64_t c = 0; c < Cout; ++c) y[ow * Cout + c] = from_float<OUT_T>(gelu_scalar(z[ow * Cout + c] * s[c]));
 }
 
 }  // namespace

@@ -368,12 +368,6 @@ static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, c
 // Depthwise KxK, stride 1, 'same' padding, multiplier 1 (the RepMixer and RepCPE convs) through
 // dw_rows: image rows [r_begin, r_end) of a batch (row r: image r / H, row r % H), optional GELU.
 // `scratch` holds Wd * C floats (bf16 output, or GELU tails).
-static inline float gelu_scalar(float x) {
-  float fvk_gelu_out;
-  FVK_GELU_BODY(float, x, 1.f);
-  return fvk_gelu_out;
-}
-
 static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Kk,
                          const float* w, const float* b, bool gelu, int64_t r_begin, int64_t r_end, float* scratch) {
   const int64_t n = Wd * C, nv = n / VL * VL;
@@ -386,7 +380,7 @@ static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t W
       dw_rows(static_cast<const float*>(x) + img, H, Wd, C, Kk, w, b, h * Wd, Wd, row);
     if (gelu) {
       for (int64_t i = 0; i < nv; i += VL) vstore(row + i, vgelu(vload(row + i)));
-      for (int64_t i = nv; i < n; ++i) row[i] = gelu_scalar(row[i]);
+      for (int64_t i = nv; i < n; ++i) row[i] = ::fastvlm::gelu_scalar(row[i]);
     }
     if (bf16) {
       uint16_t* out = static_cast<uint16_t*>(y) + r * n;
@@ -573,7 +567,7 @@ static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, in
       for (int64_t kh = kh0; kh < kh1; ++kh)
         for (int64_t kw = kw0; kw < kw1; ++kw)
           a += ld(x, ((oh * s - pad + kh) * Wd + (ow * s - pad + kw)) * Cin + c / M) * dw_w[(kh * Kk + kw) * Co + c];
-      out[c] = gelu_scalar(a);
+      out[c] = ::fastvlm::gelu_scalar(a);
     }
   }
   pgemm<2, T_>(d, Co, np, Co, pw_p, Co, pw_b, buf, Cop, nullptr, y + p0 * Co, Co, nullptr);

@@ -35,3 +35,12 @@ constexpr float Q1 = 0.5043461771171013f, Q2 = 0.11516609335979094f, Q3 = 0.0151
     const V h = (x) * 0.5f;                                                          \
     fvk_gelu_out = h + h * (z * p / q);                                              \
   } while (0)
+
+namespace fastvlm {
+// The scalar form, for channel tails and the scalar kernels (dwconv.cpp, ffn_impl.h).
+inline float gelu_scalar(float x) {
+  float fvk_gelu_out;
+  FVK_GELU_BODY(float, x, 1.f);
+  return fvk_gelu_out;
+}
+}  // namespace fastvlm
