@@ -1,85 +1,92 @@
 // The attention mixer y = x + gamma * proj(MHSA(LayerNormChannel(x))), included by ffn.cpp after
-// ffn_impl.h once per ISA (same vector type `vf`, `gemm_s` on the micro-kernel, `ld`/`st`, `vexp`).
+// ffn_impl.h once per ISA (same vector type `vf`, `pgemm` / `gemm_s`, `ld`/`st`, `vexp`).
 //
-// Two phases per batch, each parallel over tiles and deterministic (one thread per tile, fixed order):
-//  1. qkv_tiles, per tile of T tokens: LayerNormChannel of each token (fp32 statistics) goes
-//     channel-major into the tile, then qkv^T (3C x T) = Wqkv . ln^T on the micro-kernel (the
-//     LayerNorm is the GEMM's prologue: the normalised activation never leaves the tile). The tile
-//     is scattered per head into Qt (d x Np, pre-scaled by head_dim^-0.5), K (N x d) and Vt (d x Np).
+// Three phases per batch, each parallel over tiles and deterministic (one thread per tile, fixed order):
+//  1. qkv_tiles, per tile of tokens (the 1x1 ops' tiling): LayerNormChannel of each token (fp32
+//     statistics) into pixel rows, then qkv (T x 3C) = ln . Wqkv^T on pgemm with the packed weight
+//     (the LayerNorm is the GEMM's prologue: the normalised activation never leaves the tile). The
+//     tile is scattered per head into Qt (d x Np, pre-scaled by head_dim^-0.5), K (N x d), Vt (d x Np).
 //  2. attn_tiles, per tile of Tq queries: for every head, flash attention over key blocks of BK:
 //     S^T (BK x Tq) = K_blk . Q^T, online softmax down each query column (running max / sum, the
-//     output rescaled when the max moves), O^T += Vt_blk . P^T; no N x N matrix exists. The tile's
-//     O^T (C x Tq) then goes through proj (C x C) + bias, and the epilogue writes
-//     y = x + gamma * out. Queries are the vector dimension throughout (2 vectors per micro-tile).
+//     output rescaled when the max moves), O^T += Vt_blk . P^T; no N x N matrix exists. Queries are
+//     the vector dimension (2 vectors per micro-tile, gemm_s). The tile's O goes to O (N x C rows).
+//  3. proj_tiles, per tile of tokens: y = x + gamma * (O . Wproj^T + b) on pgemm with the packed
+//     weight, the fc2 epilogue (layer scale + residual, storage dtype) writing y's rows.
+// Phases 1 and 3 read each weight once per tile of ~96 tokens (not per 16-32 queries).
 // Buffers Qt / Vt are padded to Np = a multiple of Tq columns (zero), so micro-tiles never read
 // past them; padded queries are computed and dropped.
 
-// Phase 1 for tiles [t_begin, t_end): tile t = image t / per_image, tokens from (t % per_image) * T.
-// scratch: C * T (ln^T) + 3C * T (qkv^T) floats. `zeros`: >= 3C zero floats (no qkv bias).
+static inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VL; ++i) s += v[i];
+  return s;
+}
+
+// Phase 1 for tiles [t_begin, t_end) of `per_image` tiles per image. scratch: T * C (ln rows) +
+// T * ldq (qkv rows) floats, ldq = 3C rounded up to 32. `zeros`: >= ldq zero floats (no qkv bias).
 template <typename T_>
 static void qkv_tile(const T_* x, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
-                     const float* wqkv, const float* zeros, float scale, int64_t p0, int64_t np, int64_t T,
-                     float* lnT, float* qkvT, float* Qt, float* Kb, float* Vt, int64_t Np) {
-  for (int64_t j = 0; j < T; ++j) {
-    if (j >= np) {
-      for (int64_t c = 0; c < C; ++c) lnT[c * T + j] = 0.f;
-      continue;
-    }
+                     const float* wqkv_p, const float* zeros, float scale, int64_t p0, int64_t np, float* ln,
+                     float* qkv, int64_t ldq, float* Qt, float* Kb, float* Vt, int64_t Np) {
+  for (int64_t j = 0; j < np; ++j) {
     const T_* xp = x + (p0 + j) * C;
-    double s = 0.0;
-    for (int64_t c = 0; c < C; ++c) s += ld(xp, c);
-    const float mean = static_cast<float>(s / C);
-    double v = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const float d = ld(xp, c) - mean;
-      v += static_cast<double>(d) * d;
+    float* o = ln + j * C;
+    vf sv = vset(0.f);
+    int64_t c = 0;
+    for (; c + VL <= C; c += VL) sv += vld(xp + c);
+    float sum = hsum(sv);
+    for (; c < C; ++c) sum += ld(xp, c);
+    const float mean = sum / C;
+    const vf mv = vset(mean);
+    sv = vset(0.f);
+    for (c = 0; c + VL <= C; c += VL) {
+      const vf dv = vld(xp + c) - mv;
+      sv += dv * dv;
     }
-    const float rstd = static_cast<float>(1.0 / std::sqrt(v / C + 1e-5));
-    for (int64_t c = 0; c < C; ++c) lnT[c * T + j] = (ld(xp, c) - mean) * rstd * ln_w[c] + ln_b[c];
+    float var = hsum(sv);
+    for (; c < C; ++c) var += (ld(xp, c) - mean) * (ld(xp, c) - mean);
+    const float rstd = 1.f / std::sqrt(var / C + 1e-5f);
+    const vf rv = vset(rstd);
+    for (c = 0; c + VL <= C; c += VL) vstore(o + c, (vld(xp + c) - mv) * rv * vload(ln_w + c) + vload(ln_b + c));
+    for (; c < C; ++c) o[c] = (ld(xp, c) - mean) * rstd * ln_w[c] + ln_b[c];
   }
-  gemm_s(wqkv, C, zeros, 3 * C, C, lnT, T, T, qkvT, T, false);
+  pgemm<3, T_>(ln, C, np, C, wqkv_p, 3 * C, zeros, qkv, ldq, nullptr, nullptr, 0, nullptr);
   const int64_t heads = C / hd;
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t d = 0; d < hd; ++d) {
-      const float* q = qkvT + (h * hd + d) * T;
-      const float* v = qkvT + (2 * C + h * hd + d) * T;
-      float* qo = Qt + (h * hd + d) * Np + p0;
-      float* vo = Vt + (h * hd + d) * Np + p0;
-      for (int64_t j = 0; j < np; ++j) {
-        qo[j] = q[j] * scale;
-        vo[j] = v[j];
-      }
-      const float* k = qkvT + (C + h * hd + d) * T;
-      float* ko = Kb + (h * N + p0) * hd + d;
-      for (int64_t j = 0; j < np; ++j) ko[j * hd] = k[j];
+  for (int64_t c = 0; c < C; ++c) {  // q and v channel-major (queries / keys along the vector), pre-scaled q
+    float* qo = Qt + c * Np + p0;
+    float* vo = Vt + c * Np + p0;
+    for (int64_t j = 0; j < np; ++j) {
+      qo[j] = qkv[j * ldq + c] * scale;
+      vo[j] = qkv[j * ldq + 2 * C + c];
     }
   }
+  for (int64_t h = 0; h < heads; ++h)  // k per head, token rows of hd
+    for (int64_t j = 0; j < np; ++j)
+      std::memcpy(Kb + (h * N + p0 + j) * hd, qkv + j * ldq + C + h * hd, hd * sizeof(float));
 }
 
 static void qkv_tiles(const void* x, bool bf16, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
-                      const float* wqkv, const float* zeros, float scale, float* Qt, float* Kb, float* Vt, int64_t Np,
-                      int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
-  const int64_t per_image = (N + T - 1) / T;
-  float *lnT = scratch, *qkvT = lnT + C * T;
+                      const float* wqkv_p, const float* zeros, float scale, float* Qt, float* Kb, float* Vt, int64_t Np,
+                      int64_t ldq, int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
+  float *ln = scratch, *qkv = ln + C * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t b = t / per_image, p0 = (t % per_image) * T, np = N - p0 < T ? N - p0 : T;
+    const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);
+    const int64_t np = tile_start(N, per_image, t % per_image + 1) - p0;
     float *qt = Qt + b * C * Np, *kb = Kb + b * N * C, *vt = Vt + b * C * Np;
     if (bf16)
-      qkv_tile(static_cast<const uint16_t*>(x) + b * N * C, N, C, hd, ln_w, ln_b, wqkv, zeros, scale, p0, np, T, lnT,
-               qkvT, qt, kb, vt, Np);
+      qkv_tile(static_cast<const uint16_t*>(x) + b * N * C, N, C, hd, ln_w, ln_b, wqkv_p, zeros, scale, p0, np, ln,
+               qkv, ldq, qt, kb, vt, Np);
     else
-      qkv_tile(static_cast<const float*>(x) + b * N * C, N, C, hd, ln_w, ln_b, wqkv, zeros, scale, p0, np, T, lnT,
-               qkvT, qt, kb, vt, Np);
+      qkv_tile(static_cast<const float*>(x) + b * N * C, N, C, hd, ln_w, ln_b, wqkv_p, zeros, scale, p0, np, ln, qkv,
+               ldq, qt, kb, vt, Np);
   }
 }
 
 // Phase 2 for query tiles [t_begin, t_end). scratch: BK * Tq (S / P) + 2 * hd * Tq (O^T, V.P)
-// + C * Tq (all heads' O^T) + C * Tq (proj out) + 2 * Tq (max, sum) floats.
-template <typename T_>
-static void attn_tile(const T_* x, T_* y, int64_t N, int64_t C, int64_t hd, const float* Qt, const float* Kb,
-                      const float* Vt, int64_t Np, const float* wp, const float* bp, const float* gamma,
-                      const float* zeros, int64_t q0, int64_t nq, int64_t Tq, int64_t BK, float* S, float* Oh,
-                      float* PV, float* Ot, float* out, float* mx, float* sm) {
+// + 2 * Tq (max, sum) floats. O: (N x C) rows of the attention output (all heads), float32.
+static void attn_tile(int64_t N, int64_t C, int64_t hd, const float* Qt, const float* Kb, const float* Vt,
+                      int64_t Np, const float* zeros, int64_t q0, int64_t nq, int64_t Tq, int64_t BK, float* S,
+                      float* Oh, float* PV, float* mx, float* sm, float* O) {
   const int64_t heads = C / hd;
   for (int64_t h = 0; h < heads; ++h) {
     const float* q = Qt + h * hd * Np + q0;  // (hd x Tq), row stride Np
@@ -115,31 +122,36 @@ static void attn_tile(const T_* x, T_* y, int64_t N, int64_t C, int64_t hd, cons
       gemm_s(vh + k0, Np, zeros, hd, nk, S, Tq, Tq, PV, Tq, false);  // (hd x Tq) = Vt_blk . P^T
       for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vload(Oh + i) + vload(PV + i));
     }
-    for (int64_t d = 0; d < hd; ++d)
-      for (int64_t j = 0; j < Tq; j += VL) vstore(Ot + (h * hd + d) * Tq + j, vload(Oh + d * Tq + j) / vload(sm + j));
-  }
-  gemm_s(wp, C, bp, C, C, Ot, Tq, Tq, out, Tq, false);  // proj + bias
-  for (int64_t j = 0; j < nq; ++j) {
-    const int64_t base = (q0 + j) * C;
-    for (int64_t c = 0; c < C; ++c) st(y, base + c, ld(x, base + c) + gamma[c] * out[c * Tq + j]);
+    for (int64_t j = 0; j < nq; ++j)  // O^T / sum -> the queries' rows of O
+      for (int64_t d = 0; d < hd; ++d) O[(q0 + j) * C + h * hd + d] = Oh[d * Tq + j] / sm[j];
   }
 }
 
-static void attn_tiles(const void* x, void* y, bool bf16, int64_t N, int64_t C, int64_t hd, const float* Qt,
-                       const float* Kb, const float* Vt, int64_t Np, const float* wp, const float* bp,
-                       const float* gamma, const float* zeros, int64_t Tq, int64_t BK, int64_t t_begin, int64_t t_end,
+static void attn_tiles(int64_t N, int64_t C, int64_t hd, const float* Qt, const float* Kb, const float* Vt, int64_t Np,
+                       const float* zeros, int64_t Tq, int64_t BK, float* O, int64_t t_begin, int64_t t_end,
                        float* scratch) {
   const int64_t per_image = (N + Tq - 1) / Tq;
-  float *S = scratch, *Oh = S + BK * Tq, *PV = Oh + hd * Tq, *Ot = PV + hd * Tq, *out = Ot + C * Tq,
-        *mx = out + C * Tq, *sm = mx + Tq;
+  float *S = scratch, *Oh = S + BK * Tq, *PV = Oh + hd * Tq, *mx = PV + hd * Tq, *sm = mx + Tq;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, q0 = (t % per_image) * Tq, nq = N - q0 < Tq ? N - q0 : Tq;
-    const float *qt = Qt + b * C * Np, *kb = Kb + b * N * C, *vt = Vt + b * C * Np;
+    attn_tile(N, C, hd, Qt + b * C * Np, Kb + b * N * C, Vt + b * C * Np, Np, zeros, q0, nq, Tq, BK, S, Oh, PV, mx, sm,
+              O + b * N * C);
+  }
+}
+
+// Phase 3 for tiles [t_begin, t_end) of `per_image` tiles per image: y = x + gamma * (O . Wp^T + bp)
+// (pgemm, the fc2 epilogue). bp and gamma zero padded to Cp floats; scratch: T * Cp floats.
+static void proj_tiles(const void* x, void* y, bool bf16, int64_t N, int64_t C, const float* O, const float* wp_p,
+                       const float* bp, const float* gamma, int64_t Cp, int64_t per_image, int64_t T, int64_t t_begin,
+                       int64_t t_end, float* scratch) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);
+    const int64_t np = tile_start(N, per_image, t % per_image + 1) - p0, off = (b * N + p0) * C;
     if (bf16)
-      attn_tile(static_cast<const uint16_t*>(x) + b * N * C, static_cast<uint16_t*>(y) + b * N * C, N, C, hd, qt, kb,
-                vt, Np, wp, bp, gamma, zeros, q0, nq, Tq, BK, S, Oh, PV, Ot, out, mx, sm);
+      pgemm<1>(O + off, C, np, C, wp_p, C, bp, scratch, Cp, static_cast<const uint16_t*>(x) + off,
+               static_cast<uint16_t*>(y) + off, C, gamma);
     else
-      attn_tile(static_cast<const float*>(x) + b * N * C, static_cast<float*>(y) + b * N * C, N, C, hd, qt, kb, vt,
-                Np, wp, bp, gamma, zeros, q0, nq, Tq, BK, S, Oh, PV, Ot, out, mx, sm);
+      pgemm<1>(O + off, C, np, C, wp_p, C, bp, scratch, Cp, static_cast<const float*>(x) + off,
+               static_cast<float*>(y) + off, C, gamma);
   }
 }

@@ -138,16 +138,22 @@ static void check_packed(const at::Tensor& wp, int64_t N, int64_t K, const char*
               ", ", kPanel, "), got ", wp.scalar_type(), " ", wp.sizes());
 }
 
-// Tile width for the 1x1-GEMM ops: at most 96 pixels, a multiple of the 6-pixel micro-tile, and
-// enough tiles to give every thread the same number where the image is small (FASTVLM_FFN_TILE
-// overrides the 96). T does not change results: each output is summed in the same order.
-static int64_t gemm_tile(int64_t total) {
-  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+// Tiling of the 1x1-GEMM ops: `n` tiles per image of at most `T` pixels (whole 6-pixel groups,
+// spread evenly by tile_start), about 96 pixels each (FASTVLM_FFN_TILE overrides the 96), and the
+// tile count over the batch a multiple of the thread count where that is reachable, so every
+// thread gets the same number of pixels. Tiling does not change results: each output is summed in
+// the same order whatever tile computes it.
+struct Tiling {
+  int64_t n, T;
+};
+static Tiling gemm_tiling(int64_t B, int64_t HW) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads()), groups = (HW + 5) / 6;
   int64_t T = 96;
   if (const char* env = std::getenv("FASTVLM_FFN_TILE")) T = std::max<int64_t>(6, std::atoll(env) / 6 * 6);
-  int64_t n = (total + T - 1) / T;
-  n = (n + nth - 1) / nth * nth;
-  return std::max<int64_t>(6, std::min<int64_t>(T, ((total + n - 1) / n + 5) / 6 * 6));
+  int64_t n = (HW + T - 1) / T;
+  for (int64_t k = 0; k < nth && (B * n) % nth; ++k) ++n;
+  n = std::max<int64_t>(1, std::min(n, groups));
+  return {n, (groups + n - 1) / n * 6};
 }
 
 at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
@@ -182,16 +188,17 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
   if (B == 0 || H == 0 || W == 0 || C == 0) return y;
 
   const Isa isa = active_isa();
-  const int64_t T = gemm_tile(B * H * W);
-  const int64_t per_image = (H * W + T - 1) / T, tiles = B * per_image;
-  const int64_t scratch = T * (C + Hdp + Cp);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   const float *pdw = dww.data_ptr<float>(), *pdb = dwb.data_ptr<float>(), *p1 = fc1_wp.data_ptr<float>(),
               *pb1 = b1.data_ptr<float>(), *p2 = fc2_wp.data_ptr<float>(), *pb2 = b2.data_ptr<float>(),
               *pg = g.data_ptr<float>();
-  FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, T);
+  const Tiling tl = gemm_tiling(B, H * W);
+  const int64_t T = tl.T, tiles = B * tl.n;
+  const int64_t scratch = T * (C + Hdp + 16 + Cp);  // Hdp + 16 >= ffn_impl.h's hid_stride(Hd) on every ISA
+  FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, tl.n,
+                     T);
   return y;
 }
 
@@ -228,29 +235,26 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   TORCH_CHECK(H >= 1 && W >= 1, "stem_nhwc: x must have H, W >= 1, got ", x.sizes());
   check_packed(w2p, C, C, "stem_nhwc: w2p");
   const int64_t Cp = (C + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel;
-  // the conv weights and biases zero padded to Cs channels (a multiple of 16): whole vectors on every ISA
-  const int64_t Cs = (C + 15) / 16 * 16;
-  const auto pad_c = [&](const at::Tensor& t) {  // last dim C -> Cs
-    return at::constant_pad_nd(t, {0, Cs - C}).contiguous();
-  };
-  const at::Tensor w0p = pad_c(as_f32(w0, "stem_nhwc: w0", {C, Cin, 3, 3}).permute({2, 3, 1, 0}));  // (3, 3, Cin, Cs)
-  const at::Tensor fb0 = pad_c(as_f32(b0, "stem_nhwc: b0", {C})), fw1 = pad_c(as_f32(w1, "stem_nhwc: w1", {3, 3, C}));
-  const at::Tensor fb1 = pad_c(as_f32(b1, "stem_nhwc: b1", {C}));
+  // the conv3x3 as a GEMM over (3, 3, Cin) patches: its weight packed like the 1x1s (small: per call)
+  const at::Tensor w0p = pack_linear(as_f32(w0, "stem_nhwc: w0", {C, Cin, 3, 3}).permute({0, 2, 3, 1}).reshape({C, 9 * Cin}));
+  const at::Tensor fb0 = padded_f32(b0, "stem_nhwc: b0", C, Cp), fb1 = padded_f32(b1, "stem_nhwc: b1", C, Cp);
+  const at::Tensor fw1 = at::constant_pad_nd(as_f32(w1, "stem_nhwc: w1", {3, 3, C}), {0, Cp - C}).contiguous();
   const at::Tensor fb2 = padded_f32(b2, "stem_nhwc: b2", C, Cp);
   const int64_t H1 = (H - 1) / 2 + 1, W1 = (W - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({B, H2, W2, C}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || C == 0) return y;
   const Isa isa = active_isa();
-  const int64_t T = gemm_tile(B * H2 * W2);
-  const int64_t per_image = (H2 * W2 + T - 1) / T, tiles = B * per_image;
-  const int64_t scratch = T * (Cs + Cp);
+  const Tiling tl = gemm_tiling(B, H2 * W2);
+  const int64_t T = tl.T, tiles = B * tl.n;
+  const int64_t scratch = 3 * (2 * T + 1) * (9 * Cin + Cp) + 2 * T * Cp;  // ffn_impl.h's stem_scratch
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   const float *p0 = w0p.data_ptr<float>(), *pb0 = fb0.data_ptr<float>(), *p1 = fw1.data_ptr<float>(),
               *pb1 = fb1.data_ptr<float>(), *p2 = w2p.data_ptr<float>(), *pb2 = fb2.data_ptr<float>();
-  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, Cs, p0, pb0, p1, pb1, p2, pb2, T);
+  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, Cp, p0, pb0, p1, pb1, p2, pb2, tl.n,
+                     T);
   return y;
 }
 
@@ -278,25 +282,27 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
   at::Tensor y = at::empty({B, Ho, Wo, Co}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0) return y;
   const Isa isa = active_isa();
-  const int64_t T = gemm_tile(B * Ho * Wo);
-  const int64_t per_image = (Ho * Wo + T - 1) / T, tiles = B * per_image;
+  const Tiling tl = gemm_tiling(B, Ho * Wo);
+  const int64_t T = tl.T, tiles = B * tl.n;
   const int64_t scratch = T * (Co + Cop);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   const float *pfw = fw.data_ptr<float>(), *pfb = fb.data_ptr<float>(), *ppw = pw_p.data_ptr<float>(),
               *ppb = pb.data_ptr<float>();
-  FVK_PARALLEL_TILES(dwpw_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, T);
+  FVK_PARALLEL_TILES(dwpw_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, tl.n,
+                     T);
   return y;
 }
 
 // fastvlm_C::attention_mixer_nhwc -- y = x + gamma * proj(MHSA(LayerNormChannel(x))) (attn_impl.h):
 // LayerNorm fused into the qkv GEMM, flash attention (online softmax over key blocks, no N x N
 // matrix), proj + bias + layer scale + residual in the epilogue.
-//   x (B, H, W, C) float32/bf16; ln_w, ln_b (C); qkv_w (3C, C) [q | k | v, heads of head_dim];
-//   proj_w (C, C), proj_b (C); gamma (C). Softmax scale head_dim^-0.5, LayerNorm eps 1e-5.
+//   x (B, H, W, C) float32/bf16; ln_w, ln_b (C); qkv_wp = pack_linear(qkv_w (3C, C)) [q | k | v,
+//   heads of head_dim]; proj_wp = pack_linear(proj_w (C, C)), proj_b (C); gamma (C).
+//   Softmax scale head_dim^-0.5, LayerNorm eps 1e-5.
 at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b,
-                                const at::Tensor& qkv_w, const at::Tensor& proj_w, const at::Tensor& proj_b,
+                                const at::Tensor& qkv_wp, const at::Tensor& proj_wp, const at::Tensor& proj_b,
                                 const at::Tensor& gamma, int64_t head_dim) {
   TORCH_CHECK(x.device().is_cpu(), "attention_mixer_nhwc: x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "attention_mixer_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
@@ -305,38 +311,40 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   const int64_t B = x.size(0), N = x.size(1) * x.size(2), C = x.size(3);
   TORCH_CHECK(head_dim >= 1 && C % head_dim == 0, "attention_mixer_nhwc: C = ", C, " is not a multiple of head_dim ",
               head_dim);
-  const at::Tensor lw = as_f32(ln_w, "attention_mixer_nhwc: ln_w", {C}), lb = as_f32(ln_b, "attention_mixer_nhwc: ln_b", {C});
-  const at::Tensor wq = as_f32(qkv_w, "attention_mixer_nhwc: qkv_w", {3 * C, C});
-  const at::Tensor wp = as_f32(proj_w, "attention_mixer_nhwc: proj_w", {C, C});
-  const at::Tensor bp = as_f32(proj_b, "attention_mixer_nhwc: proj_b", {C}), g = as_f32(gamma, "attention_mixer_nhwc: gamma", {C});
+  const at::Tensor lw = padded_f32(ln_w, "attention_mixer_nhwc: ln_w", C, C),
+                   lb = padded_f32(ln_b, "attention_mixer_nhwc: ln_b", C, C);
+  check_packed(qkv_wp, 3 * C, C, "attention_mixer_nhwc: qkv_wp");
+  check_packed(proj_wp, C, C, "attention_mixer_nhwc: proj_wp");
+  const int64_t Cp = packed_panels(C) * kPanel, ldq = packed_panels(3 * C) * kPanel;
+  const at::Tensor bp = padded_f32(proj_b, "attention_mixer_nhwc: proj_b", C, Cp),
+                   g = padded_f32(gamma, "attention_mixer_nhwc: gamma", C, Cp);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || N == 0 || C == 0) return y;
 
   const Isa isa = active_isa();
   const int64_t nr = isa == Isa::avx512 ? 32 : (isa == Isa::avx2 ? 16 : 8);
-  // phase 1 tile: ln^T + qkv^T (4C x T floats) in about half of a 1 MiB L2
-  int64_t T = (512 * 1024 / 4) / (4 * C);
-  T = std::max<int64_t>(nr, std::min<int64_t>(128, T / nr * nr));
+  const Tiling tl = gemm_tiling(B, N);  // phases 1 and 3
   const int64_t Tq = 2 * nr, BK = 128;
-  const int64_t Np = (N + std::max(T, Tq) - 1) / std::max(T, Tq) * std::max(T, Tq) + Tq;
+  const int64_t Np = (N + Tq - 1) / Tq * Tq + Tq;
   const auto f32 = xc.options().dtype(at::kFloat);
   at::Tensor Qt = at::zeros({B, C, Np}, f32), Vt = at::zeros({B, C, Np}, f32), Kb = at::empty({B, N, C}, f32);
-  at::Tensor zeros = at::zeros({std::max<int64_t>(3 * C, BK) + 16}, f32);
+  at::Tensor O = at::empty({B, N, C}, f32);
+  at::Tensor zeros = at::zeros({std::max<int64_t>(ldq, BK) + 64}, f32);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
-  float *pq = Qt.data_ptr<float>(), *pk = Kb.data_ptr<float>(), *pv = Vt.data_ptr<float>();
-  const float *plw = lw.data_ptr<float>(), *plb = lb.data_ptr<float>(), *pwq = wq.data_ptr<float>(),
-              *pwp = wp.data_ptr<float>(), *pbp = bp.data_ptr<float>(), *pg = g.data_ptr<float>(),
+  float *pq = Qt.data_ptr<float>(), *pk = Kb.data_ptr<float>(), *pv = Vt.data_ptr<float>(), *po = O.data_ptr<float>();
+  const float *plw = lw.data_ptr<float>(), *plb = lb.data_ptr<float>(), *pwq = qkv_wp.data_ptr<float>(),
+              *pwp = proj_wp.data_ptr<float>(), *pbp = bp.data_ptr<float>(), *pg = g.data_ptr<float>(),
               *pz = zeros.data_ptr<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  const int64_t tiles1 = B * ((N + T - 1) / T), scratch1 = 4 * C * T;
-  FVK_PARALLEL_TILES(qkv_tiles, tiles1, scratch1, isa, xp, bf16, N, C, head_dim, plw, plb, pwq, pz, scale, pq, pk, pv,
-                     Np, T);
-  const int64_t tiles2 = B * ((N + Tq - 1) / Tq), scratch2 = BK * Tq + 2 * head_dim * Tq + 2 * C * Tq + 2 * Tq;
-  FVK_PARALLEL_TILES(attn_tiles, tiles2, scratch2, isa, xp, yp, bf16, N, C, head_dim, pq, pk, pv, Np, pwp, pbp, pg,
-                     pz, Tq, BK);
+  const int64_t tiles = B * tl.n;
+  FVK_PARALLEL_TILES(qkv_tiles, tiles, tl.T * (C + ldq), isa, xp, bf16, N, C, head_dim, plw, plb, pwq, pz, scale, pq,
+                     pk, pv, Np, ldq, tl.n, tl.T);
+  const int64_t tiles2 = B * ((N + Tq - 1) / Tq), scratch2 = BK * Tq + 2 * head_dim * Tq + 2 * Tq;
+  FVK_PARALLEL_TILES(attn_tiles, tiles2, scratch2, isa, N, C, head_dim, pq, pk, pv, Np, pz, Tq, BK, po);
+  FVK_PARALLEL_TILES(proj_tiles, tiles, tl.T * Cp, isa, xp, yp, bf16, N, C, po, pwp, pbp, pg, Cp, tl.n, tl.T);
   return y;
 }
 

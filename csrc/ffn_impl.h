@@ -7,10 +7,11 @@
 // Two GEMM drivers on the same 6 x 2-vector register tile (12 accumulators, the AVX2 maximum with
 // one broadcast and two loads live):
 //  - gemm_s, channel-major: out(N x T) = W(N x K) . in(K x T), broadcasting weights from their
-//    canonical (Cout, Cin) rows and loading vectors of pixels; attention (attn_impl.h) uses it;
+//    canonical (Cout, Cin) rows and loading vectors of pixels; attention's S = K Q^T and P V
+//    products (attn_impl.h) use it, queries along the vector;
 //  - pgemm, pixel-major: C(T x N) = A(T x K) . W^T on weights packed once into 16-channel panels,
-//    broadcasting activations; the ConvFFN, stem and patch_embed use it (no transposes in the tile,
-//    the epilogue writes NHWC rows of y directly).
+//    broadcasting activations; the ConvFFN, the stem's conv3x3 and 1x1, patch_embed and attention's
+//    qkv and proj use it (no transposes in the tile, the epilogue writes NHWC rows of y directly).
 
 #ifndef FVK_VL
 #error "define FVK_VL (and the vf / vi types) before including ffn_impl.h"
@@ -147,6 +148,13 @@ constexpr int64_t KC_MAX = 256;  // K block: a KC x NR weight panel slice is 16 
 
 static inline int64_t packed_panels(int64_t n) { return (n + 2 * PW - 1) / (2 * PW) * 2; }
 
+// First pixel of tile i of the n tiles of an HW-pixel image (i = n gives HW): whole MR-pixel
+// groups spread evenly, so tile sizes differ by at most one group (n <= ceil(HW / MR)).
+static inline int64_t tile_start(int64_t HW, int64_t n, int64_t i) {
+  const int64_t p = i * ((HW + MR - 1) / MR) / n * MR;
+  return p < HW ? p : HW;
+}
+
 // bf16 <-> float on whole vectors (bf16 bits in uint16; round to nearest even, NaN kept).
 typedef uint16_t vh __attribute__((vector_size(FVK_VL * 2), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(FVK_VL * 4)));
@@ -169,6 +177,7 @@ static inline void vst(uint16_t* p, vf v) {
 //   EPI 0 (fc1): buf is also the output: GELU(acc) on the last block.
 //   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (storage T_).
 //   EPI 2 (the stem's and patch_embed's 1x1): last block writes y[t][n] = GELU(acc), n < N.
+//   EPI 3 (attention's qkv): buf is the output, acc as is.
 template <int M, int EPI, typename T_>
 static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, const float* __restrict__ w0,
                          const float* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
@@ -203,7 +212,7 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
       acc1[r] += s * b1;
     }
   }
-  if (!last || EPI == 0) {
+  if (!last || EPI == 0 || EPI == 3) {
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       if (EPI == 0 && last) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
@@ -394,12 +403,17 @@ static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t W
 //   d(np x C)    = depthwise KxK (BN folded) of x, pixel-major
 //   hid(np x Hd) = GELU(d . W1^T + b1)      -- the 4C-wide hidden, never leaves this buffer
 //   y[p]         = x[p] + gamma * (hid . W2^T + b2)   (fc2's K blocks accumulate in `acc`)
-// Row strides: d C, hid Hdp, acc Cp (Hd, C rounded up to NR so whole vectors can be stored).
+// Row strides: d C, hid hid_stride(Hd), acc Cp (C rounded up to NR so whole vectors can be stored).
+// hid's row stride: Hd rounded up to NR, plus 16 floats. Without the 16, rows a multiple of 4 KB
+// apart (Hd = 3072, 6144: FastViTHD's stages 3-4) put the 6 rows a micro-tile broadcasts from into
+// the same L1 set, beside the weight panel slice: conflict misses in fc2's inner loop.
+static inline int64_t hid_stride(int64_t Hd) { return (Hd + NR - 1) / NR * NR + 16; }
+
 template <typename T_>
 static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                      const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
                      const float* b2, const float* gamma, int64_t p0, int64_t np, float* d, float* hid, float* acc) {
-  const int64_t Hdp = (Hd + NR - 1) / NR * NR, Cp = (C + NR - 1) / NR * NR;
+  const int64_t Hdp = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR;
   dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
   pgemm<0, T_>(d, C, np, C, w1p, Hd, b1, hid, Hdp, nullptr, nullptr, 0, nullptr);
   pgemm<1, T_>(hid, Hdp, np, Hd, w2p, C, b2, acc, Cp, x + p0 * C, y + p0 * C, C, gamma);
@@ -407,17 +421,16 @@ static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64
 
 // Tiles [t_begin, t_end) of a batch: tile t covers image t / tiles_per_image, pixels from
 // (t % tiles_per_image) * T. b1, b2 and gamma are zero padded to Hdp / Cp floats.
-// `scratch` holds T * (C + Hdp + Cp) floats.
+// `scratch` holds T * (C + hid_stride(Hd) + Cp) floats.
 static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                       const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
-                      const float* b2, const float* gamma, int64_t T, int64_t t_begin, int64_t t_end,
-                      float* scratch) {
-  const int64_t HW = H * Wd, per_image = (HW + T - 1) / T;
-  const int64_t Hdp = (Hd + NR - 1) / NR * NR;
-  float *d = scratch, *hid = d + C * T, *acc = hid + Hdp * T;
+                      const float* b2, const float* gamma, int64_t per_image, int64_t T, int64_t t_begin,
+                      int64_t t_end, float* scratch) {
+  const int64_t HW = H * Wd;
+  float *d = scratch, *hid = d + C * T, *acc = hid + hid_stride(Hd) * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t b = t / per_image, p0 = (t % per_image) * T;
-    const int64_t np = HW - p0 < T ? HW - p0 : T;
+    const int64_t b = t / per_image, p0 = tile_start(HW, per_image, t % per_image);
+    const int64_t np = tile_start(HW, per_image, t % per_image + 1) - p0;
     if (bf16) {
       ffn_tile(static_cast<const uint16_t*>(x) + b * HW * C, static_cast<uint16_t*>(y) + b * HW * C, H, Wd, C, Hd,
                Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d, hid, acc);
@@ -429,88 +442,83 @@ static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
 }
 
 // ---- stem: GELU(conv3x3 s2, Cin -> C) -> GELU(dw3x3 s2) -> GELU(1x1 C -> C), fused --------------
-// Per tile of final-grid pixels, the intermediate conv3x3 values each dw window needs are computed
-// on the fly (each intermediate pixel is used by 2.25 windows on average), so the full-resolution
-// intermediate (C x H/2 x W/2) is never written to memory; the dw output goes pixel-major into the
-// tile and the 1x1 runs on pgemm (packed weights, GELU epilogue straight into y).
-// w0p: (3, 3, Cin, C), channel-contiguous.
-// Channels [c, c + NV * VL) of one final-grid pixel's GELU(dw3x3 s2(GELU(conv3x3 s2))), in registers.
-template <int NV, typename T_>
-static inline void stem_pixel_chunk(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t C, const float* w0p,
-                                    const float* b0, const float* w1, const float* b1, int64_t H1, int64_t W1,
-                                    int64_t oh, int64_t ow, int64_t c, float* out) {
-  vf acc[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) acc[v] = vload(b1 + c + v * VL);
-  for (int64_t kh = 0; kh < 3; ++kh) {
-    const int64_t ih1 = oh * 2 - 1 + kh;
-    if (ih1 < 0 || ih1 >= H1) continue;
-    for (int64_t kw = 0; kw < 3; ++kw) {
-      const int64_t iw1 = ow * 2 - 1 + kw;
-      if (iw1 < 0 || iw1 >= W1) continue;
-      vf mid[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) mid[v] = vload(b0 + c + v * VL);
-      for (int64_t th = 0; th < 3; ++th) {
-        const int64_t ih = ih1 * 2 - 1 + th;
-        if (ih < 0 || ih >= H) continue;
-        for (int64_t tw = 0; tw < 3; ++tw) {
-          const int64_t iw = iw1 * 2 - 1 + tw;
-          if (iw < 0 || iw >= Wd) continue;
-          const T_* xp = x + (ih * Wd + iw) * Cin;
-          const float* wp = w0p + (th * 3 + tw) * Cin * C + c;
-          for (int64_t ci = 0; ci < Cin; ++ci) {
-            const float xv = ld(xp, ci);
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) mid[v] += xv * vload(wp + ci * C + v * VL);
-          }
-        }
-      }
-      const float* wd = w1 + (kh * 3 + kw) * C + c;
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[v] += vgelu(mid[v]) * vload(wd + v * VL);
-    }
-  }
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) vstore(out + c + v * VL, vgelu(acc[v]));
+// A tile of final-grid pixels is cut into runs along a row. For a run of n pixels, the 3 x (2n + 1)
+// intermediate pixels its dw3x3 s2 windows cover are computed once: their 3x3 x Cin input patches
+// go into rows of K0 = 9 Cin floats (zero outside the image) and the conv runs on pgemm (packed
+// weight, GELU epilogue: fc1's). Each intermediate value is computed 1.5 times on average (the row
+// shared by two final rows, none along the row), and the full-resolution intermediate
+// (C x H/2 x W/2) never reaches memory. Then the dw3x3 s2 + GELU per final pixel into the tile's
+// rows, and the 1x1 on pgemm (GELU epilogue straight into y).
+//   w0p: pack_linear of w0 as (C, 3, 3, Cin); b0, w1 (3, 3, Cp), b1 zero padded to Cp (>= NR-rounded C).
+// scratch per tile of T final pixels: stem_scratch(T, Cin, Cp) floats.
+static inline int64_t stem_rows(int64_t T) { return 3 * (2 * T + 1); }
+static inline int64_t stem_scratch(int64_t T, int64_t Cin, int64_t Cp) {
+  return stem_rows(T) * (9 * Cin + Cp) + 2 * T * Cp;
 }
 
-// Cs: the channel count the conv weights and biases are zero padded to (a multiple of 16, so of
-// every VL); the tile's rows have that stride and the 1x1 reads their first C.
 template <typename T_>
-static void stem_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t C, int64_t Cs,
+static void stem_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t C, int64_t Cp,
                       const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
-                      const float* b2, int64_t H1, int64_t W1, int64_t W2, int64_t p0, int64_t np, float* d,
-                      float* buf) {
-  const int64_t Cp = (C + NR - 1) / NR * NR;
-  for (int64_t j = 0; j < np; ++j) {
-    const int64_t p = p0 + j, oh = p / W2, ow = p % W2;
-    float* out = d + j * Cs;
-    int64_t c = 0;
-    for (; c + 4 * VL <= Cs; c += 4 * VL)
-      stem_pixel_chunk<4>(x, H, Wd, Cin, Cs, w0p, b0, w1, b1, H1, W1, oh, ow, c, out);
-    for (; c < Cs; c += VL) stem_pixel_chunk<1>(x, H, Wd, Cin, Cs, w0p, b0, w1, b1, H1, W1, oh, ow, c, out);
+                      const float* b2, int64_t H1, int64_t W1, int64_t W2, int64_t p0, int64_t np, int64_t T,
+                      float* scratch) {
+  const int64_t K0 = 9 * Cin, Cv = (C + NR - 1) / NR * NR;  // mid's columns [0, Cv) are written by pgemm
+  float *im = scratch, *mid = im + stem_rows(T) * K0, *d = mid + stem_rows(T) * Cp, *buf = d + T * Cp;
+  for (int64_t j = 0; j < np;) {
+    const int64_t oh = (p0 + j) / W2, ow0 = (p0 + j) % W2;
+    const int64_t n = np - j < W2 - ow0 ? np - j : W2 - ow0, m = 2 * n + 1;
+    for (int64_t kh = 0; kh < 3; ++kh)  // im2col of the run's intermediate pixels (kh, u)
+      for (int64_t u = 0; u < m; ++u) {
+        const int64_t ih1 = 2 * oh - 1 + kh, iw1 = 2 * ow0 - 1 + u;
+        float* r = im + (kh * m + u) * K0;
+        for (int64_t th = 0; th < 3; ++th)
+          for (int64_t tw = 0; tw < 3; ++tw) {
+            const int64_t ih = 2 * ih1 - 1 + th, iw = 2 * iw1 - 1 + tw;
+            float* rr = r + (th * 3 + tw) * Cin;
+            if (ih1 < 0 || ih1 >= H1 || iw1 < 0 || iw1 >= W1 || ih < 0 || ih >= H || iw < 0 || iw >= Wd) {
+              for (int64_t ci = 0; ci < Cin; ++ci) rr[ci] = 0.f;
+            } else {
+              const T_* xp = x + (ih * Wd + iw) * Cin;
+              for (int64_t ci = 0; ci < Cin; ++ci) rr[ci] = ld(xp, ci);
+            }
+          }
+      }
+    pgemm<0, T_>(im, K0, 3 * m, K0, w0p, C, b0, mid, Cp, nullptr, nullptr, 0, nullptr);
+    for (int64_t kh = 0; kh < 3; ++kh)  // intermediate pixels outside the grid: the dw's zero padding
+      for (int64_t u = 0; u < m; ++u) {
+        const int64_t ih1 = 2 * oh - 1 + kh, iw1 = 2 * ow0 - 1 + u;
+        if (ih1 < 0 || ih1 >= H1 || iw1 < 0 || iw1 >= W1)
+          for (int64_t c = 0; c < Cv; c += VL) vstore(mid + (kh * m + u) * Cp + c, vset(0.f));
+      }
+    for (int64_t i = 0; i < n; ++i)  // dw3x3 s2 + GELU: final pixel i reads intermediate columns 2i .. 2i + 2
+      for (int64_t c = 0; c < Cv; c += VL) {
+        vf acc = vload(b1 + c);
+        for (int64_t kh = 0; kh < 3; ++kh)
+          for (int64_t kw = 0; kw < 3; ++kw)
+            acc += vload(mid + (kh * m + 2 * i + kw) * Cp + c) * vload(w1 + (kh * 3 + kw) * Cp + c);
+        vstore(d + (j + i) * Cp + c, vgelu(acc));
+      }
+    j += n;
   }
-  pgemm<2, T_>(d, Cs, np, C, w2p, C, b2, buf, Cp, nullptr, y + p0 * C, C, nullptr);
+  pgemm<2, T_>(d, Cp, np, C, w2p, C, b2, buf, Cp, nullptr, y + p0 * C, C, nullptr);
 }
 
-// Tiles [t_begin, t_end) of a batch of images (H x Wd x Cin) -> (H2 x W2 x C). w0p, b0, w1, b1
-// are zero padded to Cs channels (stem_tile), b2 to Cp floats. `scratch`: T * (Cs + Cp) floats.
+// Tiles [t_begin, t_end) of a batch of images (H x Wd x Cin) -> (H2 x W2 x C); `per_image` tiles
+// per image of at most T pixels. b0, w1, b1 and b2 zero padded to Cp floats per tap.
 static void stem_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t C,
-                       int64_t Cs, const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
-                       const float* b2, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
+                       int64_t Cp, const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
+                       const float* b2, int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end,
+                       float* scratch) {
   const int64_t H1 = (H - 1) / 2 + 1, W1 = (Wd - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
-  const int64_t HW2 = H2 * W2, per_image = (HW2 + T - 1) / T, Cp = (C + NR - 1) / NR * NR;
-  float *d = scratch, *buf = d + Cs * T;
+  const int64_t HW2 = H2 * W2;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t b = t / per_image, p0 = (t % per_image) * T;
-    const int64_t np = HW2 - p0 < T ? HW2 - p0 : T;
+    const int64_t b = t / per_image, p0 = tile_start(HW2, per_image, t % per_image);
+    const int64_t np = tile_start(HW2, per_image, t % per_image + 1) - p0;
     if (bf16) {
       stem_tile(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * HW2 * C, H, Wd,
-                Cin, C, Cs, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, d, buf);
+                Cin, C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, T, scratch);
     } else {
       stem_tile(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * HW2 * C, H, Wd, Cin,
-                C, Cs, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, d, buf);
+                C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, p0, np, T, scratch);
     }
   }
 }
@@ -576,13 +584,13 @@ static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, in
 // Tiles [t_begin, t_end) of a batch; pw_b padded to Cop floats. `scratch`: T * (Co + Cop) floats.
 static void dwpw_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
                        int64_t s, const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b,
-                       int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
+                       int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t pad = Kk / 2, Ho = (H + 2 * pad - Kk) / s + 1, Wo = (Wd + 2 * pad - Kk) / s + 1;
-  const int64_t HWo = Ho * Wo, per_image = (HWo + T - 1) / T;
+  const int64_t HWo = Ho * Wo;
   float *d = scratch, *buf = d + Co * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t b = t / per_image, p0 = (t % per_image) * T;
-    const int64_t np = HWo - p0 < T ? HWo - p0 : T;
+    const int64_t b = t / per_image, p0 = tile_start(HWo, per_image, t % per_image);
+    const int64_t np = tile_start(HWo, per_image, t % per_image + 1) - p0;
     if (bf16) {
       dwpw_tile(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * HWo * Co, H, Wd,
                 Cin, Co, Kk, s, dw_w, dw_b, pw_p, pw_b, Wo, p0, np, d, buf);

@@ -2,18 +2,20 @@
 
 All seven ops:
 
-- ``stem`` (conv3x3 s2 -> dw3x3 s2 -> 1x1, each + GELU, in one pass: the full-resolution
-  intermediate is recomputed per tile instead of stored);
+- ``stem`` (conv3x3 s2 -> dw3x3 s2 -> 1x1, each + GELU, in one pass: per run of final pixels
+  along a row, the intermediate pixels its windows cover are computed (a GEMM over 3x3 patches)
+  into the tile, about 1.5 times each, instead of stored at full resolution);
 - ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
   time, the 4C hidden kept in cache) and ``repmixer_block`` (the RepMixer dw3x3 pass, then the same
   fused FFN);
 - ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile) and ``dwconv``;
 - ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
-  attention with online softmax over key blocks, proj + bias + layer scale + residual epilogue;
-  csrc/attn_impl.h);
+  attention with online softmax over key blocks, then proj with a bias + layer scale + residual
+  epilogue per tile of tokens; csrc/attn_impl.h);
 - ``conv_exp`` (dw conv with per-row channel sums, SE, then GELU(z·s): two passes; csrc/dwconv.cpp).
 
-The 1x1 weights of convffn / repmixer_block (fc1, fc2), stem (w2) and patch_embed (pw) are handed
+The 1x1 weights of convffn / repmixer_block (fc1, fc2), stem (w2), patch_embed (pw) and
+attention_mixer (qkv, proj) are handed
 to the C++ ops in the panel layout their GEMMs read (``fastvlm_C::pack_linear``, see :func:`packed`);
 the op contract (``ops.py``) keeps the nn.Linear layout, so the same fused modules serve every
 backend. ``accelerate()`` packs them once.
@@ -41,7 +43,7 @@ def _dwconv(x, w, b, stride, padding, gelu):
 
 
 def packed(w: torch.Tensor) -> torch.Tensor:
-    """``w`` (N, K) in the panel layout of the pixel-major GEMMs (ConvFFN, stem, patch_embed):
+    """``w`` (N, K) in the panel layout of the pixel-major GEMMs (ConvFFN, stem, patch_embed, attention):
     ``fastvlm_C::pack_linear``, float32 (P, K, 16), 16 output channels per panel; packed once per
     weight tensor.
 
@@ -65,7 +67,7 @@ def packed(w: torch.Tensor) -> torch.Tensor:
 def prepack(model: torch.nn.Module) -> None:
     """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``)."""
     for m in model.modules():
-        for name in ("fc1_w", "fc2_w", "w2", "pw_w"):
+        for name in ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w"):
             t = getattr(m, name, None)
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 2:
                 packed(t)
@@ -94,7 +96,7 @@ def _conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
 
 
 def _attention_mixer(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
-    return _C.attention_mixer_nhwc(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
+    return _C.attention_mixer_nhwc(x, ln_w, ln_b, packed(qkv_w), packed(proj_w), proj_b, gamma, head_dim)
 
 
 def cpu_isa() -> str:

@@ -134,6 +134,12 @@ def _convffn_c(x, a):
     return torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], pk(a[2]), a[3], pk(a[4]), a[5], a[6])
 
 
+def _attn_c(x, a, hd):
+    """The C++ attention mixer with qkv_w / proj_w in pack_linear's panels (what the cpu backend passes)."""
+    pk = torch.ops.fastvlm_C.pack_linear
+    return torch.ops.fastvlm_C.attention_mixer_nhwc(x, a[0], a[1], pk(a[2]), pk(a[3]), a[4], a[5], hd)
+
+
 @needs_ext
 @pytest.mark.parametrize("N,K", [(1, 1), (17, 5), (32, 3), (33, 7), (96, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -225,7 +231,7 @@ def test_thread_counts_and_concurrent_callers_agree(op):
         x = torch.randn(2, 17, 15, 64)
 
         def call():
-            return torch.ops.fastvlm_C.attention_mixer_nhwc(x, *a, 32)
+            return _attn_c(x, a, 32)
     elif op == "convffn":
         a = [t.float() for t in _ffn_args(40, 160, seed=3)]
         x = torch.randn(2, 37, 29, 40)
@@ -346,18 +352,22 @@ def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, boun
     ref = reference.attention_mixer(x, *a, hd)
     for isa in _isas():
         monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
-        y = torch.ops.fastvlm_C.attention_mixer_nhwc(x.to(dtype), *[t.to(dtype) for t in a], hd)
+        y = _attn_c(x.to(dtype), [t.to(dtype) for t in a], hd)
         assert y.dtype == dtype and y.shape == x.shape
         if B:
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
             # the attention term itself, not only the residual, matches
             assert rel_l2(y.double() - x, ref - x) <= 10 * bound, (isa, rel_l2(y.double() - x, ref - x))
     with pytest.raises(RuntimeError, match="multiple of head_dim"):
-        torch.ops.fastvlm_C.attention_mixer_nhwc(torch.randn(1, 2, 2, C), *[t.float() for t in a], 7)
-    with pytest.raises(RuntimeError, match="qkv_w must have shape"):
+        _attn_c(torch.randn(1, 2, 2, C), [t.float() for t in a], 7)
+    with pytest.raises(RuntimeError, match="qkv_wp must be pack_linear"):
         bad = [t.float() for t in a]
-        bad[2] = bad[2][:-1]
-        torch.ops.fastvlm_C.attention_mixer_nhwc(torch.randn(1, 2, 2, C), *bad, hd)
+        bad[2] = bad[2][:, :-1]
+        _attn_c(torch.randn(1, 2, 2, C), bad, hd)
+    with pytest.raises(RuntimeError, match="proj_wp must be pack_linear"):  # unpacked weights
+        f = [t.float() for t in a]
+        torch.ops.fastvlm_C.attention_mixer_nhwc(torch.randn(1, 2, 2, C), f[0], f[1],
+                                                 torch.ops.fastvlm_C.pack_linear(f[2]), f[3], f[4], f[5], hd)
 
 
 _POISON_CHECK = r"""
@@ -385,7 +395,7 @@ cases = [
     (torch.ops.fastvlm_C.convffn_nhwc(x, ffn[0], ffn[1], pk(ffn[2]), ffn[3], pk(ffn[4]), *ffn[5:]), reference.convffn(x.double(), *d(ffn))),
     (torch.ops.fastvlm_C.stem_nhwc(px, *st[:4], pk(st[4]), st[5]), reference.stem(px.double(), *d(st))),
     (torch.ops.fastvlm_C.patch_embed_nhwc(x, pe[0], pe[1], pk(pe[2]), pe[3], 2), reference.patch_embed(x.double(), *d(pe))),
-    (torch.ops.fastvlm_C.attention_mixer_nhwc(xa, *at, 4), reference.attention_mixer(xa.double(), *d(at), 4)),
+    (torch.ops.fastvlm_C.attention_mixer_nhwc(xa, *at[:2], pk(at[2]), pk(at[3]), *at[4:], 4), reference.attention_mixer(xa.double(), *d(at), 4)),
     (torch.ops.fastvlm_C.conv_exp_nhwc(x, *ce), reference.conv_exp(x.double(), *d(ce))),
     (torch.ops.fastvlm_C.conv_exp_nhwc(x.bfloat16(), *ce).float(), reference.conv_exp(x.bfloat16().double(), *d(ce))),
 ]
