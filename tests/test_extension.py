@@ -415,3 +415,35 @@ def test_every_output_element_is_written():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ok", "8"]
+
+
+@needs_ext
+@pytest.mark.parametrize("op", ["convffn", "stem", "patch_embed", "attention_mixer"])
+def test_tiling_does_not_change_results(monkeypatch, op):
+    """The 1x1-GEMM ops cut images into tiles (FASTVLM_FFN_TILE pixels, whole 6-pixel groups spread
+    evenly, runs of a row for the stem): results must be bitwise the same for any tiling, and right."""
+    from fastvlm_kernels import reference
+    g = torch.Generator().manual_seed(11)
+
+    def r(*s, sc=1.0):
+        return torch.randn(*s, generator=g, dtype=torch.float64) * sc
+    if op == "convffn":
+        a, x = _ffn_args(24, 72, seed=4), r(2, 13, 11, 24)
+        ref, fn = reference.convffn(x, *a), lambda: _convffn_c(x.float(), [t.float() for t in a])
+    elif op == "stem":
+        a = [r(20, 3, 3, 3, sc=0.5), r(20, sc=0.1), r(3, 3, 20, sc=0.4), r(20, sc=0.1), r(20, 20, sc=0.2), r(20, sc=0.1)]
+        x = torch.rand(2, 37, 29, 3, dtype=torch.float64, generator=g)
+        ref, fn = reference.stem(x, *a), lambda: _stem_c(x.float(), [t.float() for t in a])
+    elif op == "patch_embed":
+        a, x = [r(7, 7, 24, sc=0.2), r(24, sc=0.1), r(24, 24, sc=0.2), r(24, sc=0.1)], r(2, 19, 15, 12)
+        ref, fn = reference.patch_embed(x, *a), lambda: _patch_embed_c(x.float(), [t.float() for t in a])
+    else:
+        a, x = _attn_args(40, seed=6), r(2, 9, 11, 40)
+        ref, fn = reference.attention_mixer(x, *a, 8), lambda: _attn_c(x.float(), [t.float() for t in a], 8)
+    outs = []
+    for tile in ("6", "12", "30", "96"):
+        monkeypatch.setenv("FASTVLM_FFN_TILE", tile)
+        outs.append(fn())
+    assert rel_l2(outs[-1], ref) <= 1e-5
+    for y in outs[:-1]:
+        assert torch.equal(y, outs[-1])
