@@ -26,6 +26,9 @@
 
 namespace fastvlm {
 void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu);
+void conv_exp_dw_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, int64_t Co, float* z,
+                      float* rowsums);
+void conv_exp_scale_gelu_fast(const float* z, const float* s, at::Tensor& y);
 namespace {
 
 // One output pixel's Cout channels: acc = bias + sum over valid taps of x[tap][co / M] * w[tap][co].
@@ -76,29 +79,6 @@ FVK_INLINE void dw_pixel(const in_t* __restrict__ x, const float* __restrict__ w
 
 FVK_DW_ROW(dw_row_f32, float)
 FVK_DW_ROW(dw_row_bf16, c10::BFloat16)
-
-// conv_exp pass 1, one output row: z = dw conv (fp32) and the row's per-channel sums.
-template <typename IN_T>
-FVK_CLONES void dw_row_sums(const IN_T* x, const float* w, const float* bias, float* z, float* rowsum, float* acc,
-                            int64_t H, int64_t W, int64_t Cin, int64_t Cout, int64_t M, int64_t K, int64_t pad,
-                            int64_t Wo, int64_t oh) {
-  for (int64_t c = 0; c < Cout; ++c) rowsum[c] = 0.f;
-  for (int64_t ow = 0; ow < Wo; ++ow) {
-    dw_pixel<IN_T>(x, w, bias, acc, H, W, Cin, Cout, M, K, oh - pad, ow - pad);
-    float* zp = z + ow * Cout;
-    for (int64_t c = 0; c < Cout; ++c) {
-      zp[c] = acc[c];
-      rowsum[c] += acc[c];
-    }
-  }
-}
-
-// conv_exp pass 2, one output row: y = GELU(z * s).
-template <typename OUT_T>
-FVK_CLONES void scale_gelu_row(const float* z, const float* s, OUT_T* y, int64_t Wo, int64_t Cout) {
-  for (int64_t ow = 0; ow < Wo; ++ow)
-    for (int64_t c = 0; c < Cout; ++c) y[ow * Cout + c] = from_float<OUT_T>(gelu_scalar(z[ow * Cout + c] * s[c]));
-}
 
 }  // namespace
 
@@ -162,7 +142,8 @@ at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10:
   return out;
 }
 
-// fastvlm_C::conv_exp_nhwc -- GELU(SE(dw KxK, multiplier Cout/Cin)) in two passes over the output:
+// fastvlm_C::conv_exp_nhwc -- GELU(SE(dw KxK, multiplier Cout/Cin)) in two passes over the output
+// (both vectorised per ISA: convexp_rows and scale_gelu_rows of ffn_impl.h, through ffn.cpp):
 //   pass 1 (parallel over output rows): the dw conv in fp32 into z (the output itself for fp32) and
 //           each row's channel sums; then per image, in a fixed order: mean -> reduce (rd x Cout) ->
 //           ReLU -> expand (Cout x rd) -> sigmoid = s (rd-wide, tiny);
@@ -199,21 +180,7 @@ at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Ten
   float *z = zt.data_ptr<float>(), *rs = rows.data_ptr<float>(), *s = sc.data_ptr<float>();
   const float *pw = fw.data_ptr<float>(), *pb = fb.data_ptr<float>(), *prw = rw.data_ptr<float>(),
               *prb = rb.data_ptr<float>(), *pew = ew.data_ptr<float>(), *peb = eb.data_ptr<float>();
-  const int64_t M = Cout / Cin, pad = K / 2;
-  const void* xbase = xc.data_ptr();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(Cout);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t bi = r / H, oh = r % H;
-      float* zr = z + r * W * Cout;
-      if (bf16)
-        dw_row_sums(static_cast<const c10::BFloat16*>(xbase) + bi * H * W * Cin, pw, pb, zr, rs + r * Cout, acc.data(),
-                    H, W, Cin, Cout, M, K, pad, W, oh);
-      else
-        dw_row_sums(static_cast<const float*>(xbase) + bi * H * W * Cin, pw, pb, zr, rs + r * Cout, acc.data(), H, W,
-                    Cin, Cout, M, K, pad, W, oh);
-    }
-  });
+  conv_exp_dw_fast(xc, pw, pb, K, Cout, z, rs);  // ffn.cpp: vectorised per ISA
   // SE per image; the reduce units and the expand channels are split over threads (fixed sums).
   std::vector<float> mean(B * Cout), red(B * rd);
   for (int64_t bi = 0; bi < B; ++bi) {
@@ -243,16 +210,7 @@ at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Ten
       s[i] = 1.f / (1.f + std::exp(-a));
     }
   });
-  void* ybase = y.data_ptr();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* sr = s + (r / H) * Cout;
-      if (bf16)
-        scale_gelu_row(z + r * W * Cout, sr, static_cast<c10::BFloat16*>(ybase) + r * W * Cout, W, Cout);
-      else
-        scale_gelu_row(z + r * W * Cout, sr, static_cast<float*>(ybase) + r * W * Cout, W, Cout);
-    }
-  });
+  conv_exp_scale_gelu_fast(z, s, y);
   return y;
 }
 

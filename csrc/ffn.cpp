@@ -219,6 +219,25 @@ void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64
   FVK_PARALLEL_TILES(dw_same_rows, B * H, W * C, isa, xp, yp, bf16, H, W, C, K, w, b, gelu);
 }
 
+// conv_exp_nhwc's two passes (dwconv.cpp): x (B, H, W, Cin) contiguous float32/bf16, w (K, K, Co) and
+// b (Co) float32; z (B*H*W, Co) float32 and rowsums (B*H, Co); then y (B, H, W, Co) = GELU(z * s).
+void conv_exp_dw_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, int64_t Co, float* z,
+                      float* rowsums) {
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), Cin = x.size(3);
+  const Isa isa = active_isa();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const void* xp = x.data_ptr();
+  FVK_PARALLEL_TILES(convexp_rows, B * H, 0, isa, xp, bf16, H, W, Cin, Co, K, w, b, z, rowsums);
+}
+
+void conv_exp_scale_gelu_fast(const float* z, const float* s, at::Tensor& y) {
+  const int64_t B = y.size(0), H = y.size(1), W = y.size(2), Co = y.size(3);
+  const Isa isa = active_isa();
+  const bool bf16 = y.scalar_type() == at::kBFloat16;
+  void* yp = y.data_ptr();
+  FVK_PARALLEL_TILES(scale_gelu_rows, B * H, 0, isa, z, s, yp, bf16, H, W, Co);
+}
+
 // fastvlm_C::stem_nhwc -- GELU(conv3x3 s2) -> GELU(dw3x3 s2) -> GELU(1x1), fused (see stem_tile).
 //   x (B, H, W, Cin) float32/bf16; w0 (C, Cin, 3, 3), b0 (C); w1 (3, 3, C), b1 (C);
 //   w2p = pack_linear(w2 (C, C)), b2 (C)

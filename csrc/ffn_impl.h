@@ -545,38 +545,49 @@ static inline vf dup2(const uint16_t* p) {
   return dup2(f);
 }
 
+// Depthwise KxK, stride s, padding K / 2, channel multiplier M = Co / Cin (BN folded) of one output
+// pixel (oh, ow): out[c] = b[c] + sum over the window of x[.][c / M] * w[.][c], GELU'd if `gelu`.
+// M = 2 (patch_embed, conv_exp) runs on duplicated half vectors; other multipliers and the channels
+// past the vectorised ones are scalar.
+template <typename T_>
+static inline void dwm_pixel(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
+                             const float* dw_w, const float* dw_b, int64_t oh, int64_t ow, bool gelu, float* out) {
+  const int64_t M = Co / Cin, pad = Kk / 2, Cv = Co / VL * VL;
+  const int64_t kh0 = pad - oh * s > 0 ? pad - oh * s : 0, kh1 = H + pad - oh * s < Kk ? H + pad - oh * s : Kk;
+  const int64_t kw0 = pad - ow * s > 0 ? pad - ow * s : 0, kw1 = Wd + pad - ow * s < Kk ? Wd + pad - ow * s : Kk;
+  int64_t c = 0;
+  if (M == 2) {  // output channels 2ci, 2ci + 1 read input channel ci: duplicated half vectors
+    for (; c + 2 * VL <= Cv; c += 2 * VL) {
+      vf a0 = vload(dw_b + c), a1 = vload(dw_b + c + VL);
+      for (int64_t kh = kh0; kh < kh1; ++kh) {
+        const T_* xr = x + ((oh * s - pad + kh) * Wd + (ow * s - pad)) * Cin + c / 2;
+        const float* wr = dw_w + kh * Kk * Co + c;
+        for (int64_t kw = kw0; kw < kw1; ++kw) {
+          a0 += dup2(xr + kw * Cin) * vload(wr + kw * Co);
+          a1 += dup2(xr + kw * Cin + VL / 2) * vload(wr + kw * Co + VL);
+        }
+      }
+      if (gelu) a0 = vgelu(a0), a1 = vgelu(a1);
+      vstore(out + c, a0), vstore(out + c + VL, a1);
+    }
+  }
+  for (; c < Co; ++c) {
+    float a = dw_b[c];
+    for (int64_t kh = kh0; kh < kh1; ++kh)
+      for (int64_t kw = kw0; kw < kw1; ++kw)
+        a += ld(x, ((oh * s - pad + kh) * Wd + (ow * s - pad + kw)) * Cin + c / M) * dw_w[(kh * Kk + kw) * Co + c];
+    out[c] = gelu ? ::fastvlm::gelu_scalar(a) : a;
+  }
+}
+
 template <typename T_>
 static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
                       const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b, int64_t Wo,
                       int64_t p0, int64_t np, float* d, float* buf) {
-  const int64_t M = Co / Cin, pad = Kk / 2, Cv = Co / VL * VL, Cop = (Co + NR - 1) / NR * NR;
+  const int64_t Cop = (Co + NR - 1) / NR * NR;
   for (int64_t j = 0; j < np; ++j) {
-    const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo;
-    const int64_t kh0 = pad - oh * s > 0 ? pad - oh * s : 0, kh1 = H + pad - oh * s < Kk ? H + pad - oh * s : Kk;
-    const int64_t kw0 = pad - ow * s > 0 ? pad - ow * s : 0, kw1 = Wd + pad - ow * s < Kk ? Wd + pad - ow * s : Kk;
-    float* out = d + j * Co;
-    int64_t c = 0;
-    if (M == 2) {  // output channels 2ci, 2ci + 1 read input channel ci: duplicated half vectors
-      for (; c + 2 * VL <= Cv; c += 2 * VL) {
-        vf a0 = vload(dw_b + c), a1 = vload(dw_b + c + VL);
-        for (int64_t kh = kh0; kh < kh1; ++kh) {
-          const T_* xr = x + ((oh * s - pad + kh) * Wd + (ow * s - pad)) * Cin + c / 2;
-          const float* wr = dw_w + kh * Kk * Co + c;
-          for (int64_t kw = kw0; kw < kw1; ++kw) {
-            a0 += dup2(xr + kw * Cin) * vload(wr + kw * Co);
-            a1 += dup2(xr + kw * Cin + VL / 2) * vload(wr + kw * Co + VL);
-          }
-        }
-        vstore(out + c, vgelu(a0)), vstore(out + c + VL, vgelu(a1));
-      }
-    }
-    for (; c < Co; ++c) {  // other multipliers, and the channels past the vectorised ones
-      float a = dw_b[c];
-      for (int64_t kh = kh0; kh < kh1; ++kh)
-        for (int64_t kw = kw0; kw < kw1; ++kw)
-          a += ld(x, ((oh * s - pad + kh) * Wd + (ow * s - pad + kw)) * Cin + c / M) * dw_w[(kh * Kk + kw) * Co + c];
-      out[c] = ::fastvlm::gelu_scalar(a);
-    }
+    const int64_t p = p0 + j;
+    dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, p / Wo, p % Wo, true, d + j * Co);
   }
   pgemm<2, T_>(d, Co, np, Co, pw_p, Co, pw_b, buf, Cop, nullptr, y + p0 * Co, Co, nullptr);
 }
@@ -597,6 +608,61 @@ static void dwpw_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd,
     } else {
       dwpw_tile(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * HWo * Co, H, Wd, Cin,
                 Co, Kk, s, dw_w, dw_b, pw_p, pw_b, Wo, p0, np, d, buf);
+    }
+  }
+}
+
+// ---- conv_exp (dwconv.cpp's conv_exp_nhwc): the two passes over the output, vectorised ----------
+// Pass 1, output rows [r_begin, r_end) of a batch (row r: image r / H): z = dw KxK, stride 1,
+// padding K / 2, multiplier Co / Cin (fp32, the row's pixels in order) and the row's per-channel
+// sums (summed over the row's pixels in order: thread-count independent).
+static void convexp_rows(const void* x, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
+                         const float* w, const float* b, float* z, float* rowsums, int64_t r_begin, int64_t r_end,
+                         float*) {
+  const int64_t Cv = Co / VL * VL;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const int64_t bi = r / H, oh = r % H;
+    float* zr = z + r * Wd * Co;
+    for (int64_t ow = 0; ow < Wd; ++ow) {
+      if (bf16)
+        dwm_pixel(static_cast<const uint16_t*>(x) + bi * H * Wd * Cin, H, Wd, Cin, Co, Kk, 1, w, b, oh, ow, false,
+                  zr + ow * Co);
+      else
+        dwm_pixel(static_cast<const float*>(x) + bi * H * Wd * Cin, H, Wd, Cin, Co, Kk, 1, w, b, oh, ow, false,
+                  zr + ow * Co);
+    }
+    float* rs = rowsums + r * Co;
+    for (int64_t c = 0; c < Cv; c += VL) {
+      vf a = vset(0.f);
+      for (int64_t ow = 0; ow < Wd; ++ow) a += vload(zr + ow * Co + c);
+      vstore(rs + c, a);
+    }
+    for (int64_t c = Cv; c < Co; ++c) {
+      float a = 0.f;
+      for (int64_t ow = 0; ow < Wd; ++ow) a += zr[ow * Co + c];
+      rs[c] = a;
+    }
+  }
+}
+
+// Pass 2, rows [r_begin, r_end): y = GELU(z * s[image]) in y's dtype (y may be z itself, fp32).
+static void scale_gelu_rows(const float* z, const float* sc, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Co,
+                            int64_t r_begin, int64_t r_end, float*) {
+  const int64_t Cv = Co / VL * VL;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const float* s = sc + (r / H) * Co;
+    for (int64_t ow = 0; ow < Wd; ++ow) {
+      const int64_t o = (r * Wd + ow) * Co;
+      for (int64_t c = 0; c < Cv; c += VL) {
+        const vf v = vgelu(vload(z + o + c) * vload(s + c));
+        if (bf16) vst(static_cast<uint16_t*>(y) + o + c, v);
+        else vstore(static_cast<float*>(y) + o + c, v);
+      }
+      for (int64_t c = Cv; c < Co; ++c) {
+        const float v = ::fastvlm::gelu_scalar(z[o + c] * s[c]);
+        if (bf16) st(static_cast<uint16_t*>(y), o + c, v);
+        else static_cast<float*>(y)[o + c] = v;
+      }
     }
   }
 }

@@ -12,7 +12,8 @@ All seven ops:
 - ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
   attention with online softmax over key blocks, then proj with a bias + layer scale + residual
   epilogue per tile of tokens; csrc/attn_impl.h);
-- ``conv_exp`` (dw conv with per-row channel sums, SE, then GELU(z·s): two passes; csrc/dwconv.cpp).
+- ``conv_exp`` (dw conv with per-row channel sums, SE, then GELU(z·s): two passes, vectorised per
+  ISA; csrc/dwconv.cpp and ffn_impl.h).
 
 The 1x1 weights of convffn / repmixer_block (fc1, fc2), stem (w2), patch_embed (pw) and
 attention_mixer (qkv, proj) are handed
