@@ -267,3 +267,25 @@ def test_real_transformers_fastvlm():
         ref = tower.timm_model.forward_features(x)
         fk.accelerate(model, backend="reference")
         assert rel_l2(tower.timm_model.forward_features(x), ref) <= 1e-4
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
+def test_cpu_backend_packs_every_1x1_weight_once(tiny64):
+    """accelerate(backend="cpu") packs the GEMM weights of every fused module (ConvFFN fc1/fc2, stem,
+    patch_embed, attention qkv/proj) up front, and the forward uses those panels, not new ones."""
+    import fastvlm_kernels.cpu as cpu
+    m = fk.accelerate(copy.deepcopy(tiny64).float(), backend="cpu")
+    names = ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w")
+    weights = [(type(mod).__name__, n, getattr(mod, n)) for mod in m.modules() for n in names
+               if isinstance(getattr(mod, n, None), torch.Tensor)]
+    assert {n for _, n, _ in weights} == set(names)
+    panels = {}
+    for mod, n, w in weights:
+        cached = getattr(w, "_fastvlm_packed", None)
+        assert cached is not None and cached[0] == w._version, f"{mod}.{n} was not packed by accelerate()"
+        assert torch.equal(cached[1], torch.ops.fastvlm_C.pack_linear(w))
+        panels[id(w)] = cached[1]
+    with torch.no_grad():
+        m(_pixels(1, 64, 64).float())
+    for _, _, w in weights:
+        assert cpu.packed(w) is panels[id(w)]
