@@ -94,6 +94,9 @@ at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) 
 // The packed panel count for n output channels (ffn_impl.h: panels of 16, an even count).
 static int64_t packed_panels(int64_t n) { return ffn_avx2::packed_panels(n); }
 constexpr int64_t kPanel = 16;
+// n rounded up to whole pairs of panels (32): the padded width of biases, gamma and GEMM output rows,
+// enough for the widest micro-tile of every ISA.
+static int64_t padded_width(int64_t n) { return packed_panels(n) * kPanel; }
 static_assert(ffn_avx2::PW == kPanel && ffn_avx512::PW == kPanel && ffn_sse::PW == kPanel, "one packed layout");
 
 // fastvlm_C::pack_linear -- an (N, K) nn.Linear / 1x1 conv weight (float32 or bfloat16) -> the
@@ -178,7 +181,7 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
               "convffn_nhwc: fc2_wp must be pack_linear(fc2_w), float32 (", packed_panels(C), ", ", Hd, ", ", kPanel,
               "), got ", fc2_wp.scalar_type(), " ", fc2_wp.sizes());
   TORCH_CHECK(fc1_wp.device().is_cpu() && fc2_wp.device().is_cpu(), "convffn_nhwc: weights must be CPU tensors");
-  const int64_t Hdp = (Hd + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel, Cp = (C + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel;
+  const int64_t Hdp = padded_width(Hd), Cp = padded_width(C);
   const at::Tensor dww = as_f32(dw_w, "convffn_nhwc: dw_w", {K, K, C}), dwb = as_f32(dw_b, "convffn_nhwc: dw_b", {C});
   const at::Tensor b1 = padded_f32(fc1_b, "convffn_nhwc: fc1_b", Hd, Hdp);
   const at::Tensor b2 = padded_f32(fc2_b, "convffn_nhwc: fc2_b", C, Cp);
@@ -196,7 +199,7 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
               *pg = g.data_ptr<float>();
   const Tiling tl = gemm_tiling(B, H * W);
   const int64_t T = tl.T, tiles = B * tl.n;
-  const int64_t scratch = T * (C + Hdp + 16 + Cp);  // Hdp + 16 >= ffn_impl.h's hid_stride(Hd) on every ISA
+  const int64_t scratch = T * (C + ffn_avx512::hid_stride(Hd) + Cp);  // the widest ISA's stride: >= every ISA's
   FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, tl.n,
                      T);
   return y;
@@ -253,7 +256,7 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   TORCH_CHECK(w0.size(1) == Cin, "stem_nhwc: w0 expects ", w0.size(1), " input channels, x has ", Cin);
   TORCH_CHECK(H >= 1 && W >= 1, "stem_nhwc: x must have H, W >= 1, got ", x.sizes());
   check_packed(w2p, C, C, "stem_nhwc: w2p");
-  const int64_t Cp = (C + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel;
+  const int64_t Cp = padded_width(C);
   // the conv3x3 as a GEMM over (3, 3, Cin) patches: its weight packed like the 1x1s (small: per call)
   const at::Tensor w0p = pack_linear(as_f32(w0, "stem_nhwc: w0", {C, Cin, 3, 3}).permute({0, 2, 3, 1}).reshape({C, 9 * Cin}));
   const at::Tensor fb0 = padded_f32(b0, "stem_nhwc: b0", C, Cp), fb1 = padded_f32(b1, "stem_nhwc: b1", C, Cp);
@@ -266,7 +269,7 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   const Isa isa = active_isa();
   const Tiling tl = gemm_tiling(B, H2 * W2);
   const int64_t T = tl.T, tiles = B * tl.n;
-  const int64_t scratch = 3 * (2 * T + 1) * (9 * Cin + Cp) + 2 * T * Cp;  // ffn_impl.h's stem_scratch
+  const int64_t scratch = ffn_avx2::stem_scratch(T, Cin, Cp);  // the same on every ISA
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
@@ -293,7 +296,7 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
               Cin, ")");
   TORCH_CHECK(H >= 1 && W >= 1, "patch_embed_nhwc: x must have H, W >= 1, got ", x.sizes());
   check_packed(pw_p, Co, Co, "patch_embed_nhwc: pw_p");
-  const int64_t Cop = (Co + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel;
+  const int64_t Cop = padded_width(Co);
   const at::Tensor fw = as_f32(dw_w, "patch_embed_nhwc: dw_w", {K, K, Co}), fb = as_f32(dw_b, "patch_embed_nhwc: dw_b", {Co});
   const at::Tensor pb = padded_f32(pw_b, "patch_embed_nhwc: pw_b", Co, Cop);
   const int64_t pad = K / 2, Ho = (H + 2 * pad - K) / stride + 1, Wo = (W + 2 * pad - K) / stride + 1;
@@ -330,11 +333,10 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   const int64_t B = x.size(0), N = x.size(1) * x.size(2), C = x.size(3);
   TORCH_CHECK(head_dim >= 1 && C % head_dim == 0, "attention_mixer_nhwc: C = ", C, " is not a multiple of head_dim ",
               head_dim);
-  const at::Tensor lw = padded_f32(ln_w, "attention_mixer_nhwc: ln_w", C, C),
-                   lb = padded_f32(ln_b, "attention_mixer_nhwc: ln_b", C, C);
+  const at::Tensor lw = as_f32(ln_w, "attention_mixer_nhwc: ln_w", {C}), lb = as_f32(ln_b, "attention_mixer_nhwc: ln_b", {C});
   check_packed(qkv_wp, 3 * C, C, "attention_mixer_nhwc: qkv_wp");
   check_packed(proj_wp, C, C, "attention_mixer_nhwc: proj_wp");
-  const int64_t Cp = packed_panels(C) * kPanel, ldq = packed_panels(3 * C) * kPanel;
+  const int64_t Cp = padded_width(C), ldq = padded_width(3 * C);
   const at::Tensor bp = padded_f32(proj_b, "attention_mixer_nhwc: proj_b", C, Cp),
                    g = padded_f32(gamma, "attention_mixer_nhwc: gamma", C, Cp);
   const at::Tensor xc = x.contiguous();

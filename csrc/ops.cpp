@@ -32,8 +32,8 @@ TORCH_LIBRARY(fastvlm_C, m) {
   m.def("convffn_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor fc1_wp, Tensor fc1_b, Tensor fc2_wp, Tensor fc2_b, "
         "Tensor gamma) -> Tensor");
   m.def("pack_linear(Tensor w) -> Tensor");
-  m.def("stem_nhwc(Tensor x, Tensor w0, Tensor b0, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
-  m.def("patch_embed_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor pw_w, Tensor pw_b, int stride) -> Tensor");
+  m.def("stem_nhwc(Tensor x, Tensor w0, Tensor b0, Tensor w1, Tensor b1, Tensor w2p, Tensor b2) -> Tensor");
+  m.def("patch_embed_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor pw_p, Tensor pw_b, int stride) -> Tensor");
   m.def("attention_mixer_nhwc(Tensor x, Tensor ln_w, Tensor ln_b, Tensor qkv_wp, Tensor proj_wp, Tensor proj_b, "
         "Tensor gamma, int head_dim) -> Tensor");
   m.def("conv_exp_nhwc(Tensor x, Tensor w, Tensor b, Tensor se_r_w, Tensor se_r_b, Tensor se_e_w, Tensor se_e_b) "
