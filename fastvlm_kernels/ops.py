@@ -1,6 +1,7 @@
 """The seven fused ops of FastViTHD (design.md §3) as ``torch.library`` custom ops.
 
-Each op is ``torch.ops.fastvlm.<name>``, with a schema, a fake (meta) implementation so that
+Each op is ``torch.ops.fastvlm.<name>`` (defined with the low-level ``torch.library`` API, see
+``_Op``), with a schema, a fake (meta) implementation so that
 ``torch.compile`` and ``torch.export`` trace through it, input validation (design.md §8), and one
 implementation per backend. The last argument, ``backend``, names the implementation to run; the
 registry below is the one place that maps (op, backend) to code.
@@ -90,6 +91,41 @@ for _op in OPS:
 
 
 # --------------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------------
+# The ops are defined through the low-level torch.library API (define + impl + register_fake +
+# register_autograd) rather than @torch.library.custom_op: custom_op wraps every kernel in
+# torch._disable_dynamo, which imports torch._dynamo on the op's first call -- 1.6 s on the 2-core
+# CI machine, paid inside the first forward of every process, i.e. in the time to first token.
+# What custom_op provides is kept: a schema inferred from the annotations, one implementation for
+# every device (CompositeExplicitAutograd), a fake implementation for torch.compile / export, and
+# an autograd registration whose backward raises (the ops are inference-only).
+_LIB = torch.library.Library("fastvlm", "DEF")
+
+
+class _Op:
+    """One ``fastvlm::<name>`` op; ``fn`` is its implementation (validation + backend dispatch)."""
+
+    def __init__(self, fn: Callable):
+        self.name = fn.__name__
+        self.qualname = f"fastvlm::{self.name}"
+        _LIB.define(self.name + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.impl(self.name, fn, "CompositeExplicitAutograd")
+        torch.library.register_autograd(self.qualname, self._no_backward, lib=_LIB)
+        self._fn = fn
+
+    def _no_backward(self, ctx, *grads):
+        raise RuntimeError(f"{self.qualname} is inference-only and has no backward")
+
+    def register_fake(self, fake: Callable) -> Callable:
+        torch.library.register_fake(self.qualname, fake, lib=_LIB)
+        return fake
+
+    def __call__(self, *args, **kwargs):
+        return getattr(torch.ops.fastvlm, self.name)(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
 # validation (runs on real and fake tensors alike)
 # --------------------------------------------------------------------------------------------------
 
@@ -170,7 +206,7 @@ def _check_stem(x, w0, b0, w1, b1, w2, b2):
     return (B, h, w, C)
 
 
-@torch.library.custom_op("fastvlm::stem", mutates_args=())
+@_Op
 def stem(x: Tensor, w0: Tensor, b0: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, backend: str) -> Tensor:
     _check_stem(x, w0, b0, w1, b1, w2, b2)
     return kernel_for("stem", backend)(x, w0, b0, w1, b1, w2, b2)
@@ -189,7 +225,7 @@ def _check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, g
     return tuple(x.shape)
 
 
-@torch.library.custom_op("fastvlm::repmixer_block", mutates_args=())
+@_Op
 def repmixer_block(x: Tensor, mix_w: Tensor, mix_b: Tensor, ffn_w: Tensor, ffn_b: Tensor, fc1_w: Tensor,
                    fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, gamma: Tensor, backend: str) -> Tensor:
     _check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
@@ -207,7 +243,7 @@ def _check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
     return tuple(x.shape)
 
 
-@torch.library.custom_op("fastvlm::convffn", mutates_args=())
+@_Op
 def convffn(x: Tensor, ffn_w: Tensor, ffn_b: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
             gamma: Tensor, backend: str) -> Tensor:
     _check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
@@ -229,7 +265,7 @@ def _check_patch_embed(x, dw_w, dw_b, pw_w, pw_b):
     return (B, _conv_out(H, k, 2, k // 2), _conv_out(W, k, 2, k // 2), cout)
 
 
-@torch.library.custom_op("fastvlm::patch_embed", mutates_args=())
+@_Op
 def patch_embed(x: Tensor, dw_w: Tensor, dw_b: Tensor, pw_w: Tensor, pw_b: Tensor, backend: str) -> Tensor:
     _check_patch_embed(x, dw_w, dw_b, pw_w, pw_b)
     return kernel_for("patch_embed", backend)(x, dw_w, dw_b, pw_w, pw_b)
@@ -253,7 +289,7 @@ def _check_dwconv(x, w, b, stride, padding):
     return (B, ho, wo, cout)
 
 
-@torch.library.custom_op("fastvlm::dwconv", mutates_args=())
+@_Op
 def dwconv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: int, padding: int, gelu: bool, backend: str) -> Tensor:
     _check_dwconv(x, w, b, stride, padding)
     return kernel_for("dwconv", backend)(x, w, b, stride, padding, gelu)
@@ -278,7 +314,7 @@ def _check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
     return tuple(x.shape)
 
 
-@torch.library.custom_op("fastvlm::attention_mixer", mutates_args=())
+@_Op
 def attention_mixer(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, proj_w: Tensor, proj_b: Tensor,
                     gamma: Tensor, head_dim: int, backend: str) -> Tensor:
     _check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
@@ -301,7 +337,7 @@ def _check_conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
     return (*x.shape[:3], cout)
 
 
-@torch.library.custom_op("fastvlm::conv_exp", mutates_args=())
+@_Op
 def conv_exp(x: Tensor, w: Tensor, b: Tensor, se_r_w: Tensor, se_r_b: Tensor, se_e_w: Tensor, se_e_b: Tensor,
              backend: str) -> Tensor:
     _check_conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b)

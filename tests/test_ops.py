@@ -190,6 +190,40 @@ def test_opcheck(case_name):
     torch.library.opcheck(op, args)
 
 
+def test_opcheck_with_grad_inputs():
+    """opcheck's autograd-registration check only runs when an input requires grad (the ops have no
+    backward, so the aot_dispatch check, which differentiates, is left out here)."""
+    op, args = _op_args("convffn")
+    args = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_backward_through_an_op_is_refused():
+    x = torch.randn(1, 5, 5, 8, requires_grad=True)
+    y = torch.ops.fastvlm.convffn(x, *_ffn_args(), "reference")
+    assert y.requires_grad  # autograd is registered: the output is tracked, not silently detached
+    with pytest.raises(RuntimeError, match="inference-only"):
+        y.sum().backward()
+
+
+def test_first_op_call_does_not_import_dynamo():
+    """@torch.library.custom_op imports torch._dynamo on an op's first call (1.6 s here): it would
+    land in the first forward of every process, the time to first token. The ops avoid it."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, fastvlm_kernels\n"
+            "C, Hd = 8, 32\n"
+            "a = [torch.randn(7, 7, C), torch.randn(C), torch.randn(Hd, C), torch.randn(Hd), torch.randn(C, Hd),\n"
+            "     torch.randn(C), torch.randn(C)]\n"
+            "assert 'torch._dynamo' not in sys.modules, 'imported by fastvlm_kernels itself'\n"
+            "for b in ['reference'] + (['cpu'] if 'cpu' in fastvlm_kernels.available_backends() else []):\n"
+            "    torch.ops.fastvlm.convffn(torch.randn(1, 5, 5, C), *a, b)\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "clean"
+
+
 def test_all_seven_ops_are_registered():
     for name in fk.ops.OPS:
         assert hasattr(torch.ops.fastvlm, name)
