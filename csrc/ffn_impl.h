@@ -329,13 +329,83 @@ static inline void dw_pixel(const T_* x, int64_t H, int64_t Wd, int64_t C, int64
   }
 }
 
+// Sliding-window depthwise KK x KK (stride 1, padding KK / 2) of R outputs along one image row,
+// (h, w0 .. w0 + R - 1), channels [c, c + VL): the KK weights of a kernel row sit in registers and
+// each input vector of the row span is loaded once and fed to every output whose window covers it
+// (KK = 7, R = 8: 21 loads per 56 FMAs per kernel row; dw_rows' 4-pixel runs need 1.25 per FMA,
+// and measured 8-26% slower on the FastViTHD 7x7 shapes). Input columns
+// outside the image are skipped (the zero padding); outputs past the image row are computed from
+// what lies inside and not stored: the first `nst` outputs go to out (row stride ldo).
+template <int KK, int R, typename T_>
+static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t C, const float* dw_w, const float* dw_b,
+                            int64_t h, int64_t w0, int64_t c, float* out, int64_t ldo, int64_t nst) {
+  constexpr int pad = KK / 2, S = R + KK - 1;  // S input columns feed R outputs
+  vf acc[R];
+  const vf b = vload(dw_b + c);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = b;
+  const int64_t kh0 = pad - h > 0 ? pad - h : 0, kh1 = H - h + pad < KK ? H - h + pad : KK;
+  const int64_t u0 = w0 - pad;  // the first input column
+  const bool inside = u0 >= 0 && u0 + S <= Wd;
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    const T_* xr = x + ((h + kh - pad) * Wd + u0) * C + c;
+    const float* wr = dw_w + kh * KK * C + c;
+    vf wk[KK];
+#pragma GCC unroll 16
+    for (int kw = 0; kw < KK; ++kw) wk[kw] = vload(wr + kw * C);
+    if (inside) {
+#pragma GCC unroll 32
+      for (int i = 0; i < S; ++i) {
+        const vf v = vld(xr + i * C);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+          if (i - r >= 0 && i - r < KK) acc[r] += v * wk[i - r];
+      }
+    } else {
+#pragma GCC unroll 32
+      for (int i = 0; i < S; ++i) {
+        if (u0 + i < 0 || u0 + i >= Wd) continue;
+        const vf v = vld(xr + i * C);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+          if (i - r >= 0 && i - r < KK) acc[r] += v * wk[i - r];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    if (r < nst) vstore(out + r * ldo, acc[r]);
+}
+
+// dw_rows for KK = 7 (FastViTHD's ConvFFN and RepCPE convs): per segment of the pixels along one
+// image row, runs of R outputs x channel vectors through dw_slide (every column, the row ends
+// included); the channels past a multiple of VL take dw_pixel's scalar tail. For KK = 3 (the
+// RepMixer) it measured slower than dw_rows' 4-pixel runs at 256x256x96 (memory-bound there), so
+// dw_rows keeps those for K != 7.
+template <int KK, typename T_>
+static void dw_rows_slide(const T_* x, int64_t H, int64_t Wd, int64_t C, const float* dw_w, const float* dw_b,
+                          int64_t p0, int64_t np, float* d) {
+  constexpr int R = 15 - KK;  // R accumulators + KK weights + 1 input = 16 vector registers (AVX2)
+  const int64_t Cv = C / VL * VL;
+  for (int64_t j = 0; j < np;) {
+    const int64_t p = p0 + j, h = p / Wd, w = p % Wd, n = np - j < Wd - w ? np - j : Wd - w;
+    for (int64_t s = 0; s < n; s += R)
+      for (int64_t c = 0; c < Cv; c += VL)
+        dw_slide<KK, R>(x, H, Wd, C, dw_w, dw_b, h, w + s, c, d + (j + s) * C + c, C, n - s);
+    if (Cv < C)
+      for (int64_t i = 0; i < n; ++i) dw_pixel(x, H, Wd, C, KK, dw_w, dw_b, h, w + i, Cv, d + (j + i) * C);
+    j += n;
+  }
+}
+
 // Depthwise KxK (BN folded) of pixels [p0, p0 + np) of one image x (H x Wd x C), pixel-major into
-// d (np x C). Runs of 4 pixels of one image row whose windows lie inside the row share each weight
-// load: 2 channel vectors x 4 pixels of accumulators, 1.25 loads per FMA instead of 2. Other
-// pixels (row ends, short runs) and the channels past a multiple of 2 vectors take dw_pixel.
+// d (np x C). K = 7: dw_rows_slide. Other K: runs of 4 pixels of one
+// image row whose windows lie inside the row share each weight load (2 channel vectors x 4 pixels
+// of accumulators); other pixels and the channels past a multiple of 2 vectors take dw_pixel.
 template <typename T_>
 static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, const float* dw_w, const float* dw_b,
                     int64_t p0, int64_t np, float* d) {
+  if (Kk == 7) return dw_rows_slide<7>(x, H, Wd, C, dw_w, dw_b, p0, np, d);
   constexpr int R = 4;
   const int64_t pad = Kk / 2, C2 = C / (2 * VL) * (2 * VL);
   int64_t j = 0;
