@@ -540,6 +540,15 @@ static void stem_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, in
       for (int64_t u = 0; u < m; ++u) {
         const int64_t ih1 = 2 * oh - 1 + kh, iw1 = 2 * ow0 - 1 + u;
         float* r = im + (kh * m + u) * K0;
+        if (ih1 >= 0 && ih1 < H1 && iw1 >= 0 && iw1 < W1 && 2 * ih1 >= 1 && 2 * ih1 + 1 < H && 2 * iw1 >= 1 &&
+            2 * iw1 + 1 < Wd) {  // the whole patch inside: three runs of 3 Cin contiguous values
+          for (int64_t th = 0; th < 3; ++th) {
+            const T_* xp = x + ((2 * ih1 - 1 + th) * Wd + 2 * iw1 - 1) * Cin;
+            float* rr = r + th * 3 * Cin;
+            for (int64_t i = 0; i < 3 * Cin; ++i) rr[i] = ld(xp, i);
+          }
+          continue;
+        }
         for (int64_t th = 0; th < 3; ++th)
           for (int64_t tw = 0; tw < 3; ++tw) {
             const int64_t ih = 2 * ih1 - 1 + th, iw = 2 * iw1 - 1 + tw;
