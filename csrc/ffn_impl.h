@@ -625,16 +625,18 @@ static inline vf dup2(const uint16_t* p) {
 }
 
 // Depthwise KxK, stride s, padding K / 2, channel multiplier M = Co / Cin (BN folded) of one output
-// pixel (oh, ow): out[c] = b[c] + sum over the window of x[.][c / M] * w[.][c], GELU'd if `gelu`.
+// pixel (oh, ow): out[c] = b[c] + sum over the window of x[.][c / M] * w[.][c], GELU'd if `gelu`,
+// for channels [c0, Co) (c0 a multiple of 2 VL, or past the vectorised ones).
 // M = 2 (patch_embed, conv_exp) runs on duplicated half vectors; other multipliers and the channels
 // past the vectorised ones are scalar.
 template <typename T_>
 static inline void dwm_pixel(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
-                             const float* dw_w, const float* dw_b, int64_t oh, int64_t ow, bool gelu, float* out) {
+                             const float* dw_w, const float* dw_b, int64_t oh, int64_t ow, bool gelu, float* out,
+                             int64_t c0 = 0) {
   const int64_t M = Co / Cin, pad = Kk / 2, Cv = Co / VL * VL;
   const int64_t kh0 = pad - oh * s > 0 ? pad - oh * s : 0, kh1 = H + pad - oh * s < Kk ? H + pad - oh * s : Kk;
   const int64_t kw0 = pad - ow * s > 0 ? pad - ow * s : 0, kw1 = Wd + pad - ow * s < Kk ? Wd + pad - ow * s : Kk;
-  int64_t c = 0;
+  int64_t c = c0;
   if (M == 2) {  // output channels 2ci, 2ci + 1 read input channel ci: duplicated half vectors
     for (; c + 2 * VL <= Cv; c += 2 * VL) {
       vf a0 = vload(dw_b + c), a1 = vload(dw_b + c + VL);
@@ -659,14 +661,66 @@ static inline void dwm_pixel(const T_* x, int64_t H, int64_t Wd, int64_t Cin, in
   }
 }
 
+// patch_embed's dw (KK = 7, stride 2, multiplier 2) as a sliding window: R outputs along one output
+// row, (oh, ow0 .. ow0 + R - 1), output channels [c, c + VL) (input channels c / 2 ..): per kernel
+// row the KK weights sit in registers and each of the 2 (R - 1) + KK input columns is loaded once
+// (duplicated half vector) and fed to the outputs whose windows cover it, 0.6 loads per FMA instead
+// of dwm_pixel's 2. Columns outside the image are skipped; the first `nst` outputs are stored,
+// GELU'd, to out (row stride ldo).
+template <int KK, int R, typename T_>
+static inline void dwm_slide2(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* dw_w,
+                              const float* dw_b, int64_t oh, int64_t ow0, int64_t c, float* out, int64_t ldo,
+                              int64_t nst) {
+  constexpr int pad = KK / 2, S = 2 * (R - 1) + KK;
+  vf acc[R];
+  const vf b = vload(dw_b + c);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = b;
+  const int64_t ih0 = 2 * oh - pad, u0 = 2 * ow0 - pad;
+  const int64_t kh0 = -ih0 > 0 ? -ih0 : 0, kh1 = H - ih0 < KK ? H - ih0 : KK;
+  const bool inside = u0 >= 0 && u0 + S <= Wd;
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    const T_* xr = x + ((ih0 + kh) * Wd + u0) * Cin + c / 2;
+    const float* wr = dw_w + kh * KK * Co + c;
+    vf wk[KK];
+#pragma GCC unroll 16
+    for (int kw = 0; kw < KK; ++kw) wk[kw] = vload(wr + kw * Co);
+#pragma GCC unroll 32
+    for (int j = 0; j < S; ++j) {
+      if (!inside && (u0 + j < 0 || u0 + j >= Wd)) continue;
+      const vf v = dup2(xr + j * Cin);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        if (j - 2 * r >= 0 && j - 2 * r < KK) acc[r] += v * wk[j - 2 * r];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    if (r < nst) vstore(out + r * ldo, vgelu(acc[r]));
+}
+
 template <typename T_>
 static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
                       const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b, int64_t Wo,
                       int64_t p0, int64_t np, float* d, float* buf) {
   const int64_t Cop = (Co + NR - 1) / NR * NR;
-  for (int64_t j = 0; j < np; ++j) {
-    const int64_t p = p0 + j;
-    dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, p / Wo, p % Wo, true, d + j * Co);
+  if (Kk == 7 && s == 2 && Co == 2 * Cin) {  // FastViTHD's patch_embed: dwm_slide2 per row segment
+    constexpr int R = 6;
+    const int64_t Cv = Co / VL * VL;
+    for (int64_t j = 0; j < np;) {
+      const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo, n = np - j < Wo - ow ? np - j : Wo - ow;
+      for (int64_t r0 = 0; r0 < n; r0 += R)
+        for (int64_t c = 0; c < Cv; c += VL)
+          dwm_slide2<7, R>(x, H, Wd, Cin, Co, dw_w, dw_b, oh, ow + r0, c, d + (j + r0) * Co + c, Co, n - r0);
+      if (Cv < Co)
+        for (int64_t i = 0; i < n; ++i) dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, oh, ow + i, true, d + (j + i) * Co, Cv);
+      j += n;
+    }
+  } else {
+    for (int64_t j = 0; j < np; ++j) {
+      const int64_t p = p0 + j;
+      dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, p / Wo, p % Wo, true, d + j * Co);
+    }
   }
   pgemm<2, T_>(d, Co, np, Co, pw_p, Co, pw_b, buf, Cop, nullptr, y + p0 * Co, Co, nullptr);
 }

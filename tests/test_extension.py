@@ -311,9 +311,12 @@ def test_stem_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
 
 
 @needs_ext
-@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 11), (2, 1, 1, 8), (3, 7, 33, 20), (0, 5, 5, 4), (1, 21, 18, 25)])
+@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 11), (2, 1, 1, 8), (3, 7, 33, 20), (0, 5, 5, 4), (1, 21, 18, 25),
+                                     (1, 30, 29, 24), (2, 9, 3, 8), (1, 4, 26, 16)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_patch_embed_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
+    """The dw7x7 s2 runs as a sliding window of 6 outputs per row (whole channel vectors; the channels
+    past them per pixel): output rows of 15, 2 and 13 pixels, channel counts with and without tails."""
     from fastvlm_kernels import reference
     g = torch.Generator().manual_seed(C)
 
@@ -329,7 +332,7 @@ def test_patch_embed_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
         if B:
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
     with pytest.raises(RuntimeError, match="multiple"):
-        _patch_embed_c(torch.randn(1, 5, 5, 3), [t.float() for t in a])
+        _patch_embed_c(torch.randn(1, 5, 5, 7), [t.float() for t in a])  # 2C is no multiple of 7
     with pytest.raises(RuntimeError, match=r"pw_p must be pack_linear\(\)"):
         torch.ops.fastvlm_C.patch_embed_nhwc(torch.randn(1, 5, 5, C), *[t.float() for t in a], 2)
 
