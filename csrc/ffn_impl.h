@@ -329,83 +329,99 @@ static inline void dw_pixel(const T_* x, int64_t H, int64_t Wd, int64_t C, int64
   }
 }
 
-// Sliding-window depthwise KK x KK (stride 1, padding KK / 2) of R outputs along one image row,
-// (h, w0 .. w0 + R - 1), channels [c, c + VL): the KK weights of a kernel row sit in registers and
-// each input vector of the row span is loaded once and fed to every output whose window covers it
-// (KK = 7, R = 8: 21 loads per 56 FMAs per kernel row; dw_rows' 4-pixel runs need 1.25 per FMA,
-// and measured 8-26% slower on the FastViTHD 7x7 shapes). Input columns
-// outside the image are skipped (the zero padding); outputs past the image row are computed from
-// what lies inside and not stored: the first `nst` outputs go to out (row stride ldo).
-template <int KK, int R, typename T_>
-static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t C, const float* dw_w, const float* dw_b,
-                            int64_t h, int64_t w0, int64_t c, float* out, int64_t ldo, int64_t nst) {
-  constexpr int pad = KK / 2, S = R + KK - 1;  // S input columns feed R outputs
+#if FVK_VL == 16
+#define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7
+#elif FVK_VL == 8
+#define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3
+#else
+#define FVK_DUP2 0, 0, 1, 1
+#endif
+typedef float vfh __attribute__((vector_size(FVK_VL * 2), aligned(4)));  // half a vector, unaligned
+static inline vf dup2(const float* p) {  // p[0], p[0], p[1], p[1], ... (VL / 2 inputs)
+  const vfh h = *reinterpret_cast<const vfh*>(p);
+  return __builtin_shufflevector(h, h, FVK_DUP2);
+}
+static inline vf dup2(const uint16_t* p) {
+  alignas(64) float f[VL / 2];
+  for (int l = 0; l < VL / 2; ++l) f[l] = ld(p, l);
+  return dup2(f);
+}
+
+// Sliding-window depthwise KK x KK (stride ST, padding KK / 2, channel multiplier M = 1 or 2; BN
+// folded) of R outputs along one output row, (oh, ow0 .. ow0 + R - 1), output channels [c, c + VL)
+// (input channels from c / M): per kernel row the KK weights sit in registers and each of the
+// ST (R - 1) + KK input columns is loaded once (M = 2: as a duplicated half vector) and fed to every
+// output whose window covers it. KK = 7, ST = 1, R = 8: 21 loads per 56 FMAs per kernel row (dw_rows'
+// 4-pixel runs need 1.25 per FMA and measured 8-26% slower on the FastViTHD 7x7 shapes); ST = 2,
+// M = 2, R = 6 (patch_embed): 0.6 per FMA instead of dwm_pixel's 2. Input columns outside the image
+// are skipped (the zero padding); outputs past the row are computed from what lies inside and not
+// stored: the first `nst` outputs go to out (row stride ldo), GELU'd if GELU.
+template <int KK, int R, int ST, int M, bool GELU, typename T_>
+static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* dw_w,
+                            const float* dw_b, int64_t oh, int64_t ow0, int64_t c, float* out, int64_t ldo,
+                            int64_t nst) {
+  constexpr int pad = KK / 2, S = ST * (R - 1) + KK;  // S input columns feed R outputs
   vf acc[R];
   const vf b = vload(dw_b + c);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = b;
-  const int64_t kh0 = pad - h > 0 ? pad - h : 0, kh1 = H - h + pad < KK ? H - h + pad : KK;
-  const int64_t u0 = w0 - pad;  // the first input column
+  const int64_t ih0 = ST * oh - pad, u0 = ST * ow0 - pad;  // the window's first input row and column
+  const int64_t kh0 = -ih0 > 0 ? -ih0 : 0, kh1 = H - ih0 < KK ? H - ih0 : KK;
   const bool inside = u0 >= 0 && u0 + S <= Wd;
   for (int64_t kh = kh0; kh < kh1; ++kh) {
-    const T_* xr = x + ((h + kh - pad) * Wd + u0) * C + c;
-    const float* wr = dw_w + kh * KK * C + c;
+    const T_* xr = x + ((ih0 + kh) * Wd + u0) * Cin + c / M;
+    const float* wr = dw_w + kh * KK * Co + c;
     vf wk[KK];
 #pragma GCC unroll 16
-    for (int kw = 0; kw < KK; ++kw) wk[kw] = vload(wr + kw * C);
-    if (inside) {
+    for (int kw = 0; kw < KK; ++kw) wk[kw] = vload(wr + kw * Co);
 #pragma GCC unroll 32
-      for (int i = 0; i < S; ++i) {
-        const vf v = vld(xr + i * C);
+    for (int j = 0; j < S; ++j) {
+      if (!inside && (u0 + j < 0 || u0 + j >= Wd)) continue;
+      vf v;
+      if constexpr (M == 2) v = dup2(xr + j * Cin);
+      else v = vld(xr + j * Cin);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r)
-          if (i - r >= 0 && i - r < KK) acc[r] += v * wk[i - r];
-      }
-    } else {
-#pragma GCC unroll 32
-      for (int i = 0; i < S; ++i) {
-        if (u0 + i < 0 || u0 + i >= Wd) continue;
-        const vf v = vld(xr + i * C);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r)
-          if (i - r >= 0 && i - r < KK) acc[r] += v * wk[i - r];
-      }
+      for (int r = 0; r < R; ++r)
+        if (j - ST * r >= 0 && j - ST * r < KK) acc[r] += v * wk[j - ST * r];
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    if (r < nst) vstore(out + r * ldo, acc[r]);
+    if (r < nst) vstore(out + r * ldo, GELU ? vgelu(acc[r]) : acc[r]);
 }
 
-// dw_rows for KK = 7 (FastViTHD's ConvFFN and RepCPE convs): per segment of the pixels along one
-// image row, runs of R outputs x channel vectors through dw_slide (every column, the row ends
-// included); the channels past a multiple of VL take dw_pixel's scalar tail. For KK = 3 (the
-// RepMixer) it measured slower than dw_rows' 4-pixel runs at 256x256x96 (memory-bound there), so
-// dw_rows keeps those for K != 7.
-template <int KK, typename T_>
-static void dw_rows_slide(const T_* x, int64_t H, int64_t Wd, int64_t C, const float* dw_w, const float* dw_b,
-                          int64_t p0, int64_t np, float* d) {
-  constexpr int R = 15 - KK;  // R accumulators + KK weights + 1 input = 16 vector registers (AVX2)
-  const int64_t Cv = C / VL * VL;
+// Output pixels [p0, p0 + np) of an output grid Wo wide, pixel-major into d (np x Co): per segment
+// along one output row, runs of R outputs x channel vectors through dw_slide (the row ends
+// included); the channels past a multiple of VL go to tail(oh, ow, first channel, out pixel).
+template <int KK, int R, int ST, int M, bool GELU, typename T_, typename Tail>
+static void dw_slide_rows(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* dw_w,
+                          const float* dw_b, int64_t Wo, int64_t p0, int64_t np, float* d, Tail tail) {
+  const int64_t Cv = Co / VL * VL;
   for (int64_t j = 0; j < np;) {
-    const int64_t p = p0 + j, h = p / Wd, w = p % Wd, n = np - j < Wd - w ? np - j : Wd - w;
-    for (int64_t s = 0; s < n; s += R)
+    const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo, n = np - j < Wo - ow ? np - j : Wo - ow;
+    for (int64_t r0 = 0; r0 < n; r0 += R)
       for (int64_t c = 0; c < Cv; c += VL)
-        dw_slide<KK, R>(x, H, Wd, C, dw_w, dw_b, h, w + s, c, d + (j + s) * C + c, C, n - s);
-    if (Cv < C)
-      for (int64_t i = 0; i < n; ++i) dw_pixel(x, H, Wd, C, KK, dw_w, dw_b, h, w + i, Cv, d + (j + i) * C);
+        dw_slide<KK, R, ST, M, GELU>(x, H, Wd, Cin, Co, dw_w, dw_b, oh, ow + r0, c, d + (j + r0) * Co + c, Co,
+                                     n - r0);
+    if (Cv < Co)
+      for (int64_t i = 0; i < n; ++i) tail(oh, ow + i, Cv, d + (j + i) * Co);
     j += n;
   }
 }
 
 // Depthwise KxK (BN folded) of pixels [p0, p0 + np) of one image x (H x Wd x C), pixel-major into
-// d (np x C). K = 7: dw_rows_slide. Other K: runs of 4 pixels of one
+// d (np x C). K = 7: dw_slide_rows. Other K (for K = 3, the RepMixer, the sliding window measured
+// slower at 256x256x96, memory-bound there): runs of 4 pixels of one
 // image row whose windows lie inside the row share each weight load (2 channel vectors x 4 pixels
 // of accumulators); other pixels and the channels past a multiple of 2 vectors take dw_pixel.
 template <typename T_>
 static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, const float* dw_w, const float* dw_b,
                     int64_t p0, int64_t np, float* d) {
-  if (Kk == 7) return dw_rows_slide<7>(x, H, Wd, C, dw_w, dw_b, p0, np, d);
+  if (Kk == 7)  // R = 8 accumulators + 7 weights + 1 input: the 16 vector registers of AVX2
+    return dw_slide_rows<7, 8, 1, 1, false>(x, H, Wd, C, C, dw_w, dw_b, Wd, p0, np, d,
+                                           [&](int64_t h, int64_t w, int64_t c0, float* out) {
+                                             dw_pixel(x, H, Wd, C, Kk, dw_w, dw_b, h, w, c0, out);
+                                           });
   constexpr int R = 4;
   const int64_t pad = Kk / 2, C2 = C / (2 * VL) * (2 * VL);
   int64_t j = 0;
@@ -540,8 +556,8 @@ static void stem_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, in
       for (int64_t u = 0; u < m; ++u) {
         const int64_t ih1 = 2 * oh - 1 + kh, iw1 = 2 * ow0 - 1 + u;
         float* r = im + (kh * m + u) * K0;
-        if (ih1 >= 0 && ih1 < H1 && iw1 >= 0 && iw1 < W1 && 2 * ih1 >= 1 && 2 * ih1 + 1 < H && 2 * iw1 >= 1 &&
-            2 * iw1 + 1 < Wd) {  // the whole patch inside: three runs of 3 Cin contiguous values
+        if (ih1 >= 1 && 2 * ih1 + 1 < H && iw1 >= 1 && 2 * iw1 + 1 < Wd) {  // the whole patch inside (so
+          // is the intermediate pixel): three runs of 3 Cin contiguous values
           for (int64_t th = 0; th < 3; ++th) {
             const T_* xp = x + ((2 * ih1 - 1 + th) * Wd + 2 * iw1 - 1) * Cin;
             float* rr = r + th * 3 * Cin;
@@ -606,24 +622,6 @@ static void stem_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd,
 // Per tile of output pixels: the grouped conv output (Co = M * Cin channels, GELU) goes pixel-major
 // into the tile, then the 1x1 runs on pgemm (packed weights, GELU epilogue into y); the Co-wide
 // intermediate never leaves the tile. dw_w: (K, K, Co).
-#if FVK_VL == 16
-#define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7
-#elif FVK_VL == 8
-#define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3
-#else
-#define FVK_DUP2 0, 0, 1, 1
-#endif
-typedef float vfh __attribute__((vector_size(FVK_VL * 2), aligned(4)));  // half a vector, unaligned
-static inline vf dup2(const float* p) {  // p[0], p[0], p[1], p[1], ... (VL / 2 inputs)
-  const vfh h = *reinterpret_cast<const vfh*>(p);
-  return __builtin_shufflevector(h, h, FVK_DUP2);
-}
-static inline vf dup2(const uint16_t* p) {
-  alignas(64) float f[VL / 2];
-  for (int l = 0; l < VL / 2; ++l) f[l] = ld(p, l);
-  return dup2(f);
-}
-
 // Depthwise KxK, stride s, padding K / 2, channel multiplier M = Co / Cin (BN folded) of one output
 // pixel (oh, ow): out[c] = b[c] + sum over the window of x[.][c / M] * w[.][c], GELU'd if `gelu`,
 // for channels [c0, Co) (c0 a multiple of 2 VL, or past the vectorised ones).
@@ -661,61 +659,16 @@ static inline void dwm_pixel(const T_* x, int64_t H, int64_t Wd, int64_t Cin, in
   }
 }
 
-// patch_embed's dw (KK = 7, stride 2, multiplier 2) as a sliding window: R outputs along one output
-// row, (oh, ow0 .. ow0 + R - 1), output channels [c, c + VL) (input channels c / 2 ..): per kernel
-// row the KK weights sit in registers and each of the 2 (R - 1) + KK input columns is loaded once
-// (duplicated half vector) and fed to the outputs whose windows cover it, 0.6 loads per FMA instead
-// of dwm_pixel's 2. Columns outside the image are skipped; the first `nst` outputs are stored,
-// GELU'd, to out (row stride ldo).
-template <int KK, int R, typename T_>
-static inline void dwm_slide2(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* dw_w,
-                              const float* dw_b, int64_t oh, int64_t ow0, int64_t c, float* out, int64_t ldo,
-                              int64_t nst) {
-  constexpr int pad = KK / 2, S = 2 * (R - 1) + KK;
-  vf acc[R];
-  const vf b = vload(dw_b + c);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r] = b;
-  const int64_t ih0 = 2 * oh - pad, u0 = 2 * ow0 - pad;
-  const int64_t kh0 = -ih0 > 0 ? -ih0 : 0, kh1 = H - ih0 < KK ? H - ih0 : KK;
-  const bool inside = u0 >= 0 && u0 + S <= Wd;
-  for (int64_t kh = kh0; kh < kh1; ++kh) {
-    const T_* xr = x + ((ih0 + kh) * Wd + u0) * Cin + c / 2;
-    const float* wr = dw_w + kh * KK * Co + c;
-    vf wk[KK];
-#pragma GCC unroll 16
-    for (int kw = 0; kw < KK; ++kw) wk[kw] = vload(wr + kw * Co);
-#pragma GCC unroll 32
-    for (int j = 0; j < S; ++j) {
-      if (!inside && (u0 + j < 0 || u0 + j >= Wd)) continue;
-      const vf v = dup2(xr + j * Cin);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        if (j - 2 * r >= 0 && j - 2 * r < KK) acc[r] += v * wk[j - 2 * r];
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    if (r < nst) vstore(out + r * ldo, vgelu(acc[r]));
-}
-
 template <typename T_>
 static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
                       const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b, int64_t Wo,
                       int64_t p0, int64_t np, float* d, float* buf) {
   const int64_t Cop = (Co + NR - 1) / NR * NR;
-  if (Kk == 7 && s == 2 && Co == 2 * Cin) {  // FastViTHD's patch_embed: dwm_slide2 per row segment
-    constexpr int R = 6;
-    const int64_t Cv = Co / VL * VL;
-    for (int64_t j = 0; j < np;) {
-      const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo, n = np - j < Wo - ow ? np - j : Wo - ow;
-      for (int64_t r0 = 0; r0 < n; r0 += R)
-        for (int64_t c = 0; c < Cv; c += VL)
-          dwm_slide2<7, R>(x, H, Wd, Cin, Co, dw_w, dw_b, oh, ow + r0, c, d + (j + r0) * Co + c, Co, n - r0);
-      if (Cv < Co)
-        for (int64_t i = 0; i < n; ++i) dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, oh, ow + i, true, d + (j + i) * Co, Cv);
-      j += n;
-    }
+  if (Kk == 7 && s == 2 && Co == 2 * Cin) {  // FastViTHD's patch_embed: the sliding window, 6 outputs
+    dw_slide_rows<7, 6, 2, 2, true>(x, H, Wd, Cin, Co, dw_w, dw_b, Wo, p0, np, d,
+                                    [&](int64_t oh, int64_t ow, int64_t c0, float* out) {
+                                      dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, oh, ow, true, out, c0);
+                                    });
   } else {
     for (int64_t j = 0; j < np; ++j) {
       const int64_t p = p0 + j;

@@ -112,7 +112,6 @@ class _Op:
         _LIB.define(self.name + torch.library.infer_schema(fn, mutates_args=()))
         _LIB.impl(self.name, fn, "CompositeExplicitAutograd")
         torch.library.register_autograd(self.qualname, self._no_backward, lib=_LIB)
-        self._fn = fn
 
     def _no_backward(self, ctx, *grads):
         raise RuntimeError(f"{self.qualname} is inference-only and has no backward")
