@@ -109,7 +109,7 @@ def case_conv_exp():
     blk = _prep(fv.MobileOneBlock(1536, 3072, 3, 1, 1, groups=1536, use_se=True))
     x = torch.randn(1, 1536, 16, 16)
     return blk, lambda b: fm.FusedConvExp(blk, b, torch.float32), x, x.permute(0, 2, 3, 1).contiguous(), \
-        _dw_flops(3, 3072, 16, 16), 4 * (1536 + 3072) * 256
+        _dw_flops(3, 3072, 16, 16), 4 * ((1536 + 3072) * 256 + 9 * 3072 + 2 * 192 * 3072)  # + dw and SE weights
 
 
 CASES = {

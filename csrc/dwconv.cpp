@@ -29,6 +29,7 @@ void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64
 void conv_exp_dw_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, int64_t Co, float* z,
                       float* rowsums);
 void conv_exp_scale_gelu_fast(const float* z, const float* s, at::Tensor& y);
+void se_gemv_fast(const float* W, const float* v, const float* bias, int64_t rows, int64_t n, int act, float* y);
 namespace {
 
 // One output pixel's Cout channels: acc = bias + sum over valid taps of x[tap][co / M] * w[tap][co].
@@ -181,7 +182,7 @@ at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const float *pw = fw.data_ptr<float>(), *pb = fb.data_ptr<float>(), *prw = rw.data_ptr<float>(),
               *prb = rb.data_ptr<float>(), *pew = ew.data_ptr<float>(), *peb = eb.data_ptr<float>();
   conv_exp_dw_fast(xc, pw, pb, K, Cout, z, rs);  // ffn.cpp: vectorised per ISA
-  // SE per image; the reduce units and the expand channels are split over threads (fixed sums).
+  // SE per image (vectorised GEMVs, rows split over threads, each row summed in a fixed order).
   std::vector<float> mean(B * Cout), red(B * rd);
   for (int64_t bi = 0; bi < B; ++bi) {
     float* m = mean.data() + bi * Cout;
@@ -190,26 +191,10 @@ at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Ten
       for (int64_t c = 0; c < Cout; ++c) m[c] += rs[(bi * H + oh) * Cout + c];
     for (int64_t c = 0; c < Cout; ++c) m[c] /= static_cast<float>(H * W);
   }
-  at::parallel_for(0, B * rd, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bi = i / rd, j = i % rd;
-      const float* m = mean.data() + bi * Cout;
-      float a = 0.f;
-      for (int64_t c = 0; c < Cout; ++c) a += prw[j * Cout + c] * m[c];
-      a += prb[j];
-      red[i] = a > 0 ? a : 0.f;
-    }
-  });
-  at::parallel_for(0, B * Cout, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bi = i / Cout, c = i % Cout;
-      const float* r = red.data() + bi * rd;
-      float a = 0.f;
-      for (int64_t j = 0; j < rd; ++j) a += pew[c * rd + j] * r[j];
-      a += peb[c];
-      s[i] = 1.f / (1.f + std::exp(-a));
-    }
-  });
+  for (int64_t bi = 0; bi < B; ++bi) {
+    se_gemv_fast(prw, mean.data() + bi * Cout, prb, rd, Cout, 0, red.data() + bi * rd);
+    se_gemv_fast(pew, red.data() + bi * rd, peb, Cout, rd, 1, s + bi * Cout);
+  }
   conv_exp_scale_gelu_fast(z, s, y);
   return y;
 }

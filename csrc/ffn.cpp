@@ -233,6 +233,13 @@ void conv_exp_dw_fast(const at::Tensor& x, const float* w, const float* b, int64
   FVK_PARALLEL_TILES(convexp_rows, B * H, 0, isa, xp, bf16, H, W, Cin, Co, K, w, b, z, rowsums);
 }
 
+// conv_exp's SE GEMVs: y[i] = act(bias[i] + W[i] . v), i < rows, W (rows, n) float32; act 0 ReLU,
+// 1 sigmoid. Rows split over threads; each row summed in a fixed order.
+void se_gemv_fast(const float* W, const float* v, const float* bias, int64_t rows, int64_t n, int act, float* y) {
+  const Isa isa = active_isa();
+  FVK_PARALLEL_TILES(gemv_rows, rows, 0, isa, W, v, bias, n, act, y);
+}
+
 void conv_exp_scale_gelu_fast(const float* z, const float* s, at::Tensor& y) {
   const int64_t B = y.size(0), H = y.size(1), W = y.size(2), Co = y.size(3);
   const Isa isa = active_isa();

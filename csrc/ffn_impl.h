@@ -709,25 +709,50 @@ static void convexp_rows(const void* x, bool bf16, int64_t H, int64_t Wd, int64_
   for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t bi = r / H, oh = r % H;
     float* zr = z + r * Wd * Co;
+    auto row = [&](auto xi) {
+      if (Kk == 3 && Co == 2 * Cin) {  // FastViTHD's conv_exp: the sliding window, 8 outputs per run
+        dw_slide_rows<3, 8, 1, 2, false>(xi, H, Wd, Cin, Co, w, b, Wd, oh * Wd, Wd, zr,
+                                         [&](int64_t h, int64_t ow, int64_t c0, float* out) {
+                                           dwm_pixel(xi, H, Wd, Cin, Co, Kk, 1, w, b, h, ow, false, out, c0);
+                                         });
+      } else {
+        for (int64_t ow = 0; ow < Wd; ++ow) dwm_pixel(xi, H, Wd, Cin, Co, Kk, 1, w, b, oh, ow, false, zr + ow * Co);
+      }
+    };
+    if (bf16) row(static_cast<const uint16_t*>(x) + bi * H * Wd * Cin);
+    else row(static_cast<const float*>(x) + bi * H * Wd * Cin);
+    float* rs = rowsums + r * Co;  // pixel-outer: streams z's row (a channel-outer sum was 12 KB strides)
+    for (int64_t c = 0; c < Co; ++c) rs[c] = 0.f;
     for (int64_t ow = 0; ow < Wd; ++ow) {
-      if (bf16)
-        dwm_pixel(static_cast<const uint16_t*>(x) + bi * H * Wd * Cin, H, Wd, Cin, Co, Kk, 1, w, b, oh, ow, false,
-                  zr + ow * Co);
-      else
-        dwm_pixel(static_cast<const float*>(x) + bi * H * Wd * Cin, H, Wd, Cin, Co, Kk, 1, w, b, oh, ow, false,
-                  zr + ow * Co);
+      const float* zp = zr + ow * Co;
+      for (int64_t c = 0; c < Cv; c += VL) vstore(rs + c, vload(rs + c) + vload(zp + c));
+      for (int64_t c = Cv; c < Co; ++c) rs[c] += zp[c];
     }
-    float* rs = rowsums + r * Co;
-    for (int64_t c = 0; c < Cv; c += VL) {
-      vf a = vset(0.f);
-      for (int64_t ow = 0; ow < Wd; ++ow) a += vload(zr + ow * Co + c);
-      vstore(rs + c, a);
+  }
+}
+
+// The SE's two small GEMVs, rows [i_begin, i_end): y[i] = act(bias[i] + W[i] . v), W rows of n
+// floats; act 0: ReLU, 1: sigmoid. Four vector accumulators, then the lanes in a fixed order: each
+// row is summed the same way whatever thread computes it.
+static void gemv_rows(const float* W, const float* v, const float* bias, int64_t n, int act, float* y,
+                      int64_t i_begin, int64_t i_end, float*) {
+  const int64_t n4 = n / (4 * VL) * (4 * VL), nv = n / VL * VL;
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    const float* w = W + i * n;
+    vf a0 = vset(0.f), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k < n4; k += 4 * VL) {
+      a0 += vload(w + k) * vload(v + k);
+      a1 += vload(w + k + VL) * vload(v + k + VL);
+      a2 += vload(w + k + 2 * VL) * vload(v + k + 2 * VL);
+      a3 += vload(w + k + 3 * VL) * vload(v + k + 3 * VL);
     }
-    for (int64_t c = Cv; c < Co; ++c) {
-      float a = 0.f;
-      for (int64_t ow = 0; ow < Wd; ++ow) a += zr[ow * Co + c];
-      rs[c] = a;
-    }
+    for (; k < nv; k += VL) a0 += vload(w + k) * vload(v + k);
+    const vf a = (a0 + a1) + (a2 + a3);
+    float acc = bias[i];
+    for (int l = 0; l < VL; ++l) acc += a[l];
+    for (; k < n; ++k) acc += w[k] * v[k];
+    y[i] = act == 0 ? (acc > 0.f ? acc : 0.f) : 1.f / (1.f + vexp(vset(-acc))[0]);  // vexp clamps to [-87, 88]
   }
 }
 

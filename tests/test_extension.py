@@ -456,7 +456,8 @@ def test_tiling_does_not_change_results(monkeypatch, op):
 
 
 @needs_ext
-@pytest.mark.parametrize("B,H,W,Cin,M", [(1, 13, 7, 20, 2), (2, 1, 1, 8, 2), (3, 5, 9, 12, 3), (1, 16, 16, 48, 2)])
+@pytest.mark.parametrize("B,H,W,Cin,M", [(1, 13, 7, 20, 2), (2, 1, 1, 8, 2), (3, 5, 9, 12, 3), (1, 16, 16, 48, 2),
+                                         (2, 6, 17, 13, 2)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_conv_exp_nhwc_every_isa(monkeypatch, B, H, W, Cin, M, dtype, bound):
     """conv_exp's vectorised passes (multiplier 2 on duplicated half vectors, channel tails, other
