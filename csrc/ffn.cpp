@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -274,16 +275,24 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   at::Tensor y = at::empty({B, H2, W2, C}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || C == 0) return y;
   const Isa isa = active_isa();
-  const Tiling tl = gemm_tiling(B, H2 * W2);
-  const int64_t T = tl.T, tiles = B * tl.n;
-  const int64_t scratch = ffn_avx2::stem_scratch(T, Cin, Cp);  // the same on every ISA
+  // blocks of RB x SW final pixels (FASTVLM_STEM_BLOCK=RBxSW overrides the 4 x 32; any block shape
+  // gives the same results: each value is summed in the same order whatever block computes it)
+  int64_t RB = 4, SW = 32;
+  if (const char* env = std::getenv("FASTVLM_STEM_BLOCK")) {
+    long long rb = 0, sw = 0;
+    TORCH_CHECK(std::sscanf(env, "%lldx%lld", &rb, &sw) == 2 && rb >= 1 && sw >= 1,
+                "FASTVLM_STEM_BLOCK must read RBxSW (e.g. 4x32), got '", env, "'");
+    RB = rb, SW = sw;
+  }
+  const int64_t tiles = B * ((H2 + RB - 1) / RB) * ((W2 + SW - 1) / SW);
+  const int64_t scratch = ffn_avx2::stem_scratch(RB, SW, Cin, Cp);  // the same on every ISA
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   const float *p0 = w0p.data_ptr<float>(), *pb0 = fb0.data_ptr<float>(), *p1 = fw1.data_ptr<float>(),
               *pb1 = fb1.data_ptr<float>(), *p2 = w2p.data_ptr<float>(), *pb2 = fb2.data_ptr<float>();
-  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, Cp, p0, pb0, p1, pb1, p2, pb2, tl.n,
-                     T);
+  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, Cp, p0, pb0, p1, pb1, p2, pb2, RB,
+                     SW);
   return y;
 }
 

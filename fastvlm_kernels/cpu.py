@@ -2,9 +2,9 @@
 
 All seven ops:
 
-- ``stem`` (conv3x3 s2 -> dw3x3 s2 -> 1x1, each + GELU, in one pass: per run of final pixels
-  along a row, the intermediate pixels its windows cover are computed (a GEMM over 3x3 patches)
-  into the tile, about 1.5 times each, instead of stored at full resolution);
+- ``stem`` (conv3x3 s2 -> dw3x3 s2 -> 1x1, each + GELU, in one pass: per block of 4 x 32 final
+  pixels, the intermediate pixels its windows cover are computed (a GEMM over 3x3 patches) into the
+  tile, about 1.14 times each, instead of stored at full resolution);
 - ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
   time, the 4C hidden kept in cache) and ``repmixer_block`` (the RepMixer dw3x3 pass, then the same
   fused FFN);

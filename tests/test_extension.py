@@ -287,7 +287,8 @@ def test_convffn_nhwc_rejects_bad_input():
 
 
 @needs_ext
-@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 13), (2, 1, 1, 8), (3, 7, 33, 20), (0, 9, 9, 8), (1, 19, 23, 45)])
+@pytest.mark.parametrize("B,H,W,C", [(1, 13, 17, 13), (2, 1, 1, 8), (3, 7, 33, 20), (0, 9, 9, 8), (1, 19, 23, 45),
+                                     (2, 21, 150, 13)])  # the last: several 4 x 32 blocks per image
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_stem_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
     from fastvlm_kernels import reference
@@ -308,6 +309,9 @@ def test_stem_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
         _stem_c(torch.rand(1, 8, 8, 4), [t.float() for t in a])
     with pytest.raises(RuntimeError, match=r"w2p must be pack_linear\(\)"):  # an unpacked 1x1 weight
         torch.ops.fastvlm_C.stem_nhwc(torch.rand(1, 8, 8, 3), *[t.float() for t in a])
+    monkeypatch.setenv("FASTVLM_STEM_BLOCK", "4by32")
+    with pytest.raises(RuntimeError, match="FASTVLM_STEM_BLOCK must read RBxSW"):
+        _stem_c(torch.rand(1, 8, 8, 3), [t.float() for t in a])
 
 
 @needs_ext
@@ -427,7 +431,8 @@ def test_every_output_element_is_written():
 @pytest.mark.parametrize("op", ["convffn", "stem", "patch_embed", "attention_mixer"])
 def test_tiling_does_not_change_results(monkeypatch, op):
     """The 1x1-GEMM ops cut images into tiles (FASTVLM_FFN_TILE pixels, whole 6-pixel groups spread
-    evenly, runs of a row for the stem): results must be bitwise the same for any tiling, and right."""
+    evenly; blocks of RB x SW output pixels for the stem): results must be bitwise the same for any
+    tiling, and right."""
     from fastvlm_kernels import reference
     g = torch.Generator().manual_seed(11)
 
@@ -447,8 +452,11 @@ def test_tiling_does_not_change_results(monkeypatch, op):
         a, x = _attn_args(40, seed=6), r(2, 9, 11, 40)
         ref, fn = reference.attention_mixer(x, *a, 8), lambda: _attn_c(x.float(), [t.float() for t in a], 8)
     outs = []
-    for tile in ("6", "12", "30", "96"):
-        monkeypatch.setenv("FASTVLM_FFN_TILE", tile)
+    # the stem cuts its output grid into blocks of RB x SW pixels instead (FASTVLM_STEM_BLOCK)
+    var, tiles = ("FASTVLM_STEM_BLOCK", ("1x1", "2x5", "3x16", "4x32")) if op == "stem" else \
+        ("FASTVLM_FFN_TILE", ("6", "12", "30", "96"))
+    for tile in tiles:
+        monkeypatch.setenv(var, tile)
         outs.append(fn())
     assert rel_l2(outs[-1], ref) <= 1e-5
     for y in outs[:-1]:
