@@ -1,6 +1,6 @@
 // fastvlm_C::convffn_nhwc -- the fused ConvFFN: y = x + gamma * fc2(GELU(fc1(dwKxK_bnfolded(x)))),
-// one tile of pixels at a time (ffn_impl.h); the 4C-wide hidden activation lives in a per-thread
-// buffer and is never written to memory in full.
+// one tile of pixels at a time (ffn_impl.h); the 4C-wide hidden activation goes through a per-thread
+// buffer 256 channels at a time (fc1 + GELU of a chunk, then its share of fc2) and is never whole.
 //
 //   x      (B, H, W, C) contiguous, float32 or bfloat16 (bf16 storage, fp32 accumulation)
 //   dw_w   (K, K, C), dw_b (C): the depthwise conv with its BatchNorm folded in
@@ -200,7 +200,7 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
               *pg = g.data_ptr<float>();
   const Tiling tl = gemm_tiling(B, H * W);
   const int64_t T = tl.T, tiles = B * tl.n;
-  const int64_t scratch = T * (C + ffn_avx512::hid_stride(Hd) + Cp);  // the widest ISA's stride: >= every ISA's
+  const int64_t scratch = T * (C + ffn_avx512::hid_stride(Hd) + Cp);  // the widest ISA's chunk stride: >= every ISA's
   FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, tl.n,
                      T);
   return y;

@@ -254,22 +254,27 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
   }
 }
 
-// C(np x N) for one tile: see the blocking note above. Wp: packed panels of a (N x K) weight.
+// C(np x N) for one tile over the K range [0, K) of a longer sum (see the blocking note above):
+// Wp points at the range's first k in the packed panels of a (N x ldk) weight (panel p at
+// Wp + p * ldk * PW); first_part: start from bias (else from buf); last_part: the range ends the
+// sum (run the epilogue; else leave the fp32 partial sums in buf). A K range split this way sums in
+// the same order as one call: partial sums go through buf in fp32, exactly.
 template <int EPI, typename T_>
-static void pgemm(const float* a, int64_t lda, int64_t np, int64_t K, const float* Wp, int64_t N, const float* bias,
-                  float* buf, int64_t ldb, const T_* x, T_* y, int64_t ldy, const float* gamma) {
+static void pgemm_part(const float* a, int64_t lda, int64_t np, int64_t K, const float* Wp, int64_t ldk, int64_t N,
+                       const float* bias, float* buf, int64_t ldb, const T_* x, T_* y, int64_t ldy,
+                       const float* gamma, bool first_part, bool last_part) {
   const int64_t nkb = (K + KC_MAX - 1) / KC_MAX, kcb = (K + nkb - 1) / nkb;
   for (int64_t k0 = 0; k0 < K; k0 += kcb) {
     const int64_t kc = K - k0 < kcb ? K - k0 : kcb;
-    const bool first = k0 == 0, last = k0 + kc == K;
+    const bool first = first_part && k0 == 0, last = last_part && k0 + kc == K;
     for (int64_t n0 = 0; n0 < N; n0 += NR) {
       // the two vectors' columns: panel n / PW, offset n % PW
       const int64_t na = n0, nb = n0 + VL;
-      const float* w0 = Wp + (na / PW) * K * PW + k0 * PW + na % PW;
-      const float* w1 = Wp + (nb / PW) * K * PW + k0 * PW + nb % PW;
+      const float* w0 = Wp + (na / PW) * ldk * PW + k0 * PW + na % PW;
+      const float* w1 = Wp + (nb / PW) * ldk * PW + k0 * PW + nb % PW;
       // the next weight slice (next column of panels, else the next K block's first column)
       const int64_t nn = n0 + NR < N ? n0 + NR : 0, nk0 = n0 + NR < N ? k0 : k0 + kc;
-      const float* wn = nk0 < K ? Wp + (nn / PW) * K * PW + nk0 * PW + nn % PW : nullptr;
+      const float* wn = nk0 < K ? Wp + (nn / PW) * ldk * PW + nk0 * PW + nn % PW : nullptr;
       for (int64_t t0 = 0; t0 < np; t0 += MR) {
         const int m = static_cast<int>(np - t0 < MR ? np - t0 : MR);
         const float* pf = t0 + MR >= np ? wn : nullptr;
@@ -286,6 +291,13 @@ static void pgemm(const float* a, int64_t lda, int64_t np, int64_t K, const floa
       }
     }
   }
+}
+
+// C(np x N) = the whole sum over K (Wp: packed panels of a (N x K) weight).
+template <int EPI, typename T_>
+static void pgemm(const float* a, int64_t lda, int64_t np, int64_t K, const float* Wp, int64_t N, const float* bias,
+                  float* buf, int64_t ldb, const T_* x, T_* y, int64_t ldy, const float* gamma) {
+  pgemm_part<EPI, T_>(a, lda, np, K, Wp, K, N, bias, buf, ldb, x, y, ldy, gamma, true, true);
 }
 
 // Depthwise KxK (BN folded) of one pixel, channels [c0, C), into out: channel vectors held in
@@ -489,20 +501,33 @@ static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t W
 //   d(np x C)    = depthwise KxK (BN folded) of x, pixel-major
 //   hid(np x Hd) = GELU(d . W1^T + b1)      -- the 4C-wide hidden, never leaves this buffer
 //   y[p]         = x[p] + gamma * (hid . W2^T + b2)   (fc2's K blocks accumulate in `acc`)
+// The hidden activation goes through in chunks of HC channels: fc1 + GELU for a chunk's channels
+// (T x HC, in L2), then that chunk's share of fc2's sum into the fp32 accumulator (T x Cp), so the
+// tile's hidden activation is never in cache whole (T x 4C was 0.6-1.6 MB at FastViTHD's stages 2-4
+// with T = 96: more than a Zen 3 L2). Bitwise the same as fc1 over all Hd then fc2: each fc2 output
+// still sums k = 0 .. Hd - 1 in order. HC is a multiple of NR on every ISA.
+constexpr int64_t HC = 256;
 // Row strides: d C, hid hid_stride(Hd), acc Cp (C rounded up to NR so whole vectors can be stored).
-// hid's row stride: Hd rounded up to NR, plus 16 floats. Without the 16, rows a multiple of 4 KB
-// apart (Hd = 3072, 6144: FastViTHD's stages 3-4) put the 6 rows a micro-tile broadcasts from into
-// the same L1 set, beside the weight panel slice: conflict misses in fc2's inner loop.
-static inline int64_t hid_stride(int64_t Hd) { return (Hd + NR - 1) / NR * NR + 16; }
+// hid's row stride: the chunk width rounded up to NR, plus 16 floats. Without the 16, rows a multiple
+// of 4 KB apart would put the 6 rows a micro-tile broadcasts from into the same L1 set, beside the
+// weight panel slice: conflict misses in fc2's inner loop.
+static inline int64_t hid_stride(int64_t Hd) { return ((Hd < HC ? Hd : HC) + NR - 1) / NR * NR + 16; }
 
 template <typename T_>
 static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                      const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
                      const float* b2, const float* gamma, int64_t p0, int64_t np, float* d, float* hid, float* acc) {
-  const int64_t Hdp = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR;
+  const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR;
   dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
-  pgemm<0, T_>(d, C, np, C, w1p, Hd, b1, hid, Hdp, nullptr, nullptr, 0, nullptr);
-  pgemm<1, T_>(hid, Hdp, np, Hd, w2p, C, b2, acc, Cp, x + p0 * C, y + p0 * C, C, gamma);
+  for (int64_t h0 = 0; h0 < Hd; h0 += HC) {
+    const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
+    // fc1 + GELU, hidden channels [h0, h0 + hc): panels from h0 / PW (h0 is a multiple of PW)
+    pgemm_part<0, T_>(d, C, np, C, w1p + (h0 / PW) * C * PW, C, hc, b1 + h0, hid, ldh, nullptr, nullptr, 0,
+                      nullptr, true, true);
+    // fc2's k range [h0, h0 + hc) of its Hd-long sum
+    pgemm_part<1, T_>(hid, ldh, np, hc, w2p + h0 * PW, Hd, C, b2, acc, Cp, x + p0 * C, y + p0 * C, C, gamma,
+                      h0 == 0, h0 + hc == Hd);
+  }
 }
 
 // Tiles [t_begin, t_end) of a batch: tile t covers image t / tiles_per_image, pixels from

@@ -189,7 +189,8 @@ def _isas():
 
 @needs_ext
 @pytest.mark.parametrize("B,H,W,C,Hd", [(1, 7, 13, 19, 76), (3, 1, 1, 5, 20), (2, 33, 7, 40, 160),
-                                        (1, 13, 13, 96, 384), (0, 5, 5, 8, 32), (1, 2, 70, 17, 33)])
+                                        (1, 13, 13, 96, 384), (0, 5, 5, 8, 32), (1, 2, 70, 17, 33),
+                                        (1, 5, 9, 20, 600)])  # hidden chunks of 256, 256, 88
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_convffn_nhwc_every_isa(monkeypatch, B, H, W, C, Hd, dtype, bound):
     from fastvlm_kernels import reference
