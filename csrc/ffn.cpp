@@ -249,7 +249,7 @@ void conv_exp_scale_gelu_fast(const float* z, const float* s, at::Tensor& y) {
   FVK_PARALLEL_TILES(scale_gelu_rows, B * H, 0, isa, z, s, yp, bf16, H, W, Co);
 }
 
-// fastvlm_C::stem_nhwc -- GELU(conv3x3 s2) -> GELU(dw3x3 s2) -> GELU(1x1), fused (see stem_tile).
+// fastvlm_C::stem_nhwc -- GELU(conv3x3 s2) -> GELU(dw3x3 s2) -> GELU(1x1), fused (see stem_block in ffn_impl.h).
 //   x (B, H, W, Cin) float32/bf16; w0 (C, Cin, 3, 3), b0 (C); w1 (3, 3, C), b1 (C);
 //   w2p = pack_linear(w2 (C, C)), b2 (C)
 at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
@@ -280,8 +280,8 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   int64_t RB = 4, SW = 32;
   if (const char* env = std::getenv("FASTVLM_STEM_BLOCK")) {
     long long rb = 0, sw = 0;
-    TORCH_CHECK(std::sscanf(env, "%lldx%lld", &rb, &sw) == 2 && rb >= 1 && sw >= 1,
-                "FASTVLM_STEM_BLOCK must read RBxSW (e.g. 4x32), got '", env, "'");
+    TORCH_CHECK(std::sscanf(env, "%lldx%lld", &rb, &sw) == 2 && rb >= 1 && sw >= 1 && rb <= 256 && sw <= 1024,
+                "FASTVLM_STEM_BLOCK must read RBxSW (e.g. 4x32, 1 <= RB <= 256, 1 <= SW <= 1024), got '", env, "'");
     RB = rb, SW = sw;
   }
   const int64_t tiles = B * ((H2 + RB - 1) / RB) * ((W2 + SW - 1) / SW);
