@@ -219,10 +219,19 @@ def test_convffn_nhwc_writes_every_output_and_ignores_input_strides():
 
 
 @needs_ext
-@pytest.mark.parametrize("op", ["convffn", "dwconv", "attention_mixer", "conv_exp"])
+@pytest.mark.parametrize("op", ["convffn", "dwconv", "attention_mixer", "conv_exp", "stem"])
 def test_thread_counts_and_concurrent_callers_agree(op):
     import threading
-    if op == "conv_exp":
+    if op == "stem":  # several 4 x 32 blocks per image
+        g = torch.Generator().manual_seed(4)
+        st = [torch.randn(20, 3, 3, 3, generator=g) * 0.5, torch.randn(20, generator=g) * 0.1,
+              torch.randn(3, 3, 20, generator=g) * 0.4, torch.randn(20, generator=g) * 0.1,
+              torch.randn(20, 20, generator=g) * 0.2, torch.randn(20, generator=g) * 0.1]
+        x = torch.rand(2, 45, 141, 3, generator=g)
+
+        def call():
+            return _stem_c(x, st)
+    elif op == "conv_exp":
         g = torch.Generator().manual_seed(2)
         ce = [torch.randn(3, 3, 48, generator=g), torch.randn(48, generator=g), torch.randn(12, 48, generator=g) * 0.2,
               torch.randn(12, generator=g), torch.randn(48, 12, generator=g) * 0.3, torch.randn(48, generator=g)]
@@ -237,7 +246,7 @@ def test_thread_counts_and_concurrent_callers_agree(op):
         def call():
             return _attn_c(x, a, 32)
     elif op == "convffn":
-        a = [t.float() for t in _ffn_args(40, 160, seed=3)]
+        a = [t.float() for t in _ffn_args(40, 300, seed=3)]  # two hidden chunks
         x = torch.randn(2, 37, 29, 40)
 
         def call():
