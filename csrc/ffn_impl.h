@@ -136,13 +136,14 @@ static inline void st(uint16_t* p, int64_t i, float v) {
 // the micro-kernel broadcasts one activation A[t][k] and multiplies it by NR consecutive output
 // channels of a weight panel. Activations then stay in their natural NHWC layout (the depthwise
 // output feeds fc1 and the residual epilogue writes y rows directly, with no transposes), and the
-// weights are pre-packed once (pack_panels, called at accelerate() time through the cpu backend)
+// weights are pre-packed once (ffn.cpp's pack_linear, called at accelerate() time through the cpu backend)
 // into panels of 16 output channels: panel p holds W[16p .. 16p+15][k] at [p][k][0..15], zero
 // padded, the panel count rounded up to even so a 32-channel AVX-512 micro-tile never reads past it.
 //
 // Blocking (per tile of T pixels): K in blocks of at most KC_MAX; for each block, for each NR-wide
 // column of panels (KC x NR floats, kept in L1), for each MR-row group of pixels (the T x KC
-// activation block, kept in L2). Every weight is read from L3/memory once per tile.
+// activation block, kept in L2). Every weight is read from L3/memory once per tile. The ConvFFN
+// runs its hidden dimension in chunks of HC channels (ffn_tile), each a K range of fc2 (pgemm_part).
 constexpr int PW = 16;          // packed panel width (output channels)
 constexpr int64_t KC_MAX = 256;  // K block: a KC x NR weight panel slice is 16 KB (AVX2), 32 KB (AVX-512)
 
