@@ -500,8 +500,8 @@ static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t W
 
 // One tile of the ConvFFN: pixels [p0, p0 + np) of one image x (H x Wd x C):
 //   d(np x C)    = depthwise KxK (BN folded) of x, pixel-major
-//   hid(np x Hd) = GELU(d . W1^T + b1)      -- the 4C-wide hidden, never leaves this buffer
-//   y[p]         = x[p] + gamma * (hid . W2^T + b2)   (fc2's K blocks accumulate in `acc`)
+//   hid(np x HC) = GELU(d . W1^T + b1) for one chunk of HC hidden channels at a time
+//   y[p]         = x[p] + gamma * (hid . W2^T + b2)   (fc2's K ranges accumulate in `acc`)
 // The hidden activation goes through in chunks of HC channels: fc1 + GELU for a chunk's channels
 // (T x HC, in L2), then that chunk's share of fc2's sum into the fp32 accumulator (T x Cp), so the
 // tile's hidden activation is never in cache whole (T x 4C was 0.6-1.6 MB at FastViTHD's stages 2-4
@@ -563,10 +563,11 @@ static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
 // full-resolution intermediate (C x H/2 x W/2) never reaches memory. Then the dw3x3 s2 + GELU per
 // final pixel into the block's rows, and the 1x1 on pgemm per block row (GELU epilogue into y).
 //   w0p: pack_linear of w0 as (C, 3, 3, Cin); b0, w1 (3, 3, Cp), b1 zero padded to Cp (>= NR-rounded C).
-// scratch per block: stem_scratch(RB, SW, Cin, Cp) floats.
+// scratch per block: stem_scratch(RB, SW, Cin, Cp) floats (im, mid, d, and the 1x1's accumulator
+// for one block row, used when C > KC_MAX).
 static inline int64_t stem_scratch(int64_t RB, int64_t SW, int64_t Cin, int64_t Cp) {
   const int64_t mid = (2 * RB + 1) * (2 * SW + 1);
-  return mid * (9 * Cin + Cp) + 2 * RB * SW * Cp;
+  return mid * (9 * Cin + Cp) + (RB + 1) * SW * Cp;
 }
 
 template <typename T_>
