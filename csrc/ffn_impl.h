@@ -360,6 +360,11 @@ static inline vf dup2(const uint16_t* p) {
   return dup2(f);
 }
 
+template <bool B>
+struct Flag {  // a compile-time bool passed as an argument (for generic lambdas)
+  static constexpr bool value = B;
+};
+
 // Sliding-window depthwise KK x KK (stride ST, padding KK / 2, channel multiplier M = 1 or 2; BN
 // folded) of R outputs along one output row, (oh, ow0 .. ow0 + R - 1), output channels [c, c + VL)
 // (input channels from c / M): per kernel row the KK weights sit in registers and each of the
@@ -381,23 +386,29 @@ static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int
   const int64_t ih0 = ST * oh - pad, u0 = ST * ow0 - pad;  // the window's first input row and column
   const int64_t kh0 = -ih0 > 0 ? -ih0 : 0, kh1 = H - ih0 < KK ? H - ih0 : KK;
   const bool inside = u0 >= 0 && u0 + S <= Wd;
-  for (int64_t kh = kh0; kh < kh1; ++kh) {
-    const T_* xr = x + ((ih0 + kh) * Wd + u0) * Cin + c / M;
+  // One kernel row. Two copies: one that skips the input columns outside the image (a row's ends)
+  // and one without those tests, whose column loads then follow a running pointer.
+  auto row = [&](auto check, int64_t kh) {
+    const T_* xp = x + ((ih0 + kh) * Wd + u0) * Cin + c / M;
     const float* wr = dw_w + kh * KK * Co + c;
     vf wk[KK];
 #pragma GCC unroll 16
     for (int kw = 0; kw < KK; ++kw) wk[kw] = vload(wr + kw * Co);
 #pragma GCC unroll 32
-    for (int j = 0; j < S; ++j) {
-      if (!inside && (u0 + j < 0 || u0 + j >= Wd)) continue;
+    for (int j = 0; j < S; ++j, xp += Cin) {
+      if (decltype(check)::value && (u0 + j < 0 || u0 + j >= Wd)) continue;
       vf v;
-      if constexpr (M == 2) v = dup2(xr + j * Cin);
-      else v = vld(xr + j * Cin);
+      if constexpr (M == 2) v = dup2(xp);
+      else v = vld(xp);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
         if (j - ST * r >= 0 && j - ST * r < KK) acc[r] += v * wk[j - ST * r];
     }
-  }
+  };
+  if (inside)
+    for (int64_t kh = kh0; kh < kh1; ++kh) row(Flag<false>{}, kh);
+  else
+    for (int64_t kh = kh0; kh < kh1; ++kh) row(Flag<true>{}, kh);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
     if (r < nst) vstore(out + r * ldo, GELU ? vgelu(acc[r]) : acc[r]);
