@@ -33,7 +33,15 @@
 #include "isa.h"
 
 #pragma GCC push_options
+#ifdef FASTVLM_EMULATE_AVX512
+// A test build (scripts/asan.sh on CPUs without AVX-512): the 16-float code below compiled for AVX2,
+// each 512-bit vector operation lowered to two 256-bit ones, so the AVX-512 path's own logic (32-
+// channel micro-tiles, 16-lane tails and shuffles, its panel and scratch bounds) runs and is checked
+// on any AVX2 machine. isa.h then offers it as Isa::avx512.
+#pragma GCC target("avx2,fma")
+#else
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
+#endif
 namespace fastvlm { namespace ffn_avx512 {
 #define FVK_VL 16
 typedef float vf __attribute__((vector_size(64)));

@@ -14,6 +14,9 @@ inline Isa active_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
+#ifdef FASTVLM_EMULATE_AVX512  // the test build of ffn.cpp: the AVX-512 path compiled for AVX2
+  if (best == Isa::avx2) best = Isa::avx512;
+#endif
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl"))
     best = Isa::avx512;
