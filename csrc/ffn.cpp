@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -89,7 +90,8 @@ at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) 
 }  // namespace
 
 // Runs FN (one of the *_tiles functions of ffn_impl.h, compiled once per ISA) over tiles
-// [0, tiles) in parallel, each thread with its own 64-byte aligned scratch of `scratch` floats.
+// [0, tiles) in parallel, each thread with its own 64-byte aligned scratch of `scratch` floats
+// (uninitialised: test_every_output_element_is_written poisons it through MALLOC_PERTURB_).
 // Threads take runs of `chunk_` tiles from a shared counter (dynamic scheduling), not fixed halves:
 // on this project's 2-vCPU machine a static split left one thread waiting 3 ms per call on average
 // (8% of the forward, measured per call with timestamps), as the vCPUs' speed drifts; taking tiles
@@ -102,8 +104,8 @@ at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) 
     const int64_t chunk_ = std::max<int64_t>(1, ntiles_ / (16 * std::max<int64_t>(1, nth_)));           \
     std::atomic<int64_t> next_{0};                                                                     \
     at::parallel_for(0, nth_, 1, [&](int64_t, int64_t) {                                               \
-      std::vector<float> raw_((scratch) + 16);                                                         \
-      float* buf_ = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw_.data()) + 63) & ~uintptr_t(63)); \
+      std::unique_ptr<float[]> raw_(new float[(scratch) + 16]); /* not zeroed: kernels write before reading */ \
+      float* buf_ = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw_.get()) + 63) & ~uintptr_t(63)); \
       for (int64_t b_; (b_ = next_.fetch_add(chunk_, std::memory_order_relaxed)) < ntiles_;) {        \
         const int64_t e_ = std::min(b_ + chunk_, ntiles_);                                             \
         switch (isa) {                                                                                 \

@@ -429,7 +429,9 @@ print("ok", len(cases))
 def test_every_output_element_is_written():
     """The C++ ops allocate their own outputs, so the allocator is poisoned instead: with glibc's
     MALLOC_PERTURB_=128 every new heap block reads 0x7F7F7F7F (3.4e38) per float, and an element a
-    kernel forgot to write wrecks the parity check. The subprocess first checks the poisoning works."""
+    kernel forgot to write wrecks the parity check. The kernels' per-thread scratch is a plain heap
+    block too, so a kernel that read scratch it had not written fails here as well. The subprocess
+    first checks the poisoning works."""
     env = dict(os.environ, MALLOC_PERTURB_="128")
     out = subprocess.run([sys.executable, "-c", _POISON_CHECK], capture_output=True, text=True, timeout=300, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
