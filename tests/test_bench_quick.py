@@ -25,3 +25,24 @@ def test_report_quick_runs_and_writes_results(tmp_path):
             assert c["systems"]["eager"]["rel_l2"] < 1e-4
     md = (tmp_path / "quick.md").read_text()
     assert "| config | system |" in md and "accelerated" in md
+
+
+def test_ab_runs_and_checks_outputs(tmp_path):
+    """bench.ab on one build given twice: both labels timed, outputs reported bitwise identical (the
+    hashes of two processes' outputs); a missing build is refused."""
+    import fastvlm_kernels
+    if not fastvlm_kernels.extension_available():
+        import pytest
+        pytest.skip("the C++ extension is not built")
+    so = os.environ.get("FASTVLM_EXT") or fastvlm_kernels.load_extension().__file__
+    cmd = [sys.executable, "-m", "bench.ab", f"one={so}", f"two={so}", "--tiny", "--size", "96", "--pairs", "1",
+           "--forwards", "1", "--json", str(tmp_path / "ab.json")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "outputs: bitwise identical across builds" in out.stdout
+    rep = json.loads((tmp_path / "ab.json").read_text())
+    assert rep["bitwise_identical"] and set(rep["times"]) == {"one", "two"}
+    assert all(len(v) == 1 and v[0] > 0 for v in rep["times"].values())
+    bad = subprocess.run([sys.executable, "-m", "bench.ab", so, str(tmp_path / "missing.so")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no such extension build" in bad.stderr
