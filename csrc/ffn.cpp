@@ -95,8 +95,10 @@ at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) 
 // Threads take runs of `chunk_` tiles from a shared counter (dynamic scheduling), not fixed halves:
 // on this project's 2-vCPU machine a static split left one thread waiting 3 ms per call on average
 // (8% of the forward, measured per call with timestamps), as the vCPUs' speed drifts; taking tiles
-// from a counter cut that to 1 ms, and the 1024x1024 forward's median from 4.11 to 3.81 s (4
-// alternating process pairs, 3 forwards each).
+// from a counter cut that to 1 ms, and the median of the stage-2/3 ConvFFN calls by 6-8% (static,
+// counter and guided schedules alternated call by call in one process). On the whole 1024x1024
+// forward the effect stayed within the machine's noise (five A/B runs, between -7% and +6%). A
+// guided schedule (shrinking runs, to keep neighbouring tiles on one thread) was no better.
 // A tile's result does not depend on which thread computes it: thread-count independent.
 #define FVK_PARALLEL_TILES(FN, tiles, scratch, isa, ...)                                              \
   do {                                                                                                 \
