@@ -29,6 +29,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>  // std::true_type / false_type in ffn_impl.h
 #include <vector>
 
 #include "gelu.h"

@@ -2,7 +2,8 @@
 // written once against a vector type `vf` of VL floats and included by ffn.cpp once per ISA (AVX2
 // with VL = 8, AVX-512 with VL = 16, SSE with VL = 4), each inside its own `#pragma GCC target`
 // region and namespace. Self-contained: plain C++ and GCC vector extensions only (no intrinsics
-// headers, no library calls; gelu.h is plain C++ too), so it compiles under any target pragma.
+// headers, no library calls; gelu.h is plain C++ too; std::true_type from <type_traits>, which
+// ffn.cpp includes first), so it compiles under any target pragma.
 //
 // Two GEMM drivers on the same 6 x 2-vector register tile (12 accumulators, the AVX2 maximum with
 // one broadcast and two loads live):
@@ -360,11 +361,6 @@ static inline vf dup2(const uint16_t* p) {
   return dup2(f);
 }
 
-template <bool B>
-struct Flag {  // a compile-time bool passed as an argument (for generic lambdas)
-  static constexpr bool value = B;
-};
-
 // Sliding-window depthwise KK x KK (stride ST, padding KK / 2, channel multiplier M = 1 or 2; BN
 // folded) of R outputs along one output row, (oh, ow0 .. ow0 + R - 1), output channels [c, c + VL)
 // (input channels from c / M): per kernel row the KK weights sit in registers and each of the
@@ -386,8 +382,9 @@ static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int
   const int64_t ih0 = ST * oh - pad, u0 = ST * ow0 - pad;  // the window's first input row and column
   const int64_t kh0 = -ih0 > 0 ? -ih0 : 0, kh1 = H - ih0 < KK ? H - ih0 : KK;
   const bool inside = u0 >= 0 && u0 + S <= Wd;
-  // One kernel row. Two copies: one that skips the input columns outside the image (a row's ends)
-  // and one without those tests, whose column loads then follow a running pointer.
+  // One kernel row. Two copies (check: std::true_type / std::false_type): one that skips the input
+  // columns outside the image (a row's ends) and one without those tests, whose column loads then
+  // follow a running pointer.
   auto row = [&](auto check, int64_t kh) {
     const T_* xp = x + ((ih0 + kh) * Wd + u0) * Cin + c / M;
     const float* wr = dw_w + kh * KK * Co + c;
@@ -406,9 +403,9 @@ static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int
     }
   };
   if (inside)
-    for (int64_t kh = kh0; kh < kh1; ++kh) row(Flag<false>{}, kh);
+    for (int64_t kh = kh0; kh < kh1; ++kh) row(std::false_type{}, kh);
   else
-    for (int64_t kh = kh0; kh < kh1; ++kh) row(Flag<true>{}, kh);
+    for (int64_t kh = kh0; kh < kh1; ++kh) row(std::true_type{}, kh);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
     if (r < nst) vstore(out + r * ldo, GELU ? vgelu(acc[r]) : acc[r]);
