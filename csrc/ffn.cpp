@@ -34,6 +34,9 @@
 
 #include "gelu.h"
 #include "isa.h"
+#ifndef FASTVLM_EMULATE_AVX512
+#include <immintrin.h>  // _mm512_dpbf16_ps, in the ffn_avx512bf16 region only
+#endif
 
 #pragma GCC push_options
 #ifdef FASTVLM_EMULATE_AVX512
@@ -53,6 +56,48 @@ typedef int32_t vi __attribute__((vector_size(64)));
 #include "attn_impl.h"
 #undef FVK_VL
 }}  // namespace fastvlm::ffn_avx512
+#pragma GCC pop_options
+
+// AVX-512 + AVX512_BF16: the bf16 ConvFFN's pair-dot GEMMs (ffn_dp_impl.h). Only ffn_dp_tiles is
+// used from this namespace; the rest of ffn_impl.h it includes is for ffn_dp_impl.h to call.
+#pragma GCC push_options
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#ifdef FASTVLM_EMULATE_AVX512
+#pragma GCC target("avx2,fma")
+#else
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")
+#endif
+namespace fastvlm { namespace ffn_avx512bf16 {
+#define FVK_VL 16
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+#ifdef FASTVLM_EMULATE_AVX512
+// vdpbf16ps in plain vector code, for the test build (scripts/asan.sh) on CPUs without it: a bf16
+// is the high half of a float, so each product of two bf16 is exact in fp32, and adding the odd
+// (high) products, then the even ones, with one rounding each, is the instruction's definition
+// (Intel SDM, VDPBF16PS). Not modelled: its DAZ / FTZ (denormal inputs and results flushed to 0).
+static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
+  typedef uint32_t vu16 __attribute__((vector_size(64)));
+  const vu16 wu = (vu16)w;
+  const vf w_even = (vf)(wu << 16), w_odd = (vf)(wu & 0xFFFF0000u);
+  const uint32_t lo = a2 << 16, hi = a2 & 0xFFFF0000u;
+  float a_even, a_odd;
+  __builtin_memcpy(&a_even, &lo, 4);
+  __builtin_memcpy(&a_odd, &hi, 4);
+  acc = acc + a_odd * w_odd;
+  return acc + a_even * w_even;
+}
+#else
+static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
+  return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a2)), (__m512bh)w);
+}
+#endif
+#include "ffn_impl.h"
+#include "ffn_dp_impl.h"
+#undef FVK_VL
+}}  // namespace fastvlm::ffn_avx512bf16
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -90,10 +135,11 @@ at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) 
 
 }  // namespace
 
-// Runs FN (one of the *_tiles functions of ffn_impl.h, compiled once per ISA) over tiles
-// [0, tiles) in parallel, each thread with its own 64-byte aligned scratch of `scratch` floats
+// Runs run(first tile, end tile, scratch) over tiles [0, ntiles) in parallel (FVK_PARALLEL_TILES:
+// one of the *_tiles functions of ffn_impl.h, compiled once per ISA), each thread with its own
+// 64-byte aligned scratch of `scratch` floats
 // (uninitialised: test_every_output_element_is_written poisons it through MALLOC_PERTURB_).
-// Threads take runs of `chunk_` tiles from a shared counter (dynamic scheduling), not fixed halves:
+// Threads take runs of `chunk` tiles from a shared counter (dynamic scheduling), not fixed halves:
 // on this project's 2-vCPU machine a static split left one thread waiting 3 ms per call on average
 // (8% of the forward, measured per call with timestamps), as the vCPUs' speed drifts; taking tiles
 // from a counter cut that to 1 ms, and the median of the stage-2/3 ConvFFN calls by 6-8% (static,
@@ -101,24 +147,28 @@ at::Tensor as_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) 
 // forward the effect stayed within the machine's noise (five A/B runs, between -7% and +6%). A
 // guided schedule (shrinking runs, to keep neighbouring tiles on one thread) was no better.
 // A tile's result does not depend on which thread computes it: thread-count independent.
-#define FVK_PARALLEL_TILES(FN, tiles, scratch, isa, ...)                                              \
-  do {                                                                                                 \
-    const int64_t ntiles_ = (tiles), nth_ = std::min<int64_t>(std::max(1, at::get_num_threads()), ntiles_); \
-    const int64_t chunk_ = std::max<int64_t>(1, ntiles_ / (16 * std::max<int64_t>(1, nth_)));           \
-    std::atomic<int64_t> next_{0};                                                                     \
-    at::parallel_for(0, nth_, 1, [&](int64_t, int64_t) {                                               \
-      std::unique_ptr<float[]> raw_(new float[(scratch) + 16]); /* not zeroed: kernels write before reading */ \
-      float* buf_ = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw_.get()) + 63) & ~uintptr_t(63)); \
-      for (int64_t b_; (b_ = next_.fetch_add(chunk_, std::memory_order_relaxed)) < ntiles_;) {        \
-        const int64_t e_ = std::min(b_ + chunk_, ntiles_);                                             \
-        switch (isa) {                                                                                 \
-          case Isa::avx512: ffn_avx512::FN(__VA_ARGS__, b_, e_, buf_); break;                          \
-          case Isa::avx2: ffn_avx2::FN(__VA_ARGS__, b_, e_, buf_); break;                              \
-          default: ffn_sse::FN(__VA_ARGS__, b_, e_, buf_);                                             \
-        }                                                                                              \
-      }                                                                                                \
-    });                                                                                                \
-  } while (0)
+template <typename F>
+static void parallel_tiles(int64_t ntiles, int64_t scratch, const F& run) {
+  const int64_t nth = std::min<int64_t>(std::max(1, at::get_num_threads()), ntiles);
+  const int64_t chunk = std::max<int64_t>(1, ntiles / (16 * std::max<int64_t>(1, nth)));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+    std::unique_ptr<float[]> raw(new float[scratch + 16]);  // not zeroed: kernels write before reading
+    float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~uintptr_t(63));
+    for (int64_t b; (b = next.fetch_add(chunk, std::memory_order_relaxed)) < ntiles;)
+      run(b, std::min(b + chunk, ntiles), buf);
+  });
+}
+// FN(args..., first tile, end tile, scratch) of the ISA's namespace (avx512_bf16 runs the avx512 one).
+#define FVK_PARALLEL_TILES(FN, tiles, scratch, isa, ...)                                 \
+  parallel_tiles((tiles), (scratch), [&](int64_t b_, int64_t e_, float* buf_) {           \
+    switch (isa) {                                                                        \
+      case Isa::avx512_bf16:                                                              \
+      case Isa::avx512: ffn_avx512::FN(__VA_ARGS__, b_, e_, buf_); break;                 \
+      case Isa::avx2: ffn_avx2::FN(__VA_ARGS__, b_, e_, buf_); break;                     \
+      default: ffn_sse::FN(__VA_ARGS__, b_, e_, buf_);                                    \
+    }                                                                                     \
+  })
 
 // The packed panel count for n output channels (ffn_impl.h: panels of 16, an even count).
 static int64_t packed_panels(int64_t n) { return ffn_avx2::packed_panels(n); }
@@ -147,6 +197,31 @@ at::Tensor pack_linear(const at::Tensor& w) {
         const float* row = src + (p * kPanel + i) * K;
         float* col = dst + p * K * kPanel + i;
         for (int64_t k = 0; k < K; ++k) col[k * kPanel] = row[k];
+      }
+  });
+  return out;
+}
+
+// fastvlm_C::pack_linear_bf16 -- an (N, K) weight (float32 or bfloat16; float32 is rounded to
+// nearest even) -> the bf16-pair panels of the AVX512_BF16 ConvFFN (ffn_dp_impl.h): bfloat16
+// (P, ceil(K / 2), 32), out[p][j][2i + e] = w[16p + i][2j + e], zero padded (channels past N, and
+// k = K for an odd K).
+at::Tensor pack_linear_bf16(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu(), "pack_linear_bf16: w must be a CPU tensor, got ", w.device());
+  TORCH_CHECK(w.dim() == 2, "pack_linear_bf16: w must be 2-D (N, K), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+              "pack_linear_bf16: w must be float32 or bfloat16, got ", w.scalar_type());
+  const int64_t N = w.size(0), K = w.size(1), P = packed_panels(N), KP = (K + 1) / 2;
+  const at::Tensor wh = w.to(at::kBFloat16).contiguous();
+  at::Tensor out = at::zeros({P, KP, 2 * kPanel}, wh.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(wh.data_ptr());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t i = 0; i < kPanel && p * kPanel + i < N; ++i) {
+        const uint16_t* row = src + (p * kPanel + i) * K;
+        uint16_t* col = dst + p * KP * 2 * kPanel + 2 * i;
+        for (int64_t k = 0; k < K; ++k) col[(k / 2) * 2 * kPanel + (k & 1)] = row[k];
       }
   });
   return out;
@@ -200,16 +275,34 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
               "convffn_nhwc: dw_w must be (K, K, C) with odd K, got ", dw_w.sizes());
   TORCH_CHECK(fc1_b.dim() == 1, "convffn_nhwc: fc1_b must be 1-D (Hd), got ", fc1_b.sizes());
   const int64_t K = dw_w.size(0), Hd = fc1_b.size(0);
+  TORCH_CHECK(fc1_wp.device().is_cpu() && fc2_wp.device().is_cpu(), "convffn_nhwc: weights must be CPU tensors");
+  const Isa isa = active_isa();
+  // bf16-pair panels (pack_linear_bf16): the AVX512_BF16 kernel (ffn_dp_impl.h)
+  const bool dp = fc1_wp.scalar_type() == at::kBFloat16 || fc2_wp.scalar_type() == at::kBFloat16;
+  if (dp) {
+    TORCH_CHECK(fc1_wp.scalar_type() == at::kBFloat16 && fc1_wp.is_contiguous() &&
+                    fc1_wp.sizes() == at::IntArrayRef({packed_panels(Hd), (C + 1) / 2, 2 * kPanel}),
+                "convffn_nhwc: fc1_wp must be pack_linear_bf16(fc1_w), bfloat16 (", packed_panels(Hd), ", ",
+                (C + 1) / 2, ", ", 2 * kPanel, "), got ", fc1_wp.scalar_type(), " ", fc1_wp.sizes());
+    TORCH_CHECK(fc2_wp.scalar_type() == at::kBFloat16 && fc2_wp.is_contiguous() &&
+                    fc2_wp.sizes() == at::IntArrayRef({packed_panels(C), (Hd + 1) / 2, 2 * kPanel}),
+                "convffn_nhwc: fc2_wp must be pack_linear_bf16(fc2_w), bfloat16 (", packed_panels(C), ", ",
+                (Hd + 1) / 2, ", ", 2 * kPanel, "), got ", fc2_wp.scalar_type(), " ", fc2_wp.sizes());
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "convffn_nhwc: weights packed by pack_linear_bf16 need bfloat16 x, got ",
+                x.scalar_type(), " (pack float32 models with pack_linear)");
+    TORCH_CHECK(isa == Isa::avx512_bf16, "convffn_nhwc: weights packed by pack_linear_bf16 need the avx512_bf16 kernels, "
+                "but this call runs ", isa_name(isa), " (the CPU lacks AVX512_BF16, or FASTVLM_CPU_ISA caps it): pack "
+                "with pack_linear instead");
+  }
   // fc1_wp / fc2_wp: pack_linear's panels of fc1_w (Hd, C) and fc2_w (C, Hd)
-  TORCH_CHECK(fc1_wp.scalar_type() == at::kFloat && fc1_wp.is_contiguous() &&
+  if (!dp) TORCH_CHECK(fc1_wp.scalar_type() == at::kFloat && fc1_wp.is_contiguous() &&
                   fc1_wp.sizes() == at::IntArrayRef({packed_panels(Hd), C, kPanel}),
               "convffn_nhwc: fc1_wp must be pack_linear(fc1_w), float32 (", packed_panels(Hd), ", ", C, ", ", kPanel,
               "), got ", fc1_wp.scalar_type(), " ", fc1_wp.sizes());
-  TORCH_CHECK(fc2_wp.scalar_type() == at::kFloat && fc2_wp.is_contiguous() &&
+  if (!dp) TORCH_CHECK(fc2_wp.scalar_type() == at::kFloat && fc2_wp.is_contiguous() &&
                   fc2_wp.sizes() == at::IntArrayRef({packed_panels(C), Hd, kPanel}),
               "convffn_nhwc: fc2_wp must be pack_linear(fc2_w), float32 (", packed_panels(C), ", ", Hd, ", ", kPanel,
               "), got ", fc2_wp.scalar_type(), " ", fc2_wp.sizes());
-  TORCH_CHECK(fc1_wp.device().is_cpu() && fc2_wp.device().is_cpu(), "convffn_nhwc: weights must be CPU tensors");
   const int64_t Hdp = padded_width(Hd), Cp = padded_width(C);
   const at::Tensor dww = as_f32(dw_w, "convffn_nhwc: dw_w", {K, K, C}), dwb = as_f32(dw_b, "convffn_nhwc: dw_b", {C});
   const at::Tensor b1 = padded_f32(fc1_b, "convffn_nhwc: fc1_b", Hd, Hdp);
@@ -219,15 +312,24 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || H == 0 || W == 0 || C == 0) return y;
 
-  const Isa isa = active_isa();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
-  const float *pdw = dww.data_ptr<float>(), *pdb = dwb.data_ptr<float>(), *p1 = fc1_wp.data_ptr<float>(),
-              *pb1 = b1.data_ptr<float>(), *p2 = fc2_wp.data_ptr<float>(), *pb2 = b2.data_ptr<float>(),
-              *pg = g.data_ptr<float>();
+  const float *pdw = dww.data_ptr<float>(), *pdb = dwb.data_ptr<float>(), *pb1 = b1.data_ptr<float>(),
+              *pb2 = b2.data_ptr<float>(), *pg = g.data_ptr<float>();
   const Tiling tl = gemm_tiling(B, H * W);
   const int64_t T = tl.T, tiles = B * tl.n;
+  if (dp) {
+    const auto* q1 = reinterpret_cast<const uint16_t*>(fc1_wp.data_ptr());
+    const auto* q2 = reinterpret_cast<const uint16_t*>(fc2_wp.data_ptr());
+    const auto* xh = static_cast<const uint16_t*>(xp);
+    auto* yh = static_cast<uint16_t*>(yp);
+    parallel_tiles(tiles, ffn_avx512bf16::ffn_dp_scratch(T, C, Hd), [&](int64_t b, int64_t e, float* buf) {
+      ffn_avx512bf16::ffn_dp_tiles(xh, yh, H, W, C, Hd, K, pdw, pdb, q1, pb1, q2, pb2, pg, tl.n, T, b, e, buf);
+    });
+    return y;
+  }
+  const float *p1 = fc1_wp.data_ptr<float>(), *p2 = fc2_wp.data_ptr<float>();
   const int64_t scratch = T * (C + ffn_avx512::hid_stride(Hd) + Cp);  // the widest ISA's chunk stride: >= every ISA's
   FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, tl.n,
                      T);
@@ -388,7 +490,7 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   if (B == 0 || N == 0 || C == 0) return y;
 
   const Isa isa = active_isa();
-  const int64_t nr = isa == Isa::avx512 ? 32 : (isa == Isa::avx2 ? 16 : 8);
+  const int64_t nr = isa >= Isa::avx512 ? 32 : (isa == Isa::avx2 ? 16 : 8);
   const Tiling tl = gemm_tiling(B, N);  // phases 1 and 3
   const int64_t Tq = 2 * nr, BK = 128;
   const int64_t Np = (N + Tq - 1) / Tq * Tq + Tq;

@@ -173,6 +173,28 @@ static inline void vst(uint16_t* p, vf v) {
   *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
 }
 
+// fc2's epilogue (EPI 1) for M pixel rows of two accumulator vectors (channels n0 .. n0 + 2 VL):
+// y[t][n] = x[t][n] + gamma[n] * acc[t][n], n < N (storage T_; gamma padded to whole vectors).
+template <int M, typename T_>
+__attribute__((always_inline)) static inline void residual_out(const vf* acc0, const vf* acc1, int64_t n0, int64_t N,
+                                                               const T_* x, T_* y, int64_t ldy, const float* gamma) {
+  const vf g0 = vload(gamma + n0), g1 = vload(gamma + n0 + VL);
+  if (n0 + 2 * VL <= N) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      vst(y + r * ldy + n0, vld(x + r * ldy + n0) + g0 * acc0[r]);
+      vst(y + r * ldy + n0 + VL, vld(x + r * ldy + n0 + VL) + g1 * acc1[r]);
+    }
+    return;
+  }
+  alignas(64) float o[2 * VL];
+  for (int r = 0; r < M; ++r) {  // the last, partial column of channels
+    vstore(o, g0 * acc0[r]);
+    vstore(o + VL, g1 * acc1[r]);
+    for (int64_t n = n0; n < N; ++n) st(y, r * ldy + n, ld(x, r * ldy + n) + o[n - n0]);
+  }
+}
+
 // One MR x NR (M <= MR pixels, 2 vectors of channels) tile of a K block.
 //   A: pixel rows (A[t][k] at a[t * lda + k]); w0, w1: the two vectors' panel columns (16 floats per k)
 //   first: start from bias (else from the fp32 accumulator buf); last: run the epilogue (else store to buf)
@@ -239,21 +261,7 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
     }
     return;
   }
-  const vf g0 = vload(gamma + n0), g1 = vload(gamma + n0 + VL);  // gamma is padded to whole vectors
-  if (n0 + 2 * VL <= N) {
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {
-      vst(y + r * ldy + n0, vld(x + r * ldy + n0) + g0 * acc0[r]);
-      vst(y + r * ldy + n0 + VL, vld(x + r * ldy + n0 + VL) + g1 * acc1[r]);
-    }
-    return;
-  }
-  alignas(64) float o[2 * VL];
-  for (int r = 0; r < M; ++r) {  // the last, partial column of channels
-    vstore(o, g0 * acc0[r]);
-    vstore(o + VL, g1 * acc1[r]);
-    for (int64_t n = n0; n < N; ++n) st(y, r * ldy + n, ld(x, r * ldy + n) + o[n - n0]);
-  }
+  residual_out<M>(acc0, acc1, n0, N, x, y, ldy, gamma);
 }
 
 // C(np x N) for one tile over the K range [0, K) of a longer sum (see the blocking note above):
@@ -343,6 +351,7 @@ static inline void dw_pixel(const T_* x, int64_t H, int64_t Wd, int64_t C, int64
   }
 }
 
+#undef FVK_DUP2  // defined once per ISA namespace
 #if FVK_VL == 16
 #define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7
 #elif FVK_VL == 8

@@ -13,6 +13,7 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
                         const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
                         const at::Tensor& gamma);
 at::Tensor pack_linear(const at::Tensor& w);
+at::Tensor pack_linear_bf16(const at::Tensor& w);
 at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
                      const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2);
 at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b,
@@ -32,6 +33,7 @@ TORCH_LIBRARY(fastvlm_C, m) {
   m.def("convffn_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor fc1_wp, Tensor fc1_b, Tensor fc2_wp, Tensor fc2_b, "
         "Tensor gamma) -> Tensor");
   m.def("pack_linear(Tensor w) -> Tensor");
+  m.def("pack_linear_bf16(Tensor w) -> Tensor");
   m.def("stem_nhwc(Tensor x, Tensor w0, Tensor b0, Tensor w1, Tensor b1, Tensor w2p, Tensor b2) -> Tensor");
   m.def("patch_embed_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor pw_p, Tensor pw_b, int stride) -> Tensor");
   m.def("attention_mixer_nhwc(Tensor x, Tensor ln_w, Tensor ln_b, Tensor qkv_wp, Tensor proj_wp, Tensor proj_b, "
@@ -44,6 +46,7 @@ TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
   m.impl("dwconv_nhwc", &fastvlm::dwconv_nhwc);
   m.impl("convffn_nhwc", &fastvlm::convffn_nhwc);
   m.impl("pack_linear", &fastvlm::pack_linear);
+  m.impl("pack_linear_bf16", &fastvlm::pack_linear_bf16);
   m.impl("stem_nhwc", &fastvlm::stem_nhwc);
   m.impl("patch_embed_nhwc", &fastvlm::patch_embed_nhwc);
   m.impl("attention_mixer_nhwc", &fastvlm::attention_mixer_nhwc);
@@ -53,7 +56,7 @@ TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
 // `import fastvlm_kernels._C` loads this library, which runs the registrations above.
 static PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu_isa().c_str()); }
 static PyMethodDef fvk_methods[] = {
-    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The vector ISA the CPU kernels use now: avx512, avx2 or sse."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The vector ISA the CPU kernels use now: avx512_bf16, avx512, avx2 or sse."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef fvk_module = {PyModuleDef_HEAD_INIT, "_C", "fastvlm-kernels CPU kernels", -1, fvk_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fvk_module); }

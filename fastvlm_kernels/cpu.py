@@ -6,7 +6,8 @@ All seven ops:
   pixels, the intermediate pixels its windows cover are computed (a GEMM over 3x3 patches) into the
   tile, about 1.14 times each, instead of stored at full resolution);
 - ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
-  time, the 4C hidden kept in cache) and ``repmixer_block`` (the RepMixer dw3x3 pass, then the same
+  time, the 4C hidden kept in cache; in bf16 on a CPU with AVX512_BF16, fc1 and fc2 multiply bf16
+  pairs with vdpbf16ps, csrc/ffn_dp_impl.h) and ``repmixer_block`` (the RepMixer dw3x3 pass, then the same
   fused FFN);
 - ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile) and ``dwconv``;
 - ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
@@ -43,45 +44,58 @@ def _dwconv(x, w, b, stride, padding, gelu):
     return _C.dwconv_nhwc(x, _f32(w), _f32(b), stride, padding, gelu)
 
 
-def packed(w: torch.Tensor) -> torch.Tensor:
+def packed(w: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     """``w`` (N, K) in the panel layout of the pixel-major GEMMs (ConvFFN, stem, patch_embed, attention):
-    ``fastvlm_C::pack_linear``, float32 (P, K, 16), 16 output channels per panel; packed once per
-    weight tensor.
+    ``fastvlm_C::pack_linear``, float32 (P, K, 16), 16 output channels per panel; or, with ``pairs``,
+    ``fastvlm_C::pack_linear_bf16``, bfloat16 (P, ceil(K / 2), 32), pairs of k per channel, for the
+    AVX512_BF16 ConvFFN (see :func:`uses_bf16_pairs`). Packed once per weight tensor and layout.
 
     The panels are kept on the tensor itself, tagged with its version counter, so an in-place
     update of the weight (``copy_``, ``load_state_dict``) repacks on the next call and a new tensor
     (``.to()``, a fresh module) packs anew. ``accelerate()`` calls :func:`prepack`, so a model's
     weights are packed before its first forward. Inference tensors have no version counter: they
     are packed on every call (correct, a few ms slower per block)."""
+    pack, attr = (_C.pack_linear_bf16, "_fastvlm_packed_bf16") if pairs else (_C.pack_linear, "_fastvlm_packed")
     try:
         version = w._version
     except RuntimeError:  # an inference tensor
-        return _C.pack_linear(w)
-    cached = getattr(w, "_fastvlm_packed", None)
+        return pack(w)
+    cached = getattr(w, attr, None)
     if cached is not None and cached[0] == version:
         return cached[1]
-    p = _C.pack_linear(w)
-    w._fastvlm_packed = (version, p)
+    p = pack(w)
+    setattr(w, attr, (version, p))
     return p
 
 
+def uses_bf16_pairs(dtype: torch.dtype) -> bool:
+    """Whether the ConvFFN of ``dtype`` activations runs the AVX512_BF16 kernel now (bf16 pair
+    products, fp32 accumulation; csrc/ffn_dp_impl.h): bfloat16 on a CPU with AVX512_BF16, unless
+    FASTVLM_CPU_ISA caps the ISA below ``avx512_bf16``. Its fc1 / fc2 weights are then packed by
+    ``pack_linear_bf16``; every other bf16 kernel computes in fp32 on bf16 storage."""
+    return dtype == torch.bfloat16 and cpu_isa() == "avx512_bf16"
+
+
 def prepack(model: torch.nn.Module) -> None:
-    """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``)."""
+    """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``), in the
+    layout their kernels will read (the ConvFFN's fc1 / fc2 of a bf16 model: bf16 pairs where the
+    CPU has AVX512_BF16)."""
     for m in model.modules():
         for name in ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w"):
             t = getattr(m, name, None)
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 2:
-                packed(t)
+                packed(t, pairs=name in ("fc1_w", "fc2_w") and uses_bf16_pairs(t.dtype))
 
 
 def _convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
-    return _C.convffn_nhwc(x, ffn_w, ffn_b, packed(fc1_w), fc1_b, packed(fc2_w), fc2_b, gamma)
+    pairs = uses_bf16_pairs(x.dtype)
+    return _C.convffn_nhwc(x, ffn_w, ffn_b, packed(fc1_w, pairs), fc1_b, packed(fc2_w, pairs), fc2_b, gamma)
 
 
 def _repmixer_block(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
     k = mix_w.shape[0]
     m = _C.dwconv_nhwc(x, _f32(mix_w), _f32(mix_b), 1, k // 2, False)  # m: the one C-wide round trip
-    return _C.convffn_nhwc(m, ffn_w, ffn_b, packed(fc1_w), fc1_b, packed(fc2_w), fc2_b, gamma)
+    return _convffn(m, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
 
 
 def _stem(x, w0, b0, w1, b1, w2, b2):
@@ -101,7 +115,8 @@ def _attention_mixer(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
 
 
 def cpu_isa() -> str:
-    """The vector ISA the C++ kernels use now ('avx512', 'avx2' or 'sse'; FASTVLM_CPU_ISA caps it)."""
+    """The vector ISA the C++ kernels use now ('avx512_bf16', 'avx512', 'avx2' or 'sse';
+    FASTVLM_CPU_ISA caps it). 'avx512_bf16' is 'avx512' plus the bf16-pair ConvFFN."""
     return load_extension().cpu_isa()
 
 

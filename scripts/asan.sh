@@ -2,7 +2,8 @@
 # Builds the C++ extension with AddressSanitizer into a scratch directory (the installed build is
 # left alone) and runs the C++ op tests against it at their small shapes. Fails on any ASan report.
 # On a CPU without AVX-512 the build compiles the AVX-512 kernels for AVX2 (FASTVLM_EMULATE_AVX512),
-# so the tests' every-ISA cases run that path as well: its numerics and its memory accesses.
+# so the tests' every-ISA cases run that path as well: its numerics and its memory accesses (and the
+# AVX512_BF16 ConvFFN, with vdpbf16ps written out in vector code: isa.h then offers avx512_bf16).
 # (Left out: opcheck, the no-extension subprocess and the MALLOC_PERTURB_ test, which needs glibc malloc.)
 # Needs gcc's libasan (preloaded: python itself is not instrumented; leak checking is off because
 # the interpreter's own allocations are never freed).
@@ -17,7 +18,7 @@ if ! grep -q -w avx512f /proc/cpuinfo 2>/dev/null && grep -q -w avx2 /proc/cpuin
   # No AVX-512 here: build its kernels for AVX2 (setup.py's FASTVLM_EMULATE_AVX512), so this run
   # checks the AVX-512 path's logic and bounds too, beside the AVX2 and SSE paths.
   emu=1
-  say "this CPU has no AVX-512: the AVX-512 kernels are built for AVX2 (emulated, 2 x 256-bit) and tested too"
+  say "this CPU has no AVX-512: the AVX-512 (and AVX512_BF16) kernels are built for AVX2 (emulated, 2 x 256-bit) and tested too"
 fi
 say "building fastvlm_kernels._C with -fsanitize=address in $out"
 FASTVLM_EMULATE_AVX512=$emu FASTVLM_ASAN=1 "$PY" setup.py -q build_ext --build-temp "$out/build" --build-lib "$out/lib" > "$out/build.log" 2>&1 \

@@ -132,8 +132,10 @@ def _ffn_args(C, Hd, K=7, seed=0):
 
 
 def _convffn_c(x, a):
-    """The C++ op with fc1_w / fc2_w in pack_linear's panels (what the cpu backend passes)."""
-    pk = torch.ops.fastvlm_C.pack_linear
+    """The C++ op with fc1_w / fc2_w packed as the cpu backend packs them: pack_linear's panels, or
+    pack_linear_bf16's pairs where the bf16 ConvFFN runs the AVX512_BF16 kernel now."""
+    import fastvlm_kernels.cpu as cpu
+    pk = torch.ops.fastvlm_C.pack_linear_bf16 if cpu.uses_bf16_pairs(x.dtype) else torch.ops.fastvlm_C.pack_linear
     return torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], pk(a[2]), a[3], pk(a[4]), a[5], a[6])
 
 
@@ -157,6 +159,20 @@ def test_pack_linear_layout(N, K, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 5), (32, 4), (33, 7), (96, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_linear_bf16_layout(N, K, dtype):
+    w = torch.randn(N, K).to(dtype)
+    p = torch.ops.fastvlm_C.pack_linear_bf16(w)
+    P, KP = (N + 31) // 32 * 2, (K + 1) // 2
+    assert p.dtype == torch.bfloat16 and p.shape == (P, KP, 32)
+    full = torch.zeros(P * 16, 2 * KP, dtype=torch.bfloat16)
+    full[:N, :K] = w.bfloat16()  # float32 rounds to nearest even
+    # p[q][j][2i + e] = w[16q + i][2j + e], zero padded (channels past N, k = K when K is odd)
+    assert torch.equal(p, full.reshape(P, 16, KP, 2).permute(0, 2, 1, 3).reshape(P, KP, 32))
+
+
+@needs_ext
 def test_cpu_backend_repacks_when_a_weight_changes_in_place():
     import fastvlm_kernels.cpu as cpu
     w = torch.randn(40, 12)
@@ -169,6 +185,12 @@ def test_cpu_backend_repacks_when_a_weight_changes_in_place():
     with torch.inference_mode():
         wi = torch.randn(40, 12)
     assert torch.equal(cpu.packed(wi), torch.ops.fastvlm_C.pack_linear(wi))  # no version counter: packed per call
+    # the bf16-pair layout is cached beside the float32 one, and repacked the same way
+    q1 = cpu.packed(w, pairs=True)
+    assert q1.dtype == torch.bfloat16 and cpu.packed(w, pairs=True) is q1 and cpu.packed(w) is p2
+    with torch.no_grad():
+        w.mul_(-1)
+    assert torch.equal(cpu.packed(w, pairs=True), -q1) and torch.equal(cpu.packed(w), -p2)
 
 
 def _stem_c(x, a):  # the C++ stem with its 1x1 weight packed
@@ -179,11 +201,14 @@ def _patch_embed_c(x, a):  # the C++ patch_embed with its 1x1 weight packed
     return torch.ops.fastvlm_C.patch_embed_nhwc(x, a[0], a[1], torch.ops.fastvlm_C.pack_linear(a[2]), a[3], 2)
 
 
-def _isas():
-    """Every ISA path this CPU can run (the widest first): FASTVLM_CPU_ISA caps the choice."""
+def _isas(dp=False):
+    """Every ISA path this CPU can run (the widest first): FASTVLM_CPU_ISA caps the choice.
+    avx512_bf16 is only listed with dp (for the ConvFFN, the one op it changes)."""
     import fastvlm_kernels.cpu as cpu
     best = cpu.cpu_isa()
-    order = ["avx512", "avx2", "sse"]
+    order = ["avx512_bf16", "avx512", "avx2", "sse"]
+    if not dp:
+        order, best = order[1:], ("avx512" if best == "avx512_bf16" else best)
     return order[order.index(best):]
 
 
@@ -198,7 +223,7 @@ def test_convffn_nhwc_every_isa(monkeypatch, B, H, W, C, Hd, dtype, bound):
     x = torch.randn(B, H, W, C, dtype=torch.float64)
     ref = reference.convffn(x, *a)
     outs = {}
-    for isa in _isas():
+    for isa in _isas(dp=True):
         monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
         y = _convffn_c(x.to(dtype), [t.to(dtype) for t in a])
         assert y.dtype == dtype and y.shape == x.shape
@@ -206,6 +231,62 @@ def test_convffn_nhwc_every_isa(monkeypatch, B, H, W, C, Hd, dtype, bound):
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
         outs[isa] = y
     assert "avx2" in outs or "sse" in outs  # the narrow paths always run here
+
+
+def _convffn_bf16_rounded(x, a):
+    """The bf16 ConvFFN as the AVX512_BF16 kernel computes it, in float64: the depthwise output and
+    the GELU output rounded to bf16 (the operands of the pair products), weights in bf16, the
+    result rounded to bf16."""
+    import torch.nn.functional as F
+    r = lambda t: t.to(torch.bfloat16).to(torch.float64)  # noqa: E731
+    w = [r(t) for t in a]
+    h = x.to(torch.float64).permute(0, 3, 1, 2)
+    k = w[0].shape[0]
+    d = r(F.conv2d(h, w[0].permute(2, 0, 1)[:, None], w[1], padding=k // 2, groups=h.shape[1]))
+    hid = r(F.gelu(F.conv2d(d, w[2][:, :, None, None], w[3])))
+    f = F.conv2d(hid, w[4][:, :, None, None], w[5])
+    return (h + w[6][None, :, None, None] * f).permute(0, 2, 3, 1).to(torch.bfloat16)
+
+
+@needs_ext
+@pytest.mark.parametrize("B,H,W,C,Hd", [(1, 7, 13, 19, 76), (3, 1, 1, 5, 21), (2, 33, 7, 40, 160),
+                                        (1, 5, 9, 20, 600), (1, 4, 6, 33, 515)])  # odd C, odd chunks
+def test_convffn_bf16_pair_kernel(monkeypatch, B, H, W, C, Hd):
+    """The AVX512_BF16 ConvFFN (real, or emulated in scripts/asan.sh's build) computes what it says:
+    bf16 operands, fp32 sums. It matches a float64 model of exactly that far more closely than the
+    fp32-compute bf16 path (avx512) does, which shows that it, not a fallback, ran."""
+    import fastvlm_kernels.cpu as cpu
+    if cpu.cpu_isa() != "avx512_bf16":
+        pytest.skip("no AVX512_BF16 here (scripts/asan.sh tests this kernel emulated on AVX2 CPUs)")
+    a = _ffn_args(C, Hd, seed=7)
+    x = torch.randn(B, H, W, C, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    ab = [t.to(torch.bfloat16) for t in a]
+    want = _convffn_bf16_rounded(x, a)
+    y = _convffn_c(x, ab)
+    monkeypatch.setenv("FASTVLM_CPU_ISA", "avx512")
+    y32 = _convffn_c(x, ab)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    e, e32 = rel_l2(y, want), rel_l2(y32, want)
+    assert e <= 5e-4 and e < e32 / 4, (e, e32)  # measured: e 0 .. 1e-4, e32 0.9e-3 .. 2.6e-3
+    from fastvlm_kernels import reference
+    assert rel_l2(y, reference.convffn(x.to(torch.float64), *a)) <= 1e-2
+
+
+@needs_ext
+def test_convffn_bf16_pair_weights_need_bf16_x_and_avx512_bf16(monkeypatch):
+    a = [t.bfloat16() for t in _ffn_args(24, 96)]
+    pk = torch.ops.fastvlm_C.pack_linear_bf16
+    x = torch.randn(1, 5, 6, 24, dtype=torch.bfloat16)
+    w1, w2 = pk(a[2]), pk(a[4])
+    monkeypatch.setenv("FASTVLM_CPU_ISA", "avx512")  # caps every CPU below avx512_bf16
+    with pytest.raises(RuntimeError, match="need the avx512_bf16 kernels, but this call runs"):
+        torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], w1, a[3], w2, a[5], a[6])
+    with pytest.raises(RuntimeError, match="need bfloat16 x"):
+        torch.ops.fastvlm_C.convffn_nhwc(x.float(), a[0], a[1], w1, a[3], w2, a[5], a[6])
+    with pytest.raises(RuntimeError, match=r"fc2_wp must be pack_linear_bf16\(fc2_w\)"):  # mixed layouts
+        torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], w1, a[3], torch.ops.fastvlm_C.pack_linear(a[4]), a[5], a[6])
+    with pytest.raises(RuntimeError, match=r"fc1_wp must be pack_linear_bf16\(fc1_w\)"):  # fc1 and fc2 swapped
+        torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], w2, a[3], w1, a[5], a[6])
 
 
 @needs_ext
@@ -419,6 +500,13 @@ cases = [
     (torch.ops.fastvlm_C.conv_exp_nhwc(x, *ce), reference.conv_exp(x.double(), *d(ce))),
     (torch.ops.fastvlm_C.conv_exp_nhwc(x.bfloat16(), *ce).float(), reference.conv_exp(x.bfloat16().double(), *d(ce))),
 ]
+import fastvlm_kernels.cpu as cpu
+if cpu.uses_bf16_pairs(torch.bfloat16):  # the AVX512_BF16 ConvFFN, odd C and Hd
+    fb = [t.bfloat16() for t in (r(7, 7, 13, sc=0.2), r(13, sc=0.1), r(51, 13, sc=0.3), r(51, sc=0.1),
+                                 r(13, 51, sc=0.15), r(13, sc=0.1), r(13).abs() + 0.5)]
+    xb, pb = r(2, 9, 11, 13).bfloat16(), torch.ops.fastvlm_C.pack_linear_bf16
+    cases.append((torch.ops.fastvlm_C.convffn_nhwc(xb, fb[0], fb[1], pb(fb[2]), fb[3], pb(fb[4]), *fb[5:]).float(),
+                  reference.convffn(xb.double(), *d(fb))))
 for i, (y, ref) in enumerate(cases):
     assert torch.isfinite(y).all() and rel_l2(y, ref) <= (1e-5 if i < 7 else 1e-2), (i, rel_l2(y, ref))
 print("ok", len(cases))
@@ -436,7 +524,8 @@ def test_every_output_element_is_written():
     out = subprocess.run([sys.executable, "-c", _POISON_CHECK], capture_output=True, text=True, timeout=300, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["ok", "8"]
+    import fastvlm_kernels.cpu as cpu
+    assert out.stdout.split() == ["ok", "9" if cpu.uses_bf16_pairs(torch.bfloat16) else "8"]
 
 
 @needs_ext

@@ -1,0 +1,173 @@
+// The bfloat16 ConvFFN on AVX512_BF16: fc1 and fc2 multiply bf16 pairs into fp32 accumulators
+// (vdpbf16ps: acc[i] += a[2i+1] b[2i+1] + a[2i] b[2i], 16 fp32 lanes per instruction, twice the
+// multiply-adds of an fp32 FMA), on weights packed once by pack_linear_bf16. Included by ffn.cpp,
+// after ffn_impl.h, in the ffn_avx512bf16 namespace only (FVK_VL = 16), which defines
+//   vf fvk_dpbf16(vf acc, uint32_t a2, vf w): acc + the products of the bf16 pair a2 (low half:
+//   the even k) with the 16 bf16 pairs of w (the bits of a vf), high (odd) products added first.
+//
+// Numerics: bf16 storage, fp32 accumulation, like the fp32-compute bf16 path (ffn_impl.h), except
+// that the GEMM operands are bf16: the depthwise output d and the GELU output (fc2's input) are
+// rounded to bf16 (nearest even) before they are multiplied, as eager PyTorch in bf16 rounds every
+// layer's output. The weights of a bf16 model are bf16 already, so packing them loses nothing.
+//
+// Layout (pack_linear_bf16): an (N, K) weight as (P, ceil(K / 2), 32) bf16, P = packed_panels(N):
+// out[p][j][2i + e] = w[16p + i][2j + e], zero padded (channels past N, and k = K when K is odd).
+// One 64-byte row [p][j] is a vector of 16 channel lanes, each holding the pair (k = 2j, 2j + 1).
+// A GEMM operand row is bf16 with an even length: an odd K gets a zero partner at k = K.
+
+static_assert(VL == PW, "the bf16-pair panels hold one 16-lane vector per pair of k");
+
+typedef float vfa __attribute__((vector_size(FVK_VL * 4), aligned(2), may_alias));  // 32 bf16 as a vf
+static inline vf vload_pairs(const uint16_t* p) { return *reinterpret_cast<const vfa*>(p); }
+static inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+
+constexpr int64_t KP_MAX = 256;  // pairs per K block: a block's 2-panel weight slice is 32 KB, as fp32's
+// Pixels per micro-tile: 8 x 2 = 16 accumulators (+ 2 weight vectors and a broadcast: 19 of the 32
+// zmm registers). vdpbf16ps has a latency of several cycles and this project's Zen 5 issues two per
+// cycle (performance.md: ~900 GFLOP/s on 2 threads), so the 12 independent sums of the fp32 6 x 2
+// tile would leave no slack. (Chosen from that arithmetic; not yet timed on an AVX512_BF16 CPU.)
+constexpr int MRD = 8;
+
+// One MRD x NR tile (M <= MRD pixels, 2 vectors = 2 panels of channels) of a K block of kp pairs.
+//   a: bf16 pixel rows (pair j of row t at a + t * lda + 2 j); w0, w1: the two panels at the block's
+//   first pair (32 bf16 per pair). first: start from bias (else from the fp32 partial sums in buf);
+//   last: run the epilogue (else store the partial sums to buf).
+//   EPI 0 (fc1): last block writes h[t][n] = bf16(GELU(acc)) (row stride ldh).
+//   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (residual_out).
+template <int M, int EPI>
+static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t kp, const uint16_t* __restrict__ w0,
+                            const uint16_t* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
+                            int64_t ldb, int64_t n0, int64_t N, uint16_t* h, int64_t ldh, const uint16_t* x,
+                            uint16_t* y, int64_t ldy, const float* gamma) {
+  vf acc0[M], acc1[M];
+  if (first) {
+    const vf b0 = vload(bias + n0), b1 = vload(bias + n0 + VL);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) acc0[r] = b0, acc1[r] = b1;
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) acc0[r] = vload(buf + r * ldb + n0), acc1[r] = vload(buf + r * ldb + n0 + VL);
+  }
+  for (int64_t j = 0; j < kp; ++j) {
+    const vf b0 = vload_pairs(w0 + j * 2 * PW), b1 = vload_pairs(w1 + j * 2 * PW);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const uint32_t s = load_pair(a + r * lda + 2 * j);  // broadcast: one bf16 pair of pixel r
+      acc0[r] = fvk_dpbf16(acc0[r], s, b0);
+      acc1[r] = fvk_dpbf16(acc1[r], s, b1);
+    }
+  }
+  if (!last) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) vstore(buf + r * ldb + n0, acc0[r]), vstore(buf + r * ldb + n0 + VL, acc1[r]);
+    return;
+  }
+  if (EPI == 0) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) vst(h + r * ldh + n0, vgelu(acc0[r])), vst(h + r * ldh + n0 + VL, vgelu(acc1[r]));
+    return;
+  }
+  residual_out<M>(acc0, acc1, n0, N, x, y, ldy, gamma);
+}
+
+// C(np x N) for one tile over the K range [0, K) of a longer sum, pgemm_part's blocking on bf16
+// pairs: a (np x K bf16, row stride lda, even; an odd K's partner column zero); Wp points at the
+// range's first pair in the bf16-pair panels of a weight with ldp pairs per panel row (panel p at
+// Wp + p * ldp * 32). first_part / last_part as pgemm_part's (fp32 partial sums through buf).
+template <int EPI>
+static void pgemm_dp_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K, const uint16_t* Wp, int64_t ldp,
+                          int64_t N, const float* bias, float* buf, int64_t ldb, uint16_t* h, int64_t ldh,
+                          const uint16_t* x, uint16_t* y, int64_t ldy, const float* gamma, bool first_part,
+                          bool last_part) {
+  const int64_t KP = (K + 1) / 2, nkb = (KP + KP_MAX - 1) / KP_MAX, kpb = (KP + nkb - 1) / nkb;
+  for (int64_t j0 = 0; j0 < KP; j0 += kpb) {
+    const int64_t kc = KP - j0 < kpb ? KP - j0 : kpb;
+    const bool first = first_part && j0 == 0, last = last_part && j0 + kc == KP;
+    for (int64_t n0 = 0; n0 < N; n0 += NR) {  // n0 is a multiple of 2 panels
+      const uint16_t* w0 = Wp + (n0 / PW) * ldp * 2 * PW + j0 * 2 * PW;
+      const uint16_t* w1 = w0 + ldp * 2 * PW;
+      for (int64_t t0 = 0; t0 < np; t0 += MRD) {
+        const int m = static_cast<int>(np - t0 < MRD ? np - t0 : MRD);
+        const uint16_t* at = a + t0 * lda + 2 * j0;
+        float* bt = buf + t0 * ldb;
+        uint16_t* ht = h ? h + t0 * ldh : nullptr;
+        const uint16_t* xt = x ? x + t0 * ldy : nullptr;
+        uint16_t* yt = y ? y + t0 * ldy : nullptr;
+        switch (m) {
+#define FVK_PT(MM)                                                                                             \
+  case MM:                                                                                                     \
+    ptile_dp<MM, EPI>(at, lda, kc, w0, w1, first, last, bias, bt, ldb, n0, N, ht, ldh, xt, yt, ldy, gamma); \
+    break;
+          FVK_PT(8) FVK_PT(7) FVK_PT(6) FVK_PT(5) FVK_PT(4) FVK_PT(3) FVK_PT(2) FVK_PT(1)
+#undef FVK_PT
+        }
+      }
+    }
+  }
+}
+
+// Scratch floats per thread of ffn_dp_tiles for tiles of T pixels: d (T x C fp32), the fc1 partial
+// sums (T x ldh fp32), fc2's accumulator (T x Cp fp32), then bf16 rows: d (T x Ce), hid (T x ldh).
+static inline int64_t ffn_dp_scratch(int64_t T, int64_t C, int64_t Hd) {
+  const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR, Ce = (C + 1) / 2 * 2;
+  return T * (C + ldh + Cp) + (T * (Ce + ldh) + 1) / 2;
+}
+
+// One tile of the bf16 ConvFFN (ffn_tile's steps, the GEMMs on bf16 pairs): pixels [p0, p0 + np)
+// of one image x (H x Wd x C, bf16):
+//   d(np x C)   = depthwise KxK (BN folded) of x in fp32, then rounded to bf16 rows dh (np x Ce)
+//   hid         = bf16(GELU(dh . W1^T + b1)), HC hidden channels at a time (np x hc, stride ldh)
+//   y[p]        = x[p] + gamma * (hid . W2^T + b2)  (fc2's chunks accumulate in fp32 in acc)
+// w1p, w2p: pack_linear_bf16 of fc1_w (Hd, C) and fc2_w (C, Hd).
+static void ffn_tile_dp(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+                        const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
+                        const uint16_t* w2p, const float* b2, const float* gamma, int64_t p0, int64_t np, float* d,
+                        float* hacc, float* acc, uint16_t* dh, uint16_t* hid) {
+  const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR, Ce = (C + 1) / 2 * 2;
+  const int64_t KP1 = Ce / 2, KP2 = (Hd + 1) / 2;
+  dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
+  if (Ce == C) {  // one flat run
+    const int64_t n = np * C, nv = n / VL * VL;
+    for (int64_t i = 0; i < nv; i += VL) vst(dh + i, vload(d + i));
+    for (int64_t i = nv; i < n; ++i) st(dh, i, d[i]);
+  } else {  // odd C: rows of C + a zero partner for the last k
+    const int64_t cv = C / VL * VL;
+    for (int64_t t = 0; t < np; ++t) {
+      for (int64_t c = 0; c < cv; c += VL) vst(dh + t * Ce + c, vload(d + t * C + c));
+      for (int64_t c = cv; c < C; ++c) st(dh, t * Ce + c, d[t * C + c]);
+      dh[t * Ce + C] = 0;  // its weight is 0, but scratch bits could read as Inf / NaN, and 0 * Inf is NaN
+    }
+  }
+  for (int64_t h0 = 0; h0 < Hd; h0 += HC) {
+    const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
+    // fc1 + GELU, hidden channels [h0, h0 + hc) into hid's columns [0, hc rounded up to NR): the
+    // columns past hc are GELU(0) = 0 (zero padded weights and bias), so an odd hc's partner is 0
+    pgemm_dp_part<0>(dh, Ce, np, C, w1p + (h0 / PW) * KP1 * 2 * PW, KP1, hc, b1 + h0, hacc, ldh, hid, ldh, nullptr,
+                     nullptr, 0, nullptr, true, true);
+    // fc2's pairs [h0 / 2, (h0 + hc + 1) / 2) of its Hd-long sum (h0 is even: HC is)
+    pgemm_dp_part<1>(hid, ldh, np, hc, w2p + (h0 / 2) * 2 * PW, KP2, C, b2, acc, Cp, nullptr, 0, x + p0 * C,
+                     y + p0 * C, C, gamma, h0 == 0, h0 + hc == Hd);
+  }
+}
+static_assert(HC % 2 == 0, "fc2's hidden chunks start on a pair");
+
+// Tiles [t_begin, t_end) of a batch (ffn_tiles' tiling), `scratch`: ffn_dp_scratch(T, C, Hd) floats.
+static void ffn_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+                         const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
+                         const uint16_t* w2p, const float* b2, const float* gamma, int64_t per_image, int64_t T,
+                         int64_t t_begin, int64_t t_end, float* scratch) {
+  const int64_t HW = H * Wd, ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR, Ce = (C + 1) / 2 * 2;
+  float *d = scratch, *hacc = d + T * C, *acc = hacc + T * ldh;
+  uint16_t* dh = reinterpret_cast<uint16_t*>(acc + T * Cp);
+  uint16_t* hid = dh + T * Ce;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t b = t / per_image, p0 = tile_start(HW, per_image, t % per_image);
+    const int64_t np = tile_start(HW, per_image, t % per_image + 1) - p0;
+    ffn_tile_dp(x + b * HW * C, y + b * HW * C, H, Wd, C, Hd, Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d,
+                hacc, acc, dh, hid);
+  }
+}
