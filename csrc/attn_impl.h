@@ -24,10 +24,12 @@ static inline float hsum(vf v) {
 
 // Phase 1 for tiles [t_begin, t_end) of `per_image` tiles per image. scratch: T * C (ln rows) +
 // T * ldq (qkv rows) floats, ldq = 3C rounded up to 32. `zeros`: >= ldq zero floats (no qkv bias).
-template <typename T_>
+// gemm(ln, np, qkv): qkv (np x 3C, row stride ldq) = ln (np x C) . Wqkv^T (pgemm on the packed
+// weight; the AVX512_BF16 path, ffn_dp_impl.h, on bf16 pairs).
+template <typename T_, typename Gemm>
 static void qkv_tile(const T_* x, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
-                     const float* wqkv_p, const float* zeros, float scale, int64_t p0, int64_t np, float* ln,
-                     float* qkv, int64_t ldq, float* Qt, float* Kb, float* Vt, int64_t Np) {
+                     float scale, int64_t p0, int64_t np, float* ln, float* qkv, int64_t ldq, float* Qt, float* Kb,
+                     float* Vt, int64_t Np, const Gemm& gemm) {
   for (int64_t j = 0; j < np; ++j) {
     const T_* xp = x + (p0 + j) * C;
     float* o = ln + j * C;
@@ -50,7 +52,7 @@ static void qkv_tile(const T_* x, int64_t N, int64_t C, int64_t hd, const float*
     for (c = 0; c + VL <= C; c += VL) vstore(o + c, (vld(xp + c) - mv) * rv * vload(ln_w + c) + vload(ln_b + c));
     for (; c < C; ++c) o[c] = (ld(xp, c) - mean) * rstd * ln_w[c] + ln_b[c];
   }
-  pgemm<3, T_>(ln, C, np, C, wqkv_p, 3 * C, zeros, qkv, ldq, nullptr, nullptr, 0, nullptr);
+  gemm(ln, np, qkv);
   const int64_t heads = C / hd;
   for (int64_t c = 0; c < C; ++c) {  // q and v channel-major (queries / keys along the vector), pre-scaled q
     float* qo = Qt + c * Np + p0;
@@ -69,16 +71,19 @@ static void qkv_tiles(const void* x, bool bf16, int64_t N, int64_t C, int64_t hd
                       const float* wqkv_p, const float* zeros, float scale, float* Qt, float* Kb, float* Vt, int64_t Np,
                       int64_t ldq, int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
   float *ln = scratch, *qkv = ln + C * T;
+  const auto gemm = [&](const float* a, int64_t n, float* out) {
+    pgemm<3, float>(a, C, n, C, wqkv_p, 3 * C, zeros, out, ldq, nullptr, nullptr, 0, nullptr);
+  };
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);
     const int64_t np = tile_start(N, per_image, t % per_image + 1) - p0;
     float *qt = Qt + b * C * Np, *kb = Kb + b * N * C, *vt = Vt + b * C * Np;
     if (bf16)
-      qkv_tile(static_cast<const uint16_t*>(x) + b * N * C, N, C, hd, ln_w, ln_b, wqkv_p, zeros, scale, p0, np, ln,
-               qkv, ldq, qt, kb, vt, Np);
+      qkv_tile(static_cast<const uint16_t*>(x) + b * N * C, N, C, hd, ln_w, ln_b, scale, p0, np, ln, qkv, ldq, qt, kb,
+               vt, Np, gemm);
     else
-      qkv_tile(static_cast<const float*>(x) + b * N * C, N, C, hd, ln_w, ln_b, wqkv_p, zeros, scale, p0, np, ln, qkv,
-               ldq, qt, kb, vt, Np);
+      qkv_tile(static_cast<const float*>(x) + b * N * C, N, C, hd, ln_w, ln_b, scale, p0, np, ln, qkv, ldq, qt, kb, vt,
+               Np, gemm);
   }
 }
 

@@ -58,8 +58,9 @@ typedef int32_t vi __attribute__((vector_size(64)));
 }}  // namespace fastvlm::ffn_avx512
 #pragma GCC pop_options
 
-// AVX-512 + AVX512_BF16: the bf16 ConvFFN's pair-dot GEMMs (ffn_dp_impl.h). Only ffn_dp_tiles is
-// used from this namespace; the rest of ffn_impl.h it includes is for ffn_dp_impl.h to call.
+// AVX-512 + AVX512_BF16: the pair-dot GEMMs of the bf16 ConvFFN and attention (ffn_dp_impl.h). Only
+// the *_dp_tiles functions are used from this namespace; the rest of ffn_impl.h and attn_impl.h it
+// includes is for ffn_dp_impl.h to call.
 #pragma GCC push_options
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -94,6 +95,7 @@ static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
 }
 #endif
 #include "ffn_impl.h"
+#include "attn_impl.h"
 #include "ffn_dp_impl.h"
 #undef FVK_VL
 }}  // namespace fastvlm::ffn_avx512bf16
@@ -245,6 +247,23 @@ static void check_packed(const at::Tensor& wp, int64_t N, int64_t K, const char*
               ", ", kPanel, "), got ", wp.scalar_type(), " ", wp.sizes());
 }
 
+// A pack_linear_bf16 weight: bf16-pair panels of an (N, K) weight, checked ("<what> must be
+// pack_linear_bf16(<name>)").
+static void check_packed_bf16(const at::Tensor& wp, int64_t N, int64_t K, const char* what, const char* name) {
+  TORCH_CHECK(wp.device().is_cpu() && wp.scalar_type() == at::kBFloat16 && wp.is_contiguous() &&
+                  wp.sizes() == at::IntArrayRef({packed_panels(N), (K + 1) / 2, 2 * kPanel}),
+              what, " must be pack_linear_bf16(", name, "), bfloat16 (", packed_panels(N), ", ", (K + 1) / 2, ", ",
+              2 * kPanel, "), got ", wp.scalar_type(), " ", wp.sizes());
+}
+// An op handed pack_linear_bf16 weights runs the AVX512_BF16 kernels: bf16 x, and that ISA active.
+static void check_dp_call(const at::Tensor& x, Isa isa, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, op, ": weights packed by pack_linear_bf16 need bfloat16 x, got ",
+              x.scalar_type(), " (pack float32 models with pack_linear)");
+  TORCH_CHECK(isa == Isa::avx512_bf16, op, ": weights packed by pack_linear_bf16 need the avx512_bf16 kernels, but "
+              "this call runs ", isa_name(isa), " (the CPU lacks AVX512_BF16, or FASTVLM_CPU_ISA caps it): pack with "
+              "pack_linear instead");
+}
+
 // Tiling of the 1x1-GEMM ops: `n` tiles per image of at most `T` pixels (whole 6-pixel groups,
 // spread evenly by tile_start), about 96 pixels each (FASTVLM_FFN_TILE overrides the 96), and the
 // tile count over the batch a multiple of the thread count where that is reachable, so the
@@ -280,19 +299,9 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
   // bf16-pair panels (pack_linear_bf16): the AVX512_BF16 kernel (ffn_dp_impl.h)
   const bool dp = fc1_wp.scalar_type() == at::kBFloat16 || fc2_wp.scalar_type() == at::kBFloat16;
   if (dp) {
-    TORCH_CHECK(fc1_wp.scalar_type() == at::kBFloat16 && fc1_wp.is_contiguous() &&
-                    fc1_wp.sizes() == at::IntArrayRef({packed_panels(Hd), (C + 1) / 2, 2 * kPanel}),
-                "convffn_nhwc: fc1_wp must be pack_linear_bf16(fc1_w), bfloat16 (", packed_panels(Hd), ", ",
-                (C + 1) / 2, ", ", 2 * kPanel, "), got ", fc1_wp.scalar_type(), " ", fc1_wp.sizes());
-    TORCH_CHECK(fc2_wp.scalar_type() == at::kBFloat16 && fc2_wp.is_contiguous() &&
-                    fc2_wp.sizes() == at::IntArrayRef({packed_panels(C), (Hd + 1) / 2, 2 * kPanel}),
-                "convffn_nhwc: fc2_wp must be pack_linear_bf16(fc2_w), bfloat16 (", packed_panels(C), ", ",
-                (Hd + 1) / 2, ", ", 2 * kPanel, "), got ", fc2_wp.scalar_type(), " ", fc2_wp.sizes());
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "convffn_nhwc: weights packed by pack_linear_bf16 need bfloat16 x, got ",
-                x.scalar_type(), " (pack float32 models with pack_linear)");
-    TORCH_CHECK(isa == Isa::avx512_bf16, "convffn_nhwc: weights packed by pack_linear_bf16 need the avx512_bf16 kernels, "
-                "but this call runs ", isa_name(isa), " (the CPU lacks AVX512_BF16, or FASTVLM_CPU_ISA caps it): pack "
-                "with pack_linear instead");
+    check_packed_bf16(fc1_wp, Hd, C, "convffn_nhwc: fc1_wp", "fc1_w");
+    check_packed_bf16(fc2_wp, C, Hd, "convffn_nhwc: fc2_wp", "fc2_w");
+    check_dp_call(x, isa, "convffn_nhwc");
   }
   // fc1_wp / fc2_wp: pack_linear's panels of fc1_w (Hd, C) and fc2_w (C, Hd)
   if (!dp) TORCH_CHECK(fc1_wp.scalar_type() == at::kFloat && fc1_wp.is_contiguous() &&
@@ -480,8 +489,17 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   TORCH_CHECK(head_dim >= 1 && C % head_dim == 0, "attention_mixer_nhwc: C = ", C, " is not a multiple of head_dim ",
               head_dim);
   const at::Tensor lw = as_f32(ln_w, "attention_mixer_nhwc: ln_w", {C}), lb = as_f32(ln_b, "attention_mixer_nhwc: ln_b", {C});
-  check_packed(qkv_wp, 3 * C, C, "attention_mixer_nhwc: qkv_wp");
-  check_packed(proj_wp, C, C, "attention_mixer_nhwc: proj_wp");
+  const Isa isa = active_isa();
+  // bf16-pair panels (pack_linear_bf16): qkv and proj on the AVX512_BF16 kernels (ffn_dp_impl.h)
+  const bool dp = qkv_wp.scalar_type() == at::kBFloat16 || proj_wp.scalar_type() == at::kBFloat16;
+  if (dp) {
+    check_packed_bf16(qkv_wp, 3 * C, C, "attention_mixer_nhwc: qkv_wp", "qkv_w");
+    check_packed_bf16(proj_wp, C, C, "attention_mixer_nhwc: proj_wp", "proj_w");
+    check_dp_call(x, isa, "attention_mixer_nhwc");
+  } else {
+    check_packed(qkv_wp, 3 * C, C, "attention_mixer_nhwc: qkv_wp");
+    check_packed(proj_wp, C, C, "attention_mixer_nhwc: proj_wp");
+  }
   const int64_t Cp = padded_width(C), ldq = padded_width(3 * C);
   const at::Tensor bp = padded_f32(proj_b, "attention_mixer_nhwc: proj_b", C, Cp),
                    g = padded_f32(gamma, "attention_mixer_nhwc: gamma", C, Cp);
@@ -489,7 +507,6 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || N == 0 || C == 0) return y;
 
-  const Isa isa = active_isa();
   const int64_t nr = isa >= Isa::avx512 ? 32 : (isa == Isa::avx2 ? 16 : 8);
   const Tiling tl = gemm_tiling(B, N);  // phases 1 and 3
   const int64_t Tq = 2 * nr, BK = 128;
@@ -502,16 +519,31 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   float *pq = Qt.data_ptr<float>(), *pk = Kb.data_ptr<float>(), *pv = Vt.data_ptr<float>(), *po = O.data_ptr<float>();
-  const float *plw = lw.data_ptr<float>(), *plb = lb.data_ptr<float>(), *pwq = qkv_wp.data_ptr<float>(),
-              *pwp = proj_wp.data_ptr<float>(), *pbp = bp.data_ptr<float>(), *pg = g.data_ptr<float>(),
-              *pz = zeros.data_ptr<float>();
+  const float *plw = lw.data_ptr<float>(), *plb = lb.data_ptr<float>(), *pbp = bp.data_ptr<float>(),
+              *pg = g.data_ptr<float>(), *pz = zeros.data_ptr<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  const int64_t tiles = B * tl.n;
-  FVK_PARALLEL_TILES(qkv_tiles, tiles, tl.T * (C + ldq), isa, xp, bf16, N, C, head_dim, plw, plb, pwq, pz, scale, pq,
-                     pk, pv, Np, ldq, tl.n, tl.T);
+  const int64_t tiles = B * tl.n, T = tl.T, per_image = tl.n;
   const int64_t tiles2 = B * ((N + Tq - 1) / Tq), scratch2 = BK * Tq + 2 * head_dim * Tq + 2 * Tq;
+  if (dp) {
+    const auto* wq = reinterpret_cast<const uint16_t*>(qkv_wp.data_ptr());
+    const auto* wpr = reinterpret_cast<const uint16_t*>(proj_wp.data_ptr());
+    const auto* xh = static_cast<const uint16_t*>(xp);
+    auto* yh = static_cast<uint16_t*>(yp);
+    parallel_tiles(tiles, ffn_avx512bf16::qkv_dp_scratch(T, C, ldq), [&](int64_t b, int64_t e, float* buf) {
+      ffn_avx512bf16::qkv_dp_tiles(xh, N, C, head_dim, plw, plb, wq, pz, scale, pq, pk, pv, Np, ldq, per_image, T, b,
+                                   e, buf);
+    });
+    FVK_PARALLEL_TILES(attn_tiles, tiles2, scratch2, isa, N, C, head_dim, pq, pk, pv, Np, pz, Tq, BK, po);
+    parallel_tiles(tiles, ffn_avx512bf16::proj_dp_scratch(T, C, Cp), [&](int64_t b, int64_t e, float* buf) {
+      ffn_avx512bf16::proj_dp_tiles(xh, yh, N, C, po, wpr, pbp, pg, Cp, per_image, T, b, e, buf);
+    });
+    return y;
+  }
+  const float *pwq = qkv_wp.data_ptr<float>(), *pwp = proj_wp.data_ptr<float>();
+  FVK_PARALLEL_TILES(qkv_tiles, tiles, T * (C + ldq), isa, xp, bf16, N, C, head_dim, plw, plb, pwq, pz, scale, pq, pk,
+                     pv, Np, ldq, per_image, T);
   FVK_PARALLEL_TILES(attn_tiles, tiles2, scratch2, isa, N, C, head_dim, pq, pk, pv, Np, pz, Tq, BK, po);
-  FVK_PARALLEL_TILES(proj_tiles, tiles, tl.T * Cp, isa, xp, yp, bf16, N, C, po, pwp, pbp, pg, Cp, tl.n, tl.T);
+  FVK_PARALLEL_TILES(proj_tiles, tiles, T * Cp, isa, xp, yp, bf16, N, C, po, pwp, pbp, pg, Cp, per_image, T);
   return y;
 }
 

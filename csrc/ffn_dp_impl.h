@@ -1,7 +1,7 @@
-// The bfloat16 ConvFFN on AVX512_BF16: fc1 and fc2 multiply bf16 pairs into fp32 accumulators
+// The bfloat16 ConvFFN (and attention's qkv / proj) on AVX512_BF16: the GEMMs multiply bf16 pairs into fp32 accumulators
 // (vdpbf16ps: acc[i] += a[2i+1] b[2i+1] + a[2i] b[2i], 16 fp32 lanes per instruction, twice the
 // multiply-adds of an fp32 FMA), on weights packed once by pack_linear_bf16. Included by ffn.cpp,
-// after ffn_impl.h, in the ffn_avx512bf16 namespace only (FVK_VL = 16), which defines
+// after ffn_impl.h and attn_impl.h, in the ffn_avx512bf16 namespace only (FVK_VL = 16), which defines
 //   vf fvk_dpbf16(vf acc, uint32_t a2, vf w): acc + the products of the bf16 pair a2 (low half:
 //   the even k) with the 16 bf16 pairs of w (the bits of a vf), high (odd) products added first.
 //
@@ -37,7 +37,8 @@ constexpr int MRD = 8;
 //   first pair (32 bf16 per pair). first: start from bias (else from the fp32 partial sums in buf);
 //   last: run the epilogue (else store the partial sums to buf).
 //   EPI 0 (fc1): last block writes h[t][n] = bf16(GELU(acc)) (row stride ldh).
-//   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (residual_out).
+//   EPI 1 (fc2, attention's proj): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N.
+//   EPI 3 (attention's qkv): buf is the output, acc as is.
 template <int M, int EPI>
 static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t kp, const uint16_t* __restrict__ w0,
                             const uint16_t* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
@@ -61,7 +62,7 @@ static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t
       acc1[r] = fvk_dpbf16(acc1[r], s, b1);
     }
   }
-  if (!last) {
+  if (!last || EPI == 3) {
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) vstore(buf + r * ldb + n0, acc0[r]), vstore(buf + r * ldb + n0 + VL, acc1[r]);
     return;
@@ -110,6 +111,24 @@ static void pgemm_dp_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K,
   }
 }
 
+// np fp32 rows of C (stride C) -> bf16 rows of Ce = C rounded up to even (round to nearest even);
+// an odd C gets a zero partner for its last k.
+static void to_bf16_rows(const float* a, int64_t np, int64_t C, uint16_t* out) {
+  const int64_t Ce = (C + 1) / 2 * 2;
+  if (Ce == C) {  // one flat run
+    const int64_t n = np * C, nv = n / VL * VL;
+    for (int64_t i = 0; i < nv; i += VL) vst(out + i, vload(a + i));
+    for (int64_t i = nv; i < n; ++i) st(out, i, a[i]);
+    return;
+  }
+  const int64_t cv = C / VL * VL;
+  for (int64_t t = 0; t < np; ++t) {
+    for (int64_t c = 0; c < cv; c += VL) vst(out + t * Ce + c, vload(a + t * C + c));
+    for (int64_t c = cv; c < C; ++c) st(out, t * Ce + c, a[t * C + c]);
+    out[t * Ce + C] = 0;  // its weight is 0, but scratch bits could read as Inf / NaN, and 0 * Inf is NaN
+  }
+}
+
 // Scratch floats per thread of ffn_dp_tiles for tiles of T pixels: d (T x C fp32), the fc1 partial
 // sums (T x ldh fp32), fc2's accumulator (T x Cp fp32), then bf16 rows: d (T x Ce), hid (T x ldh).
 static inline int64_t ffn_dp_scratch(int64_t T, int64_t C, int64_t Hd) {
@@ -130,18 +149,7 @@ static void ffn_tile_dp(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, i
   const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR, Ce = (C + 1) / 2 * 2;
   const int64_t KP1 = Ce / 2, KP2 = (Hd + 1) / 2;
   dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
-  if (Ce == C) {  // one flat run
-    const int64_t n = np * C, nv = n / VL * VL;
-    for (int64_t i = 0; i < nv; i += VL) vst(dh + i, vload(d + i));
-    for (int64_t i = nv; i < n; ++i) st(dh, i, d[i]);
-  } else {  // odd C: rows of C + a zero partner for the last k
-    const int64_t cv = C / VL * VL;
-    for (int64_t t = 0; t < np; ++t) {
-      for (int64_t c = 0; c < cv; c += VL) vst(dh + t * Ce + c, vload(d + t * C + c));
-      for (int64_t c = cv; c < C; ++c) st(dh, t * Ce + c, d[t * C + c]);
-      dh[t * Ce + C] = 0;  // its weight is 0, but scratch bits could read as Inf / NaN, and 0 * Inf is NaN
-    }
-  }
+  to_bf16_rows(d, np, C, dh);
   for (int64_t h0 = 0; h0 < Hd; h0 += HC) {
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
     // fc1 + GELU, hidden channels [h0, h0 + hc) into hid's columns [0, hc rounded up to NR): the
@@ -169,5 +177,51 @@ static void ffn_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, 
     const int64_t np = tile_start(HW, per_image, t % per_image + 1) - p0;
     ffn_tile_dp(x + b * HW * C, y + b * HW * C, H, Wd, C, Hd, Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d,
                 hacc, acc, dh, hid);
+  }
+}
+
+// ---- attention's qkv and proj GEMMs on bf16 pairs (attn_impl.h's phases 1 and 3) ----------------
+// wq = pack_linear_bf16(qkv_w (3C, C)), wp = pack_linear_bf16(proj_w (C, C)). The LayerNorm output
+// and the attention output O (fp32) are rounded to bf16 rows, the GEMM operands; phase 2 (flash
+// attention) stays fp32.
+
+// Phase 1. scratch: qkv_dp_scratch(T, C, ldq) floats (ln, qkv as attn's, then ln in bf16).
+static inline int64_t qkv_dp_scratch(int64_t T, int64_t C, int64_t ldq) {
+  return T * (C + ldq) + (T * ((C + 1) / 2 * 2) + 1) / 2;
+}
+static void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
+                         const uint16_t* wq, const float* zeros, float scale, float* Qt, float* Kb, float* Vt,
+                         int64_t Np, int64_t ldq, int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end,
+                         float* scratch) {
+  const int64_t Ce = (C + 1) / 2 * 2;
+  float *ln = scratch, *qkv = ln + C * T;
+  uint16_t* lnh = reinterpret_cast<uint16_t*>(qkv + T * ldq);
+  const auto gemm = [&](const float* a, int64_t n, float* out) {
+    to_bf16_rows(a, n, C, lnh);
+    pgemm_dp_part<3>(lnh, Ce, n, C, wq, Ce / 2, 3 * C, zeros, out, ldq, nullptr, 0, nullptr, nullptr, 0, nullptr,
+                     true, true);
+  };
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);
+    const int64_t np = tile_start(N, per_image, t % per_image + 1) - p0;
+    qkv_tile(x + b * N * C, N, C, hd, ln_w, ln_b, scale, p0, np, ln, qkv, ldq, Qt + b * C * Np, Kb + b * N * C,
+             Vt + b * C * Np, Np, gemm);
+  }
+}
+
+// Phase 3: y = x + gamma * (O . Wproj^T + bp). scratch: proj_dp_scratch(T, C, Cp) floats.
+static inline int64_t proj_dp_scratch(int64_t T, int64_t C, int64_t Cp) {
+  return T * Cp + (T * ((C + 1) / 2 * 2) + 1) / 2;
+}
+static void proj_dp_tiles(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, const float* O, const uint16_t* wp,
+                          const float* bp, const float* gamma, int64_t Cp, int64_t per_image, int64_t T,
+                          int64_t t_begin, int64_t t_end, float* scratch) {
+  const int64_t Ce = (C + 1) / 2 * 2;
+  uint16_t* oh = reinterpret_cast<uint16_t*>(scratch + T * Cp);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);
+    const int64_t np = tile_start(N, per_image, t % per_image + 1) - p0, off = (b * N + p0) * C;
+    to_bf16_rows(O + off, np, C, oh);
+    pgemm_dp_part<1>(oh, Ce, np, C, wp, Ce / 2, C, bp, scratch, Cp, nullptr, 0, x + off, y + off, C, gamma, true, true);
   }
 }

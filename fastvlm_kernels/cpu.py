@@ -7,7 +7,7 @@ All seven ops:
   tile, about 1.14 times each, instead of stored at full resolution);
 - ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
   time, the 4C hidden kept in cache; in bf16 on a CPU with AVX512_BF16, fc1 and fc2 multiply bf16
-  pairs with vdpbf16ps, csrc/ffn_dp_impl.h) and ``repmixer_block`` (the RepMixer dw3x3 pass, then the same
+  pairs with vdpbf16ps, csrc/ffn_dp_impl.h, as do attention's qkv and proj) and ``repmixer_block`` (the RepMixer dw3x3 pass, then the same
   fused FFN);
 - ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile) and ``dwconv``;
 - ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
@@ -69,22 +69,26 @@ def packed(w: torch.Tensor, pairs: bool = False) -> torch.Tensor:
 
 
 def uses_bf16_pairs(dtype: torch.dtype) -> bool:
-    """Whether the ConvFFN of ``dtype`` activations runs the AVX512_BF16 kernel now (bf16 pair
-    products, fp32 accumulation; csrc/ffn_dp_impl.h): bfloat16 on a CPU with AVX512_BF16, unless
-    FASTVLM_CPU_ISA caps the ISA below ``avx512_bf16``. Its fc1 / fc2 weights are then packed by
-    ``pack_linear_bf16``; every other bf16 kernel computes in fp32 on bf16 storage."""
+    """Whether the ConvFFN and attention GEMMs of ``dtype`` activations run the AVX512_BF16
+    kernels now (bf16 pair products, fp32 accumulation; csrc/ffn_dp_impl.h): bfloat16 on a CPU with
+    AVX512_BF16, unless FASTVLM_CPU_ISA caps the ISA below ``avx512_bf16``. Their fc1 / fc2 and
+    qkv / proj weights are then packed by ``pack_linear_bf16``; the other bf16 kernels (stem,
+    patch_embed, the depthwise convs, flash attention itself) compute in fp32 on bf16 storage."""
     return dtype == torch.bfloat16 and cpu_isa() == "avx512_bf16"
+
+
+_PAIRS = ("fc1_w", "fc2_w", "qkv_w", "proj_w")  # the weights of the GEMMs with an AVX512_BF16 kernel
 
 
 def prepack(model: torch.nn.Module) -> None:
     """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``), in the
-    layout their kernels will read (the ConvFFN's fc1 / fc2 of a bf16 model: bf16 pairs where the
-    CPU has AVX512_BF16)."""
+    layout their kernels will read (the ConvFFN's fc1 / fc2 and attention's qkv / proj of a bf16
+    model: bf16 pairs where the CPU has AVX512_BF16)."""
     for m in model.modules():
         for name in ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w"):
             t = getattr(m, name, None)
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 2:
-                packed(t, pairs=name in ("fc1_w", "fc2_w") and uses_bf16_pairs(t.dtype))
+                packed(t, pairs=name in _PAIRS and uses_bf16_pairs(t.dtype))
 
 
 def _convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
@@ -111,7 +115,8 @@ def _conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
 
 
 def _attention_mixer(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
-    return _C.attention_mixer_nhwc(x, ln_w, ln_b, packed(qkv_w), packed(proj_w), proj_b, gamma, head_dim)
+    pairs = uses_bf16_pairs(x.dtype)
+    return _C.attention_mixer_nhwc(x, ln_w, ln_b, packed(qkv_w, pairs), packed(proj_w, pairs), proj_b, gamma, head_dim)
 
 
 def cpu_isa() -> str:

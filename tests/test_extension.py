@@ -140,8 +140,10 @@ def _convffn_c(x, a):
 
 
 def _attn_c(x, a, hd):
-    """The C++ attention mixer with qkv_w / proj_w in pack_linear's panels (what the cpu backend passes)."""
-    pk = torch.ops.fastvlm_C.pack_linear
+    """The C++ attention mixer with qkv_w / proj_w packed as the cpu backend packs them (pack_linear,
+    or pack_linear_bf16 where bf16 runs the AVX512_BF16 kernels now)."""
+    import fastvlm_kernels.cpu as cpu
+    pk = torch.ops.fastvlm_C.pack_linear_bf16 if cpu.uses_bf16_pairs(x.dtype) else torch.ops.fastvlm_C.pack_linear
     return torch.ops.fastvlm_C.attention_mixer_nhwc(x, a[0], a[1], pk(a[2]), pk(a[3]), a[4], a[5], hd)
 
 
@@ -287,6 +289,23 @@ def test_convffn_bf16_pair_weights_need_bf16_x_and_avx512_bf16(monkeypatch):
         torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], w1, a[3], torch.ops.fastvlm_C.pack_linear(a[4]), a[5], a[6])
     with pytest.raises(RuntimeError, match=r"fc1_wp must be pack_linear_bf16\(fc1_w\)"):  # fc1 and fc2 swapped
         torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], w2, a[3], w1, a[5], a[6])
+
+
+@needs_ext
+def test_attention_bf16_pair_weights_need_bf16_x_and_avx512_bf16(monkeypatch):
+    a = [t.bfloat16() for t in _attn_args(24, seed=2)]
+    pk, pf = torch.ops.fastvlm_C.pack_linear_bf16, torch.ops.fastvlm_C.pack_linear
+    x = torch.randn(1, 3, 5, 24, dtype=torch.bfloat16)
+    op = torch.ops.fastvlm_C.attention_mixer_nhwc
+    monkeypatch.setenv("FASTVLM_CPU_ISA", "avx512")
+    with pytest.raises(RuntimeError, match="need the avx512_bf16 kernels, but this call runs"):
+        op(x, a[0], a[1], pk(a[2]), pk(a[3]), a[4], a[5], 8)
+    with pytest.raises(RuntimeError, match="need bfloat16 x"):
+        op(x.float(), a[0], a[1], pk(a[2]), pk(a[3]), a[4], a[5], 8)
+    with pytest.raises(RuntimeError, match=r"proj_wp must be pack_linear_bf16\(proj_w\)"):  # mixed layouts
+        op(x, a[0], a[1], pk(a[2]), pf(a[3]), a[4], a[5], 8)
+    with pytest.raises(RuntimeError, match=r"qkv_wp must be pack_linear_bf16\(qkv_w\)"):
+        op(x, a[0], a[1], pk(a[3]), pk(a[3]), a[4], a[5], 8)
 
 
 @needs_ext
@@ -444,14 +463,15 @@ def _attn_args(C, seed=0):
 @needs_ext
 # N = 1, 91, 231 (two key blocks of 128), 400 (four): the online-softmax rescaling across blocks runs
 @pytest.mark.parametrize("B,H,W,C,hd", [(1, 1, 1, 64, 32), (3, 7, 13, 40, 8), (1, 33, 7, 64, 32),
-                                        (2, 20, 20, 96, 32), (0, 4, 4, 32, 32), (1, 3, 5, 24, 12)])
+                                        (2, 20, 20, 96, 32), (0, 4, 4, 32, 32), (1, 3, 5, 24, 12), (2, 5, 6, 21, 7)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, bound):
     from fastvlm_kernels import reference
     a = _attn_args(C, seed=C + hd)
     x = torch.randn(B, H, W, C, dtype=torch.float64) * 2
     ref = reference.attention_mixer(x, *a, hd)
-    for isa in _isas():
+    outs = {}
+    for isa in _isas(dp=True):
         monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
         y = _attn_c(x.to(dtype), [t.to(dtype) for t in a], hd)
         assert y.dtype == dtype and y.shape == x.shape
@@ -459,8 +479,12 @@ def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, boun
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
             # the attention term itself, not only the residual, matches
             assert rel_l2(y.double() - x, ref - x) <= 10 * bound, (isa, rel_l2(y.double() - x, ref - x))
+        outs[isa] = y
+    if dtype == torch.bfloat16 and "avx512_bf16" in outs and B * H * W * C >= 1000:
+        # qkv / proj on bf16 pairs round their operands: not the fp32-compute path's result
+        assert not torch.equal(outs["avx512_bf16"], outs["avx512"])
     with pytest.raises(RuntimeError, match="multiple of head_dim"):
-        _attn_c(torch.randn(1, 2, 2, C), [t.float() for t in a], 7)
+        _attn_c(torch.randn(1, 2, 2, C), [t.float() for t in a], C + 1)
     with pytest.raises(RuntimeError, match="qkv_wp must be pack_linear"):
         bad = [t.float() for t in a]
         bad[2] = bad[2][:, :-1]
@@ -507,6 +531,9 @@ if cpu.uses_bf16_pairs(torch.bfloat16):  # the AVX512_BF16 ConvFFN, odd C and Hd
     xb, pb = r(2, 9, 11, 13).bfloat16(), torch.ops.fastvlm_C.pack_linear_bf16
     cases.append((torch.ops.fastvlm_C.convffn_nhwc(xb, fb[0], fb[1], pb(fb[2]), fb[3], pb(fb[4]), *fb[5:]).float(),
                   reference.convffn(xb.double(), *d(fb))))
+    ab, xab = [t.bfloat16() for t in at], xa.bfloat16()  # and the attention's qkv / proj
+    cases.append((torch.ops.fastvlm_C.attention_mixer_nhwc(xab, *ab[:2], pb(ab[2]), pb(ab[3]), *ab[4:], 4).float(),
+                  reference.attention_mixer(xab.double(), *d(ab), 4)))
 for i, (y, ref) in enumerate(cases):
     assert torch.isfinite(y).all() and rel_l2(y, ref) <= (1e-5 if i < 7 else 1e-2), (i, rel_l2(y, ref))
 print("ok", len(cases))
@@ -525,7 +552,7 @@ def test_every_output_element_is_written():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     import fastvlm_kernels.cpu as cpu
-    assert out.stdout.split() == ["ok", "9" if cpu.uses_bf16_pairs(torch.bfloat16) else "8"]
+    assert out.stdout.split() == ["ok", "10" if cpu.uses_bf16_pairs(torch.bfloat16) else "8"]
 
 
 @needs_ext
