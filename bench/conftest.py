@@ -32,16 +32,33 @@ def machine():
     src = torch.randn(32 * 1024 * 1024 // 4)  # 32 MiB, well past the caches
     dst = torch.empty_like(src)
     bw = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src)) / 1e9  # read + write
-    return {"gemm_gflops": peak, "copy_gbs": bw, "threads": THREADS}
+    fast_bf16 = _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
+    if fast_bf16:
+        ab, bb = a.bfloat16(), b.bfloat16()
+        peak16 = 2 * 1024 ** 3 / _median_time(lambda: torch.mm(ab, bb)) / 1e9
+    else:  # PyTorch's scalar bf16 fallback: its rate would make a meaningless floor
+        peak16 = peak
+    return {"gemm_gflops": peak, "gemm_gflops_bf16": peak16, "fast_bf16": fast_bf16, "copy_gbs": bw,
+            "threads": THREADS}
+
+
+def _cpu_flag(flag):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
 
 
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return
     tr = terminalreporter
-    tr.write_sep("=", "FastViTHD ops at 1024x1024 shapes: median ms, and the roofline floor")
+    dt = os.environ.get("FASTVLM_BENCH_DTYPE", "fp32")
+    tr.write_sep("=", f"FastViTHD ops at 1024x1024 shapes, {dt}: median ms, and the roofline floor")
     tr.write_line(f"{'op / shape':<44}{'system':<22}{'ms':>9}{'floor ms':>10}{'x floor':>9}")
     for r in ROWS:
         tr.write_line(f"{r['case']:<44}{r['system']:<22}{r['ms']:>9.2f}{r['floor_ms']:>10.2f}{r['ms'] / r['floor_ms']:>9.1f}")
-    tr.write_line("floor = max(FLOPs / measured torch.mm fp32 rate, bytes / measured copy bandwidth); "
+    tr.write_line("floor = max(FLOPs / measured torch.mm rate (fp32, or bf16 with FASTVLM_BENCH_DTYPE=bf16 on a "
+                  "CPU with a fast bf16 GEMM; else the fp32 rate), bytes / measured copy bandwidth); "
                   f"{THREADS} threads")

@@ -1,10 +1,14 @@
-"""Per-op microbenchmarks at the real FastViTHD shapes (1024x1024 input, batch 1, fp32):
-the eager composition of the fastvlm modules (NCHW) vs each fused backend vs torch.compile of the
-composition, with the op's roofline floor beside it.
+"""Per-op microbenchmarks at the real FastViTHD shapes (1024x1024 input, batch 1, fp32 unless
+FASTVLM_BENCH_DTYPE=bf16): the eager composition of the fastvlm modules (NCHW) vs each fused backend
+vs torch.compile of the composition, with the op's roofline floor beside it.
 
     pytest bench/ --benchmark-columns=median,min,rounds            # all
     pytest bench/ -k "repmixer and stage1"                          # one case
     FASTVLM_BENCH_COMPILE=0 pytest bench/                           # without torch.compile (faster)
+    FASTVLM_BENCH_DTYPE=bf16 pytest bench/                          # bf16 weights and activations
+
+In bf16 the floor uses the measured torch.mm bf16 rate and 2-byte elements; eager and torch.compile
+are skipped on CPUs without AVX512_BF16 (PyTorch's bf16 GEMMs run a scalar fallback there).
 """
 import os
 
@@ -18,6 +22,8 @@ from fastvlm_kernels import modules as fm
 from bench.conftest import ROWS
 
 COMPILE = os.environ.get("FASTVLM_BENCH_COMPILE", "1") != "0"
+DTYPE = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+         "bfloat16": torch.bfloat16}[os.environ.get("FASTVLM_BENCH_DTYPE", "fp32")]
 BACKENDS = [b for b in fk.available_backends() if b != "triton"]
 
 
@@ -27,7 +33,7 @@ def _prep(mod, seed=0):
     for m in mod.modules():
         if hasattr(m, "reparameterize"):
             m.reparameterize()
-    return mod
+    return mod.to(DTYPE)
 
 
 def _dw_flops(k, cout, ho, wo):
@@ -47,7 +53,7 @@ def case_stem():
     x = torch.rand(1, 3, 1024, 1024)
     flops = 2 * 27 * C * 512 * 512 + _dw_flops(3, C, 256, 256) + _pw_flops(C, C, 256 * 256)
     nbytes = 4 * (x.numel() + C * 256 * 256)
-    return stem, lambda b: fm.FusedStem(stem, b, torch.float32), x, x, flops, nbytes
+    return stem, lambda b: fm.FusedStem(stem, b, DTYPE), x, x, flops, nbytes
 
 
 def case_repmixer(d, hw):
@@ -56,7 +62,7 @@ def case_repmixer(d, hw):
     n = hw * hw
     flops = _dw_flops(3, d, hw, hw) + _dw_flops(7, d, hw, hw) + 2 * _pw_flops(d, 4 * d, n)
     nbytes = 4 * (2 * d * n + 8 * d * d)
-    return blk, lambda b: fm.FusedRepMixerBlock(blk, b, torch.float32), x, x.permute(0, 2, 3, 1).contiguous(), flops, nbytes
+    return blk, lambda b: fm.FusedRepMixerBlock(blk, b, DTYPE), x, x.permute(0, 2, 3, 1).contiguous(), flops, nbytes
 
 
 def case_attention(d, hw):
@@ -68,7 +74,7 @@ def case_attention(d, hw):
         return t + blk.layer_scale_1 * blk.token_mixer(blk.norm(t))
 
     def fused(b):
-        f = fm.FusedAttentionBlock(blk, b, torch.float32)
+        f = fm.FusedAttentionBlock(blk, b, DTYPE)
         return lambda t: torch.ops.fastvlm.attention_mixer(t, f.ln_w, f.ln_b, f.qkv_w, f.proj_w, f.proj_b, f.gamma,
                                                            f.head_dim, f.backend)
     flops = _pw_flops(d, 3 * d, n) + 4 * n * n * d + _pw_flops(d, d, n)
@@ -85,7 +91,7 @@ def case_convffn(d, hw):
         return t + blk.layer_scale_2 * blk.convffn(t)
     flops = _dw_flops(7, d, hw, hw) + 2 * _pw_flops(d, 4 * d, n)
     nbytes = 4 * (2 * d * n + 8 * d * d)
-    return eager, lambda b: fm.FusedConvFFN(blk.convffn, blk.layer_scale_2, b, torch.float32), x, \
+    return eager, lambda b: fm.FusedConvFFN(blk.convffn, blk.layer_scale_2, b, DTYPE), x, \
         x.permute(0, 2, 3, 1).contiguous(), flops, nbytes
 
 
@@ -95,20 +101,20 @@ def case_patch_embed(c, hw):
     ho = (hw + 1) // 2
     flops = _dw_flops(7, 2 * c, ho, ho) + _pw_flops(2 * c, 2 * c, ho * ho)
     nbytes = 4 * (c * hw * hw + 2 * c * ho * ho + 4 * c * c)
-    return pe, lambda b: fm.FusedPatchEmbed(pe, b, torch.float32), x, x.permute(0, 2, 3, 1).contiguous(), flops, nbytes
+    return pe, lambda b: fm.FusedPatchEmbed(pe, b, DTYPE), x, x.permute(0, 2, 3, 1).contiguous(), flops, nbytes
 
 
 def case_cpe(d, hw):
     cpe = _prep(fv.RepCPE(d))
     x = torch.randn(1, d, hw, hw)
-    return cpe, lambda b: fm.FusedDWConv(cpe.reparam_conv, b, torch.float32), x, x.permute(0, 2, 3, 1).contiguous(), \
+    return cpe, lambda b: fm.FusedDWConv(cpe.reparam_conv, b, DTYPE), x, x.permute(0, 2, 3, 1).contiguous(), \
         _dw_flops(7, d, hw, hw), 4 * 2 * d * hw * hw
 
 
 def case_conv_exp():
     blk = _prep(fv.MobileOneBlock(1536, 3072, 3, 1, 1, groups=1536, use_se=True))
     x = torch.randn(1, 1536, 16, 16)
-    return blk, lambda b: fm.FusedConvExp(blk, b, torch.float32), x, x.permute(0, 2, 3, 1).contiguous(), \
+    return blk, lambda b: fm.FusedConvExp(blk, b, DTYPE), x, x.permute(0, 2, 3, 1).contiguous(), \
         _dw_flops(3, 3072, 16, 16), 4 * ((1536 + 3072) * 256 + 9 * 3072 + 2 * 192 * 3072)  # + dw and SE weights
 
 
@@ -136,6 +142,9 @@ SYSTEMS = ["eager"] + [f"fused-{b}" for b in BACKENDS] + (["compile"] if COMPILE
 @pytest.mark.parametrize("case", list(CASES))
 def test_op(benchmark, machine, case, system):
     eager, fused_factory, x_nchw, x_nhwc, flops, nbytes = CASES[case]()
+    x_nchw, x_nhwc, nbytes = x_nchw.to(DTYPE), x_nhwc.to(DTYPE), nbytes * DTYPE.itemsize // 4
+    if DTYPE == torch.bfloat16 and system in ("eager", "compile") and not machine["fast_bf16"]:
+        pytest.skip("no AVX512_BF16 / AMX: PyTorch's bf16 GEMMs would run a scalar fallback here")
     if system == "eager":
         fn, x = eager, x_nchw
     elif system == "compile":
@@ -155,7 +164,8 @@ def test_op(benchmark, machine, case, system):
 
     call()  # warm-up (and compilation)
     benchmark.pedantic(call, rounds=5, warmup_rounds=1, iterations=1)
-    floor_s = max(flops / (machine["gemm_gflops"] * 1e9), nbytes / (machine["copy_gbs"] * 1e9))
+    rate = machine["gemm_gflops_bf16"] if DTYPE == torch.bfloat16 else machine["gemm_gflops"]
+    floor_s = max(flops / (rate * 1e9), nbytes / (machine["copy_gbs"] * 1e9))
     benchmark.extra_info.update({"gflop": flops / 1e9, "mbytes": nbytes / 1e6, "floor_ms": floor_s * 1e3,
                                  "threads": machine["threads"]})
     ROWS.append({"case": case, "system": system, "ms": benchmark.stats.stats.median * 1e3,
