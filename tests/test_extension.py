@@ -291,6 +291,61 @@ def test_convffn_bf16_pair_weights_need_bf16_x_and_avx512_bf16(monkeypatch):
         torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], w2, a[3], w1, a[5], a[6])
 
 
+def _has_cpu_flag(flag):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+@needs_ext
+@pytest.mark.parametrize("epi", [0, 1, 3])  # fc1 + GELU, fc2 / proj + residual, qkv
+def test_avx512_bf16_micro_kernel_codegen(epi):
+    """Where no AVX512_BF16 CPU runs the pair-dot kernels (this project's CI machine so far), this
+    at least checks what the compiler made of them in the built extension, as the Triton kernels
+    are compiled ahead of time in their tests: the 8 x 2 micro-tile's inner loop is 16 vdpbf16ps
+    (or a multiple: unrolled) on the 2 loaded weight vectors and 8 broadcast pairs, with no stack
+    access inside it (no register spills)."""
+    import shutil
+    import fastvlm_kernels.cpu as cpu
+    if shutil.which("objdump") is None or shutil.which("nm") is None:
+        pytest.skip("needs binutils (nm, objdump)")
+    if cpu.cpu_isa() == "avx512_bf16" and not _has_cpu_flag("avx512_bf16"):
+        pytest.skip("an emulated build (FASTVLM_EMULATE_AVX512): no vdpbf16ps in it")
+    so = fastvlm_kernels.load_extension().__file__
+    syms = subprocess.run(["nm", "-C", "-S", so], capture_output=True, text=True, check=True).stdout.splitlines()
+    if any("__asan_" in line for line in syms):
+        pytest.skip("an AddressSanitizer build (scripts/asan.sh): its checks sit inside the loops")
+    want = [f"ptile_dp<8, {epi}>", f"pgemm_dp_part<{epi}>"]  # the micro-tile, or its caller if inlined
+    for name in want:
+        hits = [line.split() for line in syms if "ffn_avx512bf16" in line and name in line and len(line.split()) > 3]
+        if hits:
+            break
+    assert hits, f"no ffn_avx512bf16::{want[0]} or {want[1]} in {so}"
+    start, size = int(hits[0][0], 16), int(hits[0][1], 16)
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={start}",
+                          f"--stop-address={start + size}", so], capture_output=True, text=True, check=True)
+    lines = [line for line in dis.stdout.splitlines() if "\t" in line]
+    dp = [i for i, line in enumerate(lines) if "vdpbf16ps" in line]
+    assert dp, f"no vdpbf16ps in ffn_avx512bf16::{name}"
+    clusters, cur = [], [dp[0]]  # runs of vdpbf16ps at most 4 instructions apart: the inner loop
+    for i in dp[1:]:
+        if i - cur[-1] <= 4:
+            cur.append(i)
+        else:
+            clusters.append(cur)
+            cur = [i]
+    clusters.append(cur)
+    loop = max(clusters, key=len)
+    body = lines[loop[0]:loop[-1] + 1]
+    assert len(loop) % 16 == 0, (len(loop), "\n".join(body))
+    assert not [line for line in body if "rsp" in line or "rbp" in line], "\n".join(body)  # no spills
+    loads = sum("vmovups" in line or "vmovdqu" in line or "vmovaps" in line for line in lines[loop[0] - 12:loop[-1]])
+    bcasts = sum("vpbroadcastd" in line or "1to16" in line for line in lines[loop[0] - 12:loop[-1]])
+    assert bcasts >= len(loop) // 2 and loads >= len(loop) // 8, (bcasts, loads, "\n".join(body))
+
+
 @needs_ext
 def test_attention_bf16_pair_weights_need_bf16_x_and_avx512_bf16(monkeypatch):
     a = [t.bfloat16() for t in _attn_args(24, seed=2)]
