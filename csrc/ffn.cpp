@@ -6,10 +6,13 @@
 //   dw_w   (K, K, C), dw_b (C): the depthwise conv with its BatchNorm folded in
 //   fc1_wp = pack_linear(fc1_w (Hd, C)), fc1_b (Hd); fc2_wp = pack_linear(fc2_w (C, Hd)), fc2_b (C);
 //   gamma (C). Biases, gamma and dw weights may be float32 or bfloat16; they are used as float32.
+//   For bf16 x on the avx512_bf16 ISA, fc1_wp / fc2_wp may be pack_linear_bf16 instead: the GEMMs
+//   then multiply bf16 pairs (ffn_dp_impl.h; attention_mixer's qkv / proj likewise).
 // (Also here: stem, patch_embed and attention_mixer, which share the tile GEMM of ffn_impl.h.)
 //
 // ISA: the tile kernel is compiled for AVX-512 (16 floats), AVX2+FMA (8) and baseline SSE2 (4), and
-// picked at run time from the CPU's features; FASTVLM_CPU_ISA=avx2|sse forces a narrower one.
+// picked at run time from the CPU's features (plus AVX512_BF16 for the pair-dot GEMMs);
+// FASTVLM_CPU_ISA=avx512|avx2|sse forces a narrower one.
 // Results do not depend on the thread count: tiles are fixed by the shape, each is computed by one
 // thread in a fixed order.
 #include <ATen/Parallel.h>
@@ -205,7 +208,7 @@ at::Tensor pack_linear(const at::Tensor& w) {
 }
 
 // fastvlm_C::pack_linear_bf16 -- an (N, K) weight (float32 or bfloat16; float32 is rounded to
-// nearest even) -> the bf16-pair panels of the AVX512_BF16 ConvFFN (ffn_dp_impl.h): bfloat16
+// nearest even) -> the bf16-pair panels of the AVX512_BF16 GEMMs (ffn_dp_impl.h): bfloat16
 // (P, ceil(K / 2), 32), out[p][j][2i + e] = w[16p + i][2j + e], zero padded (channels past N, and
 // k = K for an odd K).
 at::Tensor pack_linear_bf16(const at::Tensor& w) {
