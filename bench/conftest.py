@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastvlm.testing import cpu_flags  # noqa: E402
 
 THREADS = int(os.environ.get("FASTVLM_BENCH_THREADS", os.cpu_count() or 1))
 torch.set_num_threads(THREADS)
@@ -32,7 +33,7 @@ def machine():
     src = torch.randn(32 * 1024 * 1024 // 4)  # 32 MiB, well past the caches
     dst = torch.empty_like(src)
     bw = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src)) / 1e9  # read + write
-    fast_bf16 = _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
+    fast_bf16 = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     if fast_bf16:
         ab, bb = a.bfloat16(), b.bfloat16()
         peak16 = 2 * 1024 ** 3 / _median_time(lambda: torch.mm(ab, bb)) / 1e9
@@ -41,13 +42,6 @@ def machine():
     return {"gemm_gflops": peak, "gemm_gflops_bf16": peak16, "fast_bf16": fast_bf16, "copy_gbs": bw,
             "threads": THREADS}
 
-
-def _cpu_flag(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in line.split() for line in f if line.startswith("flags"))
-    except OSError:
-        return False
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -35,7 +35,7 @@ import torch
 
 import fastvlm
 import fastvlm_kernels
-from fastvlm.testing import random_tower, rel_l2
+from fastvlm.testing import cpu_flags, random_tower, rel_l2
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SYSTEMS = ("eager", "eager_cl", "compile", "onnxruntime", "accelerated")
@@ -68,14 +68,13 @@ class Progress:
 
 
 def cpu_info() -> Dict:
-    flags, model = set(), platform.processor()
+    flags, model = cpu_flags(), platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                if line.startswith("model name") and model in ("", platform.processor()):
+                if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,

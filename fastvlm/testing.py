@@ -94,3 +94,16 @@ def tiny_tokenizer(vocab_size: int = 400):
     tk.train_from_iterator(list(_TINY_CORPUS) * 8, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=specials[1:])
+
+
+def cpu_flags() -> frozenset:
+    """The x86 feature flags of this machine's CPU as /proc/cpuinfo lists them (``avx2``,
+    ``avx512f``, ``avx512_bf16``, ...); empty where there is no /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvlm_kernels
-from fastvlm.testing import rel_l2
+from fastvlm.testing import cpu_flags, rel_l2
 
 needs_ext = pytest.mark.skipif(not fastvlm_kernels.extension_available(),
                                reason=f"extension not built: {fastvlm_kernels.extension_error()}")
@@ -291,14 +291,6 @@ def test_convffn_bf16_pair_weights_need_bf16_x_and_avx512_bf16(monkeypatch):
         torch.ops.fastvlm_C.convffn_nhwc(x, a[0], a[1], w2, a[3], w1, a[5], a[6])
 
 
-def _has_cpu_flag(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in line.split() for line in f if line.startswith("flags"))
-    except OSError:
-        return False
-
-
 @needs_ext
 @pytest.mark.parametrize("epi", [0, 1, 3])  # fc1 + GELU, fc2 / proj + residual, qkv
 def test_avx512_bf16_micro_kernel_codegen(epi):
@@ -311,7 +303,7 @@ def test_avx512_bf16_micro_kernel_codegen(epi):
     import fastvlm_kernels.cpu as cpu
     if shutil.which("objdump") is None or shutil.which("nm") is None:
         pytest.skip("needs binutils (nm, objdump)")
-    if cpu.cpu_isa() == "avx512_bf16" and not _has_cpu_flag("avx512_bf16"):
+    if cpu.cpu_isa() == "avx512_bf16" and "avx512_bf16" not in cpu_flags():
         pytest.skip("an emulated build (FASTVLM_EMULATE_AVX512): no vdpbf16ps in it")
     so = fastvlm_kernels.load_extension().__file__
     syms = subprocess.run(["nm", "-C", "-S", so], capture_output=True, text=True, check=True).stdout.splitlines()
@@ -553,7 +545,7 @@ def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, boun
 _POISON_CHECK = r"""
 import torch, fastvlm_kernels
 from fastvlm_kernels import reference
-from fastvlm.testing import rel_l2
+from fastvlm.testing import cpu_flags, rel_l2
 fastvlm_kernels.load_extension()
 probe = torch.empty(4096)
 assert (probe == probe.new_full((1,), 3.3961514e38)).all(), "MALLOC_PERTURB_ did not poison torch.empty"
