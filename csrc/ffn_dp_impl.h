@@ -45,14 +45,7 @@ static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t
                             int64_t ldb, int64_t n0, int64_t N, uint16_t* h, int64_t ldh, const uint16_t* x,
                             uint16_t* y, int64_t ldy, const float* gamma) {
   vf acc0[M], acc1[M];
-  if (first) {
-    const vf b0 = vload(bias + n0), b1 = vload(bias + n0 + VL);
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) acc0[r] = b0, acc1[r] = b1;
-  } else {
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) acc0[r] = vload(buf + r * ldb + n0), acc1[r] = vload(buf + r * ldb + n0 + VL);
-  }
+  acc_start<M>(acc0, acc1, first, bias, buf, ldb, n0);
   for (int64_t j = 0; j < kp; ++j) {
     const vf b0 = vload_pairs(w0 + j * 2 * PW), b1 = vload_pairs(w1 + j * 2 * PW);
 #pragma GCC unroll 8

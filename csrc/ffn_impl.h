@@ -173,6 +173,21 @@ static inline void vst(uint16_t* p, vf v) {
   *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
 }
 
+// A micro-tile's M x 2 accumulator vectors (channels n0 .. n0 + 2 VL): from the bias (first K
+// block) or from the fp32 partial sums in buf (row stride ldb).
+template <int M>
+__attribute__((always_inline)) static inline void acc_start(vf* acc0, vf* acc1, bool first, const float* bias,
+                                                            const float* buf, int64_t ldb, int64_t n0) {
+  if (first) {
+    const vf b0 = vload(bias + n0), b1 = vload(bias + n0 + VL);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) acc0[r] = b0, acc1[r] = b1;
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) acc0[r] = vload(buf + r * ldb + n0), acc1[r] = vload(buf + r * ldb + n0 + VL);
+  }
+}
+
 // fc2's epilogue (EPI 1) for M pixel rows of two accumulator vectors (channels n0 .. n0 + 2 VL):
 // y[t][n] = x[t][n] + gamma[n] * acc[t][n], n < N (storage T_; gamma padded to whole vectors).
 template <int M, typename T_>
@@ -208,14 +223,7 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
                          int64_t ldb, int64_t n0, int64_t N, const T_* x, T_* y, int64_t ldy, const float* gamma,
                          const float* pf) {
   vf acc0[M], acc1[M];
-  if (first) {
-    const vf b0 = vload(bias + n0), b1 = vload(bias + n0 + VL);
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) acc0[r] = b0, acc1[r] = b1;
-  } else {
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) acc0[r] = vload(buf + r * ldb + n0), acc1[r] = vload(buf + r * ldb + n0 + VL);
-  }
+  acc_start<M>(acc0, acc1, first, bias, buf, ldb, n0);
   if (pf) {  // the last pixel group of a weight slice: pull the next slice into L1 meanwhile
     for (int64_t k = 0; k < kc; ++k) {
       __builtin_prefetch(pf + k * PW);
