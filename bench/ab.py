@@ -13,6 +13,13 @@ reports every time, each build's median and mean, the ratio of the medians, and 
 outputs are bitwise identical (a SHA-256 of the output tokens) -- the check behind a "bitwise
 identical" claim. On a noisy shared machine (this project's 2-vCPU CI machine drifts by +-15% over
 minutes) prefer more pairs over more forwards per process.
+
+``--op CASE`` compares one fused op instead of the whole model: a case of the per-op microbenchmarks
+(``bench/test_ops_bench.py``, e.g. ``--op "conv_exp 16x16x1536"``), its ``cpu``-backend module called
+``--calls`` times per process (one warm-up first); each process contributes the median of its calls.
+
+    python -m bench.ab old=/tmp/old/_C.so new=fastvlm_kernels/_C.cpython-311-x86_64-linux-gnu.so \
+        --op "conv_exp 16x16x1536" --pairs 8 --calls 300
 """
 from __future__ import annotations
 
@@ -51,6 +58,32 @@ digest = hashlib.sha256(y.float().contiguous().numpy().tobytes()).hexdigest()
 print(json.dumps({"times": times, "sha256": digest, "isa": fastvlm_kernels.cpu.cpu_isa()}))
 """
 
+# --op: one case of bench/test_ops_bench.py (imported from the repository root, the child's cwd).
+_CHILD_OP = r"""
+import hashlib, json, os, sys, time, torch
+case, calls, threads, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+os.environ["FASTVLM_BENCH_DTYPE"] = dtype
+import fastvlm_kernels
+assert fastvlm_kernels.extension_available(), fastvlm_kernels.extension_error()
+torch.set_num_threads(threads)
+from bench.test_ops_bench import CASES, DTYPE
+torch.manual_seed(0)  # the cases draw their inputs from the global generator
+_, factory, x_nchw, x_nhwc, _, _ = CASES[case]()
+fn = factory("cpu")
+x = (x_nchw if case.startswith("stem") else x_nhwc).to(DTYPE)
+times = []
+with torch.inference_mode():
+    y = fn(x)
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+times.sort()
+digest = hashlib.sha256(y.float().contiguous().numpy().tobytes()).hexdigest()
+print(json.dumps({"times": [times[len(times) // 2]], "sha256": digest, "isa": fastvlm_kernels.cpu.cpu_isa()}))
+"""
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _parse_build(spec: str, i: int) -> Tuple[str, str]:
     label, sep, path = spec.partition("=")
@@ -63,9 +96,12 @@ def _parse_build(spec: str, i: int) -> Tuple[str, str]:
 
 def run_one(path: str, args) -> Dict:
     env = dict(os.environ, FASTVLM_EXT=path)
-    cmd = [sys.executable, "-c", _CHILD, str(args.size), str(args.forwards), str(args.threads), args.dtype,
-           "1" if args.tiny else "0"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if args.op:
+        cmd = [sys.executable, "-c", _CHILD_OP, args.op, str(args.calls), str(args.threads), args.dtype]
+    else:
+        cmd = [sys.executable, "-c", _CHILD, str(args.size), str(args.forwards), str(args.threads), args.dtype,
+               "1" if args.tiny else "0"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=_ROOT)
     if out.returncode != 0:
         raise SystemExit(f"bench.ab: the run with {path} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -74,18 +110,30 @@ def run_one(path: str, args) -> Dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("builds", nargs="+", help="extension builds (_C*.so), each PATH or LABEL=PATH; two or more")
-    p.add_argument("--size", type=int, default=1024, help="square input size (default 1024)")
+    p.add_argument("--size", type=int, help="square input size (default 1024)")
     p.add_argument("--pairs", type=int, default=4, help="rounds of one process per build (default 4)")
-    p.add_argument("--forwards", type=int, default=3, help="timed forwards per process (default 3)")
+    p.add_argument("--forwards", type=int, help="timed forwards per process (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--tiny", action="store_true", help="FastViTHDConfig.tiny() instead of the released shapes")
+    p.add_argument("--op", help='one per-op microbenchmark case instead of the model, e.g. "conv_exp 16x16x1536"')
+    p.add_argument("--calls", type=int, default=100, help="with --op: timed calls per process (default 100)")
     p.add_argument("--json", help="also write everything to this file")
     args = p.parse_args(argv)
     if len(args.builds) < 2:
         p.error("give at least two builds to compare")
-    if min(args.size, args.pairs, args.forwards, args.threads) < 1:
-        p.error("--size, --pairs, --forwards and --threads must be >= 1")
+    if args.op and (args.size is not None or args.forwards is not None or args.tiny):
+        p.error("--op times one op at its FastViTHD shapes: --size, --forwards and --tiny are for whole-model runs")
+    args.size = 1024 if args.size is None else args.size
+    args.forwards = 3 if args.forwards is None else args.forwards
+    if min(args.size, args.pairs, args.forwards, args.threads, args.calls) < 1:
+        p.error("--size, --pairs, --forwards, --threads and --calls must be >= 1")
+    if args.op:
+        os.environ["FASTVLM_BENCH_DTYPE"] = args.dtype
+        sys.path.insert(0, _ROOT)
+        from bench.test_ops_bench import CASES
+        if args.op not in CASES:
+            p.error(f"--op: unknown case {args.op!r}; cases: " + ", ".join(repr(c) for c in CASES))
     builds = [_parse_build(s, i) for i, s in enumerate(args.builds)]
     if len({b[0] for b in builds}) != len(builds):
         p.error("build labels must differ")
@@ -94,8 +142,12 @@ def main(argv=None) -> int:
     digests: Dict[str, set] = {label: set() for label, _ in builds}
     isas = {}
     t0 = time.perf_counter()
-    print(f"[ab] {len(builds)} builds x {args.pairs} pairs x {args.forwards} forwards, {args.size}x{args.size} "
-          f"{args.dtype}{' (tiny config)' if args.tiny else ''}, {args.threads} threads", flush=True)
+    if args.op:
+        what, unit, scale = f"op {args.op!r} (cpu backend), median of {args.calls} calls per process", "ms", 1e3
+    else:
+        what, unit, scale = (f"{args.forwards} forwards, {args.size}x{args.size}"
+                             f"{' (tiny config)' if args.tiny else ''}"), "s", 1.0
+    print(f"[ab] {len(builds)} builds x {args.pairs} pairs x {what}, {args.dtype}, {args.threads} threads", flush=True)
     for r in range(args.pairs):
         order = builds if r % 2 == 0 else builds[::-1]
         for label, path in order:
@@ -103,17 +155,18 @@ def main(argv=None) -> int:
             times[label] += res["times"]
             digests[label].add(res["sha256"])
             isas[label] = res["isa"]
-            print(f"[ab] pair {r + 1}/{args.pairs} {label}: " + " ".join(f"{t:.3f}" for t in res["times"])
+            print(f"[ab] pair {r + 1}/{args.pairs} {label}: " + " ".join(f"{t * scale:.3f}" for t in res["times"])
                   + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     base = builds[0][0]
     base_med = statistics.median(times[base])
-    print(f"\n| build | ISA | forwards | median s | mean s | min s | median vs {base} |")
+    n = "processes" if args.op else "forwards"
+    print(f"\n| build | ISA | {n} | median {unit} | mean {unit} | min {unit} | median vs {base} |")
     print("|---|---|---|---|---|---|---|")
     for label, path in builds:
-        v = times[label]
+        v = [t * scale for t in times[label]]
         print(f"| {label} | {isas[label]} | {len(v)} | {statistics.median(v):.3f} | {statistics.mean(v):.3f} | "
-              f"{min(v):.3f} | {statistics.median(v) / base_med:.3f}x |")
+              f"{min(v):.3f} | {statistics.median(v) / (base_med * scale):.3f}x |")
     deterministic = all(len(d) == 1 for d in digests.values())
     same = deterministic and len({next(iter(d)) for d in digests.values()}) == 1
     if not deterministic:
