@@ -32,6 +32,21 @@ import sys
 import time
 from typing import Dict, List, Tuple
 
+# Both child programs end in the same loop: warm-up call, `n` timed calls, then one JSON line.
+_TIMED = r"""
+def timed(fn, x, n, keep_all):
+    with torch.no_grad():
+        y = fn(x)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t)
+    times = times if keep_all else [sorted(times)[n // 2]]  # all forwards, or the median call
+    digest = hashlib.sha256(y.float().contiguous().numpy().tobytes()).hexdigest()
+    print(json.dumps({"times": times, "sha256": digest, "isa": fastvlm_kernels.cpu.cpu_isa()}))
+"""
+
 _CHILD = r"""
 import hashlib, json, sys, time, torch
 import fastvlm_kernels
@@ -47,16 +62,7 @@ if tiny:
 m = random_tower(cfg, seed=0)
 fastvlm_kernels.accelerate(m, backend="cpu", dtype=dt)
 x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dt)
-times = []
-with torch.no_grad():
-    y = m(x)
-    for _ in range(forwards):
-        t = time.perf_counter()
-        m(x)
-        times.append(time.perf_counter() - t)
-digest = hashlib.sha256(y.float().contiguous().numpy().tobytes()).hexdigest()
-print(json.dumps({"times": times, "sha256": digest, "isa": fastvlm_kernels.cpu.cpu_isa()}))
-"""
+""" + _TIMED + "timed(m, x, forwards, True)\n"
 
 # --op: one case of bench/test_ops_bench.py (imported from the repository root, the child's cwd).
 _CHILD_OP = r"""
@@ -69,19 +75,8 @@ torch.set_num_threads(threads)
 from bench.test_ops_bench import CASES, DTYPE
 torch.manual_seed(0)  # the cases draw their inputs from the global generator
 _, factory, x_nchw, x_nhwc, _, _ = CASES[case]()
-fn = factory("cpu")
 x = (x_nchw if case.startswith("stem") else x_nhwc).to(DTYPE)
-times = []
-with torch.inference_mode():
-    y = fn(x)
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-times.sort()
-digest = hashlib.sha256(y.float().contiguous().numpy().tobytes()).hexdigest()
-print(json.dumps({"times": [times[len(times) // 2]], "sha256": digest, "isa": fastvlm_kernels.cpu.cpu_isa()}))
-"""
+""" + _TIMED + "timed(factory('cpu'), x, calls, False)\n"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
