@@ -100,11 +100,15 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
 
 
 def _prepack(enc: nn.Module, backend: str) -> None:
-    """Weights in the layout the backend's kernels read, once (the cpu ConvFFN GEMMs' panels)."""
-    if backend == "cpu":
-        from . import cpu
-        with torch.no_grad():
+    """Weights in the layout the backend's kernels read, once: the cpu backend's 1x1 weights packed in
+    place of their nn.Linear-layout buffers; for any other backend, that layout (back) again."""
+    with torch.no_grad():
+        if backend == "cpu":
+            from . import cpu
             cpu.prepack(enc)
+        elif any("_fastvlm_linear_shapes" in m.__dict__ for m in enc.modules()):
+            from . import cpu
+            cpu.unprepack(enc)
 
 
 def _swap(enc: FastViTHD, backend: str, dtype: torch.dtype) -> None:

@@ -17,10 +17,12 @@ All seven ops:
   ISA; csrc/dwconv.cpp and ffn_impl.h).
 
 The 1x1 weights of convffn / repmixer_block (fc1, fc2), stem (w2), patch_embed (pw) and
-attention_mixer (qkv, proj) are handed
-to the C++ ops in the panel layout their GEMMs read (``fastvlm_C::pack_linear``, see :func:`packed`);
-the op contract (``ops.py``) keeps the nn.Linear layout, so the same fused modules serve every
-backend. ``accelerate()`` packs them once.
+attention_mixer (qkv, proj) are handed to the C++ ops in the panel layout their GEMMs read
+(``fastvlm_C::pack_linear``, see :func:`packed`). The op contract (``ops.py``) takes them in the
+nn.Linear layout, or already packed for this backend: ``accelerate()`` (:func:`prepack`) replaces the
+fused modules' 1x1 weight buffers by their packed form, so the model holds each weight once, and
+:func:`unprepack` restores the nn.Linear layout when the model moves to another backend. A packed
+module's ``state_dict()`` still has the nn.Linear layout, and ``load_state_dict()`` takes it.
 """
 from __future__ import annotations
 
@@ -54,7 +56,15 @@ def packed(w: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     update of the weight (``copy_``, ``load_state_dict``) repacks on the next call and a new tensor
     (``.to()``, a fresh module) packs anew. ``accelerate()`` calls :func:`prepack`, so a model's
     weights are packed before its first forward. Inference tensors have no version counter: they
-    are packed on every call (correct, a few ms slower per block)."""
+    are packed on every call (correct, a few ms slower per block). An already packed weight (3-D: a
+    fused module's buffer after :func:`prepack`) is returned as it is."""
+    if w.dim() == 3:  # already packed (accelerate()'s prepack)
+        if (w.dtype == torch.bfloat16) != pairs:
+            have, need = ("float32 panels", "bf16 pairs") if pairs else ("bf16 pairs", "float32 panels")
+            raise RuntimeError(f"fastvlm_kernels.cpu: this weight was packed as {have} at accelerate() time, but "
+                               f"the kernels now need {need} (the ISA is {cpu_isa()}; was FASTVLM_CPU_ISA changed?): "
+                               "call fastvlm_kernels.accelerate(model) again to repack")
+        return w
     pack, attr = (_C.pack_linear_bf16, "_fastvlm_packed_bf16") if pairs else (_C.pack_linear, "_fastvlm_packed")
     try:
         version = w._version
@@ -80,15 +90,81 @@ def uses_bf16_pairs(dtype: torch.dtype) -> bool:
 _PAIRS = ("fc1_w", "fc2_w", "qkv_w", "proj_w")  # the weights of the GEMMs with an AVX512_BF16 kernel
 
 
+_LINEAR = ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w")  # the fused modules' 1x1 weights
+
+
+def unpack(p: torch.Tensor, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (n, k) nn.Linear-layout weight in ``dtype`` from its :func:`packed` form (float32 panels or
+    bf16 pairs). Exact: the panels hold the weight's own values (bf16 ones for a bf16 model)."""
+    if p.dtype == torch.bfloat16:  # pairs: [panel][k // 2][2 * lane + k % 2]
+        P, kh, _ = p.shape
+        w = p.view(P, kh, 16, 2).permute(0, 2, 1, 3).reshape(P * 16, kh * 2)
+    else:  # panels: [panel][k][lane]
+        w = p.permute(0, 2, 1).reshape(-1, p.shape[1])
+    return w[:n, :k].to(dtype).contiguous()
+
+
+def _packed_shapes(m: torch.nn.Module) -> dict:
+    return m.__dict__.get("_fastvlm_linear_shapes", {})
+
+
+def _state_dict_linear(m, state_dict, prefix, local_metadata) -> None:
+    # state_dict() of a packed module: its 1x1 weights in the nn.Linear layout, whatever this CPU packs
+    for name, (n, k) in _packed_shapes(m).items():
+        t = state_dict.get(prefix + name)
+        if t is not None and t.dim() == 3:
+            state_dict[prefix + name] = unpack(t, n, k, m.dtype)
+
+
+def _load_state_dict_packed(m, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    # load_state_dict() into a packed module: nn.Linear-layout weights are packed like the buffers they replace
+    shapes = _packed_shapes(m)
+    for name in list(shapes):
+        t, cur = state_dict.get(prefix + name), m._buffers.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and cur is not None and cur.dim() == 3:
+            shapes[name] = tuple(t.shape)
+            pack = _C.pack_linear_bf16 if cur.dtype == torch.bfloat16 else _C.pack_linear
+            state_dict[prefix + name] = pack(t.detach().to(device="cpu", dtype=m.dtype).contiguous())
+
+
 def prepack(model: torch.nn.Module) -> None:
-    """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``), in the
-    layout their kernels will read (the ConvFFN's fc1 / fc2 and attention's qkv / proj of a bf16
-    model: bf16 pairs where the CPU has AVX512_BF16)."""
+    """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``) in the
+    layout their kernels read (the ConvFFN's fc1 / fc2 and attention's qkv / proj of a bf16 model:
+    bf16 pairs where the CPU has AVX512_BF16), in place of their nn.Linear-layout buffers: the model
+    then holds each weight once. Weights packed before in the other form (the ISA changed since) are
+    repacked."""
+    from .modules import _Fused
     for m in model.modules():
-        for name in ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w"):
-            t = getattr(m, name, None)
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 2:
-                packed(t, pairs=name in _PAIRS and uses_bf16_pairs(t.dtype))
+        if not isinstance(m, _Fused):
+            continue
+        shapes = m.__dict__.setdefault("_fastvlm_linear_shapes", {})
+        if not m.__dict__.get("_fastvlm_hooks", False):
+            m.register_state_dict_post_hook(_state_dict_linear)
+            m.register_load_state_dict_pre_hook(_load_state_dict_packed)
+            m.__dict__["_fastvlm_hooks"] = True
+        for name in _LINEAR:
+            t = m._buffers.get(name)
+            if t is None or t.device.type != "cpu":
+                continue
+            pairs = name in _PAIRS and uses_bf16_pairs(m.dtype)
+            if t.dim() == 3:
+                if (t.dtype == torch.bfloat16) == pairs:
+                    continue
+                t = unpack(t, *shapes[name], m.dtype)
+            shapes[name] = tuple(t.shape)
+            m._buffers[name] = (_C.pack_linear_bf16 if pairs else _C.pack_linear)(t.contiguous())
+
+
+def unprepack(model: torch.nn.Module) -> None:
+    """Undo :func:`prepack`: the fused modules' 1x1 weights back in the nn.Linear layout (on whatever
+    device they are now), for a backend that reads that layout."""
+    for m in model.modules():
+        shapes = _packed_shapes(m)
+        for name, (n, k) in list(shapes.items()):
+            t = m._buffers.get(name)
+            if t is not None and t.dim() == 3:
+                m._buffers[name] = unpack(t, n, k, m.dtype)
+        shapes.clear()
 
 
 def _convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):

@@ -12,7 +12,8 @@ activation dtype:
 =================  ===========================================================================
 dw weight          ``(K, K, Cout)``: a depthwise / grouped conv with groups = C, Cout = C·M;
                    output channel ``co`` reads input channel ``co // M``
-pointwise / linear ``(Cout, Cin)`` (the nn.Linear layout)
+pointwise / linear ``(Cout, Cin)`` (the nn.Linear layout); for the ``cpu`` backend also packed
+                   (``fastvlm_kernels.cpu.packed``: 3-D panels, what ``accelerate()`` stores)
 bias, gamma, norm  ``(C,)``
 stem conv3x3       ``(C, Cin, 3, 3)`` (the nn.Conv2d layout)
 =================  ===========================================================================
@@ -73,6 +74,14 @@ def backend_ops(backend: str) -> List[str]:
 def fallback_ops(backend: str) -> Dict[str, str]:
     """{op: backend that runs instead} for the ops ``backend`` does not implement yet."""
     return {op: _FALLBACKS[op][backend] for op in OPS if backend in _FALLBACKS[op]}
+
+
+def _packed_only_on_cpu(op: str, backend: str, *weights) -> None:
+    """1x1 weights packed for the cpu backend (3-D) are read by its kernels only."""
+    if backend != "cpu" and any(isinstance(w, Tensor) and w.dim() == 3 for w in weights):
+        raise ValueError(f"fastvlm::{op}: its 1x1 weights are packed for the cpu backend (fastvlm_kernels.cpu.packed), "
+                         f"which the {backend!r} backend cannot read; switch with "
+                         f"fastvlm_kernels.accelerate(model, backend={backend!r}), which unpacks them")
 
 
 def kernel_for(op: str, backend: str) -> Callable:
@@ -145,6 +154,17 @@ def _check_x(op: str, x, channels: Optional[int] = None) -> None:
 def _check_w(op: str, name: str, t, shape: Sequence[int], x: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"fastvlm::{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if len(shape) == 2 and t.dim() == 3:  # a 1x1 weight packed for the cpu backend (fastvlm_kernels.cpu.packed)
+        n, k = shape
+        pairs = t.dtype == torch.bfloat16
+        ok = (t.dtype in (torch.float32, torch.bfloat16) and t.shape[2] == (32 if pairs else 16)
+              and t.shape[1] == ((k + 1) // 2 if pairs else k) and (n < 0 or n <= t.shape[0] * 16 < n + 32))
+        if not ok:
+            raise ValueError(f"fastvlm::{op}: {name} must have shape {tuple(shape)}, or be that weight packed for the "
+                             f"cpu backend (fastvlm_kernels.cpu.packed), got {t.dtype} {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"fastvlm::{op}: {name} is on {t.device} but x is on {x.device}")
+        return
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"fastvlm::{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype != x.dtype:
@@ -177,7 +197,7 @@ def _check_ffn(op, x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
     C = x.shape[3]
     if _check_dw(op, "ffn", ffn_w, ffn_b, x) != C:
         raise ValueError(f"fastvlm::{op}: ffn_w must be depthwise with Cout = C = {C}, got {tuple(ffn_w.shape)}")
-    hidden = fc1_w.shape[0] if isinstance(fc1_w, Tensor) and fc1_w.dim() == 2 else -1
+    hidden = fc1_b.shape[0] if isinstance(fc1_b, Tensor) and fc1_b.dim() == 1 else -1
     _check_w(op, "fc1_w", fc1_w, (hidden, C), x)
     _check_w(op, "fc1_b", fc1_b, (hidden,), x)
     _check_w(op, "fc2_w", fc2_w, (C, hidden), x)
@@ -208,6 +228,7 @@ def _check_stem(x, w0, b0, w1, b1, w2, b2):
 @_Op
 def stem(x: Tensor, w0: Tensor, b0: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, backend: str) -> Tensor:
     _check_stem(x, w0, b0, w1, b1, w2, b2)
+    _packed_only_on_cpu("stem", backend, w2)
     return kernel_for("stem", backend)(x, w0, b0, w1, b1, w2, b2)
 
 
@@ -228,6 +249,7 @@ def _check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, g
 def repmixer_block(x: Tensor, mix_w: Tensor, mix_b: Tensor, ffn_w: Tensor, ffn_b: Tensor, fc1_w: Tensor,
                    fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, gamma: Tensor, backend: str) -> Tensor:
     _check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    _packed_only_on_cpu("repmixer_block", backend, fc1_w, fc2_w)
     return kernel_for("repmixer_block", backend)(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
 
 
@@ -246,6 +268,7 @@ def _check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
 def convffn(x: Tensor, ffn_w: Tensor, ffn_b: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
             gamma: Tensor, backend: str) -> Tensor:
     _check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    _packed_only_on_cpu("convffn", backend, fc1_w, fc2_w)
     return kernel_for("convffn", backend)(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
 
 
@@ -267,6 +290,7 @@ def _check_patch_embed(x, dw_w, dw_b, pw_w, pw_b):
 @_Op
 def patch_embed(x: Tensor, dw_w: Tensor, dw_b: Tensor, pw_w: Tensor, pw_b: Tensor, backend: str) -> Tensor:
     _check_patch_embed(x, dw_w, dw_b, pw_w, pw_b)
+    _packed_only_on_cpu("patch_embed", backend, pw_w)
     return kernel_for("patch_embed", backend)(x, dw_w, dw_b, pw_w, pw_b)
 
 
@@ -317,6 +341,7 @@ def _check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
 def attention_mixer(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, proj_w: Tensor, proj_b: Tensor,
                     gamma: Tensor, head_dim: int, backend: str) -> Tensor:
     _check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
+    _packed_only_on_cpu("attention_mixer", backend, qkv_w, proj_w)
     return kernel_for("attention_mixer", backend)(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
 
 

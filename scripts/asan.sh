@@ -33,11 +33,14 @@ rc=0
 FASTVLM_EXT="$so" LD_PRELOAD="$libasan $libstdcxx" \
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$out/asan" \
   "$PY" -m pytest tests/test_extension.py tests/test_ops.py -q -x -k "not opcheck and not without_extension and not every_output_element" -p no:cacheprovider "$@" || rc=$?
-# the whole encoder on the cpu backend, fp32 and bf16 (with emulation: the AVX-512 / AVX512_BF16 paths end to end)
+# the whole encoder on the cpu backend, fp32 and bf16 (with emulation: the AVX-512 / AVX512_BF16 paths end to end),
+# and its packed weights through state_dict / load_state_dict / backend switches (bf16 pairs when emulated)
 [ "$rc" = 0 ] && { FASTVLM_EXT="$so" LD_PRELOAD="$libasan $libstdcxx" \
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$out/asan" \
   "$PY" -m pytest "tests/test_accelerate.py::test_whole_encoder_parity" \
-  "tests/test_accelerate.py::test_whole_encoder_bf16_no_worse_than_eager_bf16" -q -x -k cpu -p no:cacheprovider "$@" || rc=$?; }
+  "tests/test_accelerate.py::test_whole_encoder_bf16_no_worse_than_eager_bf16" \
+  "tests/test_accelerate.py::test_cpu_packed_model_state_dict_and_backend_switch" -q -x -k cpu -p no:cacheprovider "$@" \
+  || rc=$?; }
 if ls "$out"/asan* > /dev/null 2>&1; then
   cat "$out"/asan*
   say "FAILED: AddressSanitizer reported errors"

@@ -269,23 +269,88 @@ def test_real_transformers_fastvlm():
         assert rel_l2(tower.timm_model.forward_features(x), ref) <= 1e-4
 
 
+_LINEAR = ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w")
+
+
+def _linear_buffers(m):
+    return [(f"{type(mod).__name__}.{n}", mod, n) for mod in m.modules() for n in _LINEAR
+            if isinstance(mod._buffers.get(n) if hasattr(mod, "_buffers") else None, torch.Tensor)]
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
-def test_cpu_backend_packs_every_1x1_weight_once(tiny64):
-    """accelerate(backend="cpu") packs the GEMM weights of every fused module (ConvFFN fc1/fc2, stem,
-    patch_embed, attention qkv/proj) up front, and the forward uses those panels, not new ones."""
+def test_cpu_backend_holds_each_1x1_weight_once_packed(tiny64):
+    """accelerate(backend="cpu") replaces the 1x1 weight buffers of every fused module (ConvFFN fc1/fc2,
+    stem, patch_embed, attention qkv/proj) by their packed panels, exactly pack_linear of the
+    nn.Linear-layout weight, with no second copy: the buffers take no more bytes than the reference
+    backend's (plus panel padding), and the forward runs on those panels without repacking."""
     import fastvlm_kernels.cpu as cpu
+    ref = fk.accelerate(copy.deepcopy(tiny64).float(), backend="reference")
     m = fk.accelerate(copy.deepcopy(tiny64).float(), backend="cpu")
-    names = ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w")
-    weights = [(type(mod).__name__, n, getattr(mod, n)) for mod in m.modules() for n in names
-               if isinstance(getattr(mod, n, None), torch.Tensor)]
-    assert {n for _, n, _ in weights} == set(names)
-    panels = {}
-    for mod, n, w in weights:
-        cached = getattr(w, "_fastvlm_packed", None)
-        assert cached is not None and cached[0] == w._version, f"{mod}.{n} was not packed by accelerate()"
-        assert torch.equal(cached[1], torch.ops.fastvlm_C.pack_linear(w))
-        panels[id(w)] = cached[1]
+    got = _linear_buffers(m)
+    assert {n for _, _, n in got} == set(_LINEAR)
+    want = dict((k, t) for k, t in ref.state_dict().items())
+    names = {id(mod): prefix for prefix, mod in m.named_modules()}
+    for label, mod, n in got:
+        p = mod._buffers[n]
+        assert p.dim() == 3, f"{label} was not packed by accelerate()"
+        canonical = want[f"{names[id(mod)]}.{n}"]
+        assert torch.equal(p, torch.ops.fastvlm_C.pack_linear(canonical)), label
+        assert getattr(p, "_fastvlm_packed", None) is None
+    nbytes = lambda mm: sum(b.numel() * b.element_size() for b in mm.buffers())  # noqa: E731
+    assert nbytes(m) <= 1.3 * nbytes(ref)  # tiny channel counts: panels padded to 32 channels
+    before = {(id(mod), n): mod._buffers[n] for _, mod, n in got}
     with torch.no_grad():
         m(_pixels(1, 64, 64).float())
-    for _, _, w in weights:
-        assert cpu.packed(w) is panels[id(w)]
+    for _, mod, n in got:
+        assert mod._buffers[n] is before[(id(mod), n)] and cpu.packed(mod._buffers[n]) is before[(id(mod), n)]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_packed_model_state_dict_and_backend_switch(tiny64, dtype):
+    """A cpu-accelerated (packed) model's state_dict() is the nn.Linear layout, equal to the reference
+    backend's; load_state_dict() takes that layout (and packs it); accelerate() to another backend
+    unpacks in place, back to cpu packs again, with the same outputs; packed weights handed to the
+    reference backend are refused. bf16: fp32 panels, or bf16 pairs where the kernels use AVX512_BF16
+    (scripts/asan.sh runs this test on its emulated AVX-512 build too)."""
+    x = _pixels(2, 80, 72).to(dtype)
+    bound = 1e-5 if dtype == torch.float32 else 5e-2
+    ref = fk.accelerate(copy.deepcopy(tiny64).float(), backend="reference", dtype=dtype)
+    m = fk.accelerate(copy.deepcopy(tiny64).float(), backend="cpu", dtype=dtype)
+    with torch.no_grad():
+        y_ref, y = ref(x), m(x)
+    assert rel_l2(y.double(), y_ref.double()) <= bound
+    sd_ref, sd = ref.state_dict(), m.state_dict()
+    assert sd.keys() == sd_ref.keys() and all(torch.equal(sd[k], sd_ref[k]) for k in sd)
+    # load a different model's weights into the packed model: its outputs follow
+    other64 = make_model(fastvlm.FastViTHDConfig.tiny(), seed=22)
+    other = fk.accelerate(copy.deepcopy(other64).float(), backend="reference", dtype=dtype)
+    m.load_state_dict(other.state_dict())
+    assert all(mod._buffers[n].dim() == 3 for _, mod, n in _linear_buffers(m))
+    with torch.no_grad():
+        assert rel_l2(m(x).double(), other(x).double()) <= bound
+    m.load_state_dict(sd_ref)
+    with torch.no_grad():
+        assert torch.equal(m(x), y)
+    fk.accelerate(m, backend="reference")
+    assert all(mod._buffers[n].dim() == 2 for _, mod, n in _linear_buffers(m))
+    with torch.no_grad():
+        assert torch.equal(m(x), y_ref)
+    fk.accelerate(m, backend="cpu")
+    with torch.no_grad():
+        assert torch.equal(m(x), y)
+    blk = next(mod for _, mod, n in _linear_buffers(m) if n == "fc1_w")
+    C = blk.gamma.shape[0]
+    xb = torch.randn(1, 5, 7, C, dtype=dtype)
+    args = [blk.ffn_w, blk.ffn_b, blk.fc1_w, blk.fc1_b, blk.fc2_w, blk.fc2_b, blk.gamma]
+    with torch.no_grad():
+        torch.ops.fastvlm.convffn(xb, *args, "cpu")
+        for bad in (blk.fc1_w[:, :-1], blk.fc1_w[:-2], blk.fc1_w.to(torch.float16)):  # wrong K, wrong N, dtype
+            with pytest.raises(ValueError, match="packed for the cpu backend"):
+                torch.ops.fastvlm.convffn(xb, *args[:2], bad, *args[3:], "cpu")
+        with pytest.raises(ValueError, match="packed for the cpu backend"):
+            torch.ops.fastvlm.convffn(xb, *args, "reference")
+    blk.backend = "reference"
+    with pytest.raises(ValueError, match="packed for the cpu backend"):
+        with torch.no_grad():
+            m(x)
