@@ -121,8 +121,8 @@ def _load_state_dict_packed(m, state_dict, prefix, local_metadata, strict, missi
     shapes = _packed_shapes(m)
     for name in list(shapes):
         t, cur = state_dict.get(prefix + name), m._buffers.get(name)
-        if isinstance(t, torch.Tensor) and t.dim() == 2 and cur is not None and cur.dim() == 3:
-            shapes[name] = tuple(t.shape)
+        # (another shape is left as it is: the loader then reports the size mismatch)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) == shapes[name] and cur is not None and cur.dim() == 3:
             pack = _C.pack_linear_bf16 if cur.dtype == torch.bfloat16 else _C.pack_linear
             state_dict[prefix + name] = pack(t.detach().to(device="cpu", dtype=m.dtype).contiguous())
 

@@ -332,6 +332,12 @@ def test_cpu_packed_model_state_dict_and_backend_switch(tiny64, dtype):
     m.load_state_dict(sd_ref)
     with torch.no_grad():
         assert torch.equal(m(x), y)
+    wrong = dict(sd_ref)
+    key = next(k for k in wrong if k.endswith("fc1_w"))
+    wrong[key] = wrong[key][:, :-1]
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        m.load_state_dict(wrong)
+    assert all(torch.equal(v, sd_ref[k]) for k, v in m.state_dict().items())
     fk.accelerate(m, backend="reference")
     assert all(mod._buffers[n].dim() == 2 for _, mod, n in _linear_buffers(m))
     with torch.no_grad():
