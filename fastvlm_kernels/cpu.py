@@ -137,11 +137,10 @@ def prepack(model: torch.nn.Module) -> None:
     for m in model.modules():
         if not isinstance(m, _Fused):
             continue
-        shapes = m.__dict__.setdefault("_fastvlm_linear_shapes", {})
-        if not m.__dict__.get("_fastvlm_hooks", False):
+        if "_fastvlm_linear_shapes" not in m.__dict__:  # first prepack of this module: hooks once
             m.register_state_dict_post_hook(_state_dict_linear)
             m.register_load_state_dict_pre_hook(_load_state_dict_packed)
-            m.__dict__["_fastvlm_hooks"] = True
+        shapes = m.__dict__.setdefault("_fastvlm_linear_shapes", {})
         for name in _LINEAR:
             t = m._buffers.get(name)
             if t is None or t.device.type != "cpu":
