@@ -7,7 +7,9 @@ torch.compile (inductor, freezing), ONNX Runtime and the accelerated model, in o
 
 Method (design.md §7): for each configuration (resolution, batch, dtype) every system is built and
 called once (the first-call cost is recorded), then timed in interleaved rounds; the median is
-reported, with ratios to each peer, GFLOP/s and the share of this machine's measured GEMM rate.
+reported, with ratios to each peer, GFLOP/s and the share of this machine's measured multiply-add
+peak (``fastvlm_kernels.cpu.peak_gflops``: register-only FMA chains, or vdpbf16ps chains for bf16 on
+AVX512_BF16; torch.mm's rate is recorded beside it for context).
 Parity is rel-L2 of the first image's tokens against the float64 eager model on the same weights.
 
 Configurations run in priority order inside a time budget (``--budget-min``): what would not fit
@@ -79,6 +81,20 @@ def cpu_info() -> Dict:
         pass
     return {"model": model, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
+def peak_rates(quick: bool) -> Dict[str, object]:
+    """This machine's multiply-add peak (GFLOP/s) for fp32 and bf16 activations, as the C++ kernels'
+    ISA runs them, on torch.get_num_threads() threads; torch.mm's rate if the extension is missing."""
+    try:
+        from fastvlm_kernels import cpu as fk_cpu
+    except ImportError:
+        return {"peak_fp32_gflops": None, "peak_bf16_gflops": None, "peak_source": "not measured (no C++ extension)"}
+    secs = 0.05 if quick else 0.2
+    return {"peak_fp32_gflops": fk_cpu.peak_gflops(torch.float32, secs),
+            "peak_bf16_gflops": fk_cpu.peak_gflops(torch.bfloat16, secs),
+            "peak_source": f"FMA chains, {fk_cpu.cpu_isa()}" + (", bf16 pair dots" if fk_cpu.uses_bf16_pairs(
+                torch.bfloat16) else "")}
 
 
 def gemm_rate(dtype: torch.dtype, n: int, max_s: float = 5.0) -> float:
@@ -323,12 +339,33 @@ def reference_tokens(model, size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _peak(m: Dict, dtype: str) -> float:
+    # the measured multiply-add peak for that dtype's kernels; reports written before it was measured
+    # (or without the extension) fall back to the best torch.mm rate for that storage dtype
+    got = m.get("peak_fp32_gflops" if dtype == "fp32" else "peak_bf16_gflops")
+    if got:
+        return got
+    return m["gemm_fp32_gflops"] if dtype == "fp32" else max(m["gemm_bf16_gflops"], m["gemm_fp32_gflops"])
+
+
+def _peak_col(m: Dict) -> str:
+    return "% of peak" if m.get("peak_fp32_gflops") else "% of GEMM rate"
+
+
+def _peak_text(m: Dict) -> str:
+    if not m.get("peak_fp32_gflops"):
+        return m.get("peak_source", "not measured")
+    return (f"fp32 {m['peak_fp32_gflops']:.0f} GFLOP/s, bf16 {m['peak_bf16_gflops']:.0f} GFLOP/s "
+            f"({m['peak_source']})")
+
+
 def markdown(report: Dict) -> str:
     m = report["machine"]
     lines = [f"# FastViTHD side by side — {report['date']}", "",
              f"Machine: {m['cpu']['model']}, {m['cpu']['cores']} cores, AVX2={m['cpu']['avx2']}, "
              f"AVX-512={m['cpu']['avx512f']}, AVX512_BF16={m['cpu']['avx512_bf16']}; torch {m['torch']}, "
-             f"{m['threads']} threads; measured torch.mm rate: fp32 {m['gemm_fp32_gflops']:.0f} GFLOP/s, "
+             f"{m['threads']} threads; measured multiply-add peak: {_peak_text(m)}; "
+             f"torch.mm rate for comparison: fp32 {m['gemm_fp32_gflops']:.0f} GFLOP/s, "
              f"bf16 {m['gemm_bf16_gflops']:.1f} GFLOP/s.",
              f"Model: {report['model']}. Accelerated backend: {report['backend']}.", "",
              "Median seconds of interleaved rounds (n = rounds); ratio = system time / accelerated time "
@@ -337,14 +374,13 @@ def markdown(report: Dict) -> str:
     if sens:
         lines[-1:] = [f"For scale: two different random images' float64 outputs at {sens['size']}² differ by rel-L2 "
                       f"{sens['rel_l2']:.2e}, so a kernel that lost the image would show up at that level.", ""]
-    hdr = "| config | system | median s | n | vs accelerated | GFLOP/s | % of GEMM rate | rel-L2 | first call s | setup s |"
+    hdr = f"| config | system | median s | n | vs accelerated | GFLOP/s | {_peak_col(m)} | rel-L2 | first call s | setup s |"
     lines += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
     notes: List[str] = []
     for c in report["configs"]:
         cfg = f"{c['size']}² b{c['batch']} {c['dtype']}"
         acc = c["systems"].get("accelerated", {}).get("median_s")
-        # % of the best GEMM rate measured for that storage dtype (bf16 may compute in fp32 internally)
-        peak = m["gemm_fp32_gflops"] if c["dtype"] == "fp32" else max(m["gemm_bf16_gflops"], m["gemm_fp32_gflops"])
+        peak = _peak(m, c["dtype"])
         for name in SYSTEMS:
             d = c["systems"].get(name)
             if d is None:
@@ -457,12 +493,14 @@ def main(argv=None) -> Dict:
     cpu = cpu_info()
     log(f"FastViTHD side-by-side report — {cpu['model']}, {cpu['cores']} cores, {threads} threads, torch "
         f"{torch.__version__}, budget {a.budget_min:g} min")
-    prog.step("measuring this machine's GEMM rates (torch.mm)")
+    prog.step("measuring this machine's multiply-add peak and GEMM rates (torch.mm)")
+    peaks = peak_rates(a.quick)
     g32 = gemm_rate(torch.float32, 256 if a.quick else 1024)
     g16 = gemm_rate(torch.bfloat16, 256, max_s=3.0)
     g32_small = gemm_rate(torch.float32, 256) if not a.quick else g32
     fast_bf16 = g16 > 0.2 * g32_small
-    log(f"    torch.mm fp32 {g32:.0f} GFLOP/s, bf16 {g16:.1f} GFLOP/s -> fast bf16 path: {fast_bf16}")
+    log(f"    peak: {_peak_text(peaks)}; torch.mm fp32 {g32:.0f} GFLOP/s, bf16 {g16:.1f} GFLOP/s -> fast bf16 "
+        f"path: {fast_bf16}")
 
     model, model_desc = build_model(a.checkpoint, a.quick)
     if a.quick:
@@ -482,7 +520,7 @@ def main(argv=None) -> Dict:
                   ["python -m bench.report"] + (argv if argv is not None else sys.argv[1:])),
               "model": model_desc, "backend": a.backend,
               "machine": {"cpu": cpu, "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
-                          "gemm_fp32_gflops": g32, "gemm_bf16_gflops": g16, "fast_bf16": fast_bf16},
+                          "gemm_fp32_gflops": g32, "gemm_bf16_gflops": g16, "fast_bf16": fast_bf16, **peaks},
               "configs": [], "skipped_configs": [], "ttft": []}
     refs: Dict[int, torch.Tensor] = {}
     per_gflop_round = None  # seconds per GFLOP of one round over all systems, learned as we go

@@ -7,8 +7,12 @@ vs torch.compile of the composition, with the op's roofline floor beside it.
     FASTVLM_BENCH_COMPILE=0 pytest bench/                           # without torch.compile (faster)
     FASTVLM_BENCH_DTYPE=bf16 pytest bench/                          # bf16 weights and activations
 
-In bf16 the floor uses the measured torch.mm bf16 rate and 2-byte elements; eager and torch.compile
-are skipped on CPUs without AVX512_BF16 (PyTorch's bf16 GEMMs run a scalar fallback there).
+The floor is max(FLOPs / the measured multiply-add peak, bytes / the measured copy bandwidth): the
+peak of register-only FMA chains of the C++ kernels' ISA on the benchmark's threads
+(``fastvlm_kernels.cpu.peak_gflops``), not a GEMM's rate. In bf16 it uses the vdpbf16ps peak where the
+CPU has AVX512_BF16 (else the fp32 FMA peak: the kernels compute in fp32 there) and 2-byte elements;
+eager and torch.compile are skipped on CPUs without AVX512_BF16 (PyTorch's bf16 GEMMs run a scalar
+fallback there).
 """
 import os
 
@@ -164,9 +168,9 @@ def test_op(benchmark, machine, case, system):
 
     call()  # warm-up (and compilation)
     benchmark.pedantic(call, rounds=5, warmup_rounds=1, iterations=1)
-    rate = machine["gemm_gflops_bf16"] if DTYPE == torch.bfloat16 else machine["gemm_gflops"]
+    rate = machine["peak_gflops_bf16"] if DTYPE == torch.bfloat16 else machine["peak_gflops"]
     floor_s = max(flops / (rate * 1e9), nbytes / (machine["copy_gbs"] * 1e9))
     benchmark.extra_info.update({"gflop": flops / 1e9, "mbytes": nbytes / 1e6, "floor_ms": floor_s * 1e3,
-                                 "threads": machine["threads"]})
+                                 "peak_gflops": rate, "copy_gbs": machine["copy_gbs"], "threads": machine["threads"]})
     ROWS.append({"case": case, "system": system, "ms": benchmark.stats.stats.median * 1e3,
                  "floor_ms": floor_s * 1e3})

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -548,6 +549,61 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   FVK_PARALLEL_TILES(attn_tiles, tiles2, scratch2, isa, N, C, head_dim, pq, pk, pv, Np, pz, Tq, BK, po);
   FVK_PARALLEL_TILES(proj_tiles, tiles, T * Cp, isa, xp, yp, bf16, N, C, po, pwp, pbp, pg, Cp, per_image, T);
   return y;
+}
+
+// fastvlm_C::peak_gflops -- the multiply-add peak of the kernels' ISA on torch.get_num_threads()
+// threads, in GFLOP/s: the compute roofline of bench/ (the ops' floors, the report's "% of peak").
+// Each thread runs independent register-only chains (fma_chains, or with bf16_dot the vdpbf16ps
+// chains of dp_chains, for the bf16 GEMMs on avx512_bf16); the figure is the best of `reps` runs of
+// about `seconds` each, total flops over the wall time of the parallel region (thread start
+// included; negligible at these lengths). On the emulated test build the bf16 "peak" is that of
+// vector code standing in for the instruction, not the instruction's.
+double peak_gflops(bool bf16_dot, double seconds, int64_t reps) {
+  TORCH_CHECK(seconds > 0 && seconds <= 10, "peak_gflops: seconds must be in (0, 10], got ", seconds);
+  TORCH_CHECK(reps >= 1 && reps <= 100, "peak_gflops: reps must be in [1, 100], got ", reps);
+  const Isa isa = active_isa();
+  TORCH_CHECK(!bf16_dot || isa == Isa::avx512_bf16, "peak_gflops: bf16_dot needs the avx512_bf16 ISA; this CPU "
+              "(with FASTVLM_CPU_ISA, if set) runs ", isa_name(isa));
+  const int vl = isa >= Isa::avx512 ? 16 : isa == Isa::avx2 ? 8 : 4;
+  const double per_iter = bf16_dot ? 4.0 * vl * ffn_avx512bf16::NCH_DP : 2.0 * vl * ffn_avx2::NCH;
+  auto chains = [&](int64_t iters, float seed) -> float {
+    if (bf16_dot) return ffn_avx512bf16::dp_chains(iters, seed);
+    switch (isa) {
+      case Isa::avx512_bf16:
+      case Isa::avx512: return ffn_avx512::fma_chains(iters, seed);
+      case Isa::avx2: return ffn_avx2::fma_chains(iters, seed);
+      default: return ffn_sse::fma_chains(iters, seed);
+    }
+  };
+  using clock = std::chrono::steady_clock;
+  static volatile float sink = 0.f;  // keeps the chains' results alive
+  // iterations for about `seconds` on one thread, from a short run
+  int64_t iters = 1 << 14;
+  for (;;) {
+    const auto t0 = clock::now();
+    sink = sink + chains(iters, 1e-3f);
+    const double dt = std::chrono::duration<double>(clock::now() - t0).count();
+    if (dt > 0.02 || iters > (int64_t(1) << 40)) {
+      iters = std::max<int64_t>(1, static_cast<int64_t>(iters * seconds / std::max(dt, 1e-9)));
+      break;
+    }
+    iters *= 4;
+  }
+  const int64_t nth = std::max(1, at::get_num_threads());
+  double best = 0.0;
+  for (int64_t r = 0; r < reps; ++r) {
+    std::atomic<int> done{0};
+    const auto t0 = clock::now();
+    at::parallel_for(0, nth, 1, [&](int64_t b, int64_t e) {
+      float s = 0.f;
+      for (int64_t t = b; t < e; ++t) s += chains(iters, 1e-3f * static_cast<float>(t + 1)), ++done;
+      sink = sink + s;
+    });
+    const double dt = std::chrono::duration<double>(clock::now() - t0).count();
+    TORCH_CHECK(done.load() == nth, "peak_gflops: ", done.load(), " of ", nth, " chains ran");
+    best = std::max(best, static_cast<double>(nth) * static_cast<double>(iters) * per_iter / dt / 1e9);
+  }
+  return best;
 }
 
 }  // namespace fastvlm

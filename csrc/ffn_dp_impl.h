@@ -218,3 +218,27 @@ static void proj_dp_tiles(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, 
     pgemm_dp_part<1>(oh, Ce, np, C, wp, Ce / 2, C, bp, scratch, Cp, nullptr, 0, x + off, y + off, C, gamma, true, true);
   }
 }
+
+// The vdpbf16ps peak (fastvlm_C::peak_gflops with bf16_dot): `iters` rounds of NCH_DP independent
+// chains acc = dpbf16(acc, pair, w), 4 VL flops each (VL lanes x 2 products x multiply + add). 16
+// chains: vdpbf16ps has a longer latency than an FMA. Values stay normal (no denormal slow paths or
+// flushing): the products are 2^-40.
+constexpr int NCH_DP = 16;
+static float dp_chains(int64_t iters, float seed) {
+  typedef uint32_t vu __attribute__((vector_size(FVK_VL * 4)));
+  vf a[NCH_DP];
+#pragma GCC unroll 16
+  for (int i = 0; i < NCH_DP; ++i) a[i] = vset(seed * static_cast<float>(i + 1));
+  const vf w = (vf)(vu{} + 0x2B802B80u);  // bf16 pairs (2^-40, 2^-40)
+  const uint32_t one = 0x3F803F80u;     // the pair (1, 1)
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NCH_DP; ++i) a[i] = fvk_dpbf16(a[i], one, w);
+  }
+  vf s = a[0];
+#pragma GCC unroll 16
+  for (int i = 1; i < NCH_DP; ++i) s += a[i];
+  float r = 0.f;
+  for (int l = 0; l < VL; ++l) r += s[l];
+  return r;
+}

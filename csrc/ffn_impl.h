@@ -830,3 +830,26 @@ static void scale_gelu_rows(const float* z, const float* sc, void* y, bool bf16,
     }
   }
 }
+
+// ---- the multiply-add peak of this ISA (bench/: the roofline floors; fastvlm_C::peak_gflops) -----
+// `iters` rounds of NCH independent chains acc = acc * m + c on VL floats (one FMA each on AVX2 /
+// AVX-512, a multiply and an add on SSE): more chains than an FMA's latency times its issue width on
+// the x86 cores this project targets (4 cycles x 2 pipes), so the loop runs at the issue rate, with
+// no memory traffic. 2 VL flops per chain step. Returns a value that depends on every result.
+constexpr int NCH = 12;
+static float fma_chains(int64_t iters, float seed) {
+  vf a[NCH];
+#pragma GCC unroll 12
+  for (int i = 0; i < NCH; ++i) a[i] = vset(seed * static_cast<float>(i + 1));
+  const vf m = vset(0.99999994f), c = vset(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < NCH; ++i) a[i] = a[i] * m + c;
+  }
+  vf s = a[0];
+#pragma GCC unroll 12
+  for (int i = 1; i < NCH; ++i) s += a[i];
+  float r = 0.f;
+  for (int l = 0; l < VL; ++l) r += s[l];
+  return r;
+}

@@ -23,6 +23,7 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
                                 const at::Tensor& gamma, int64_t head_dim);
 at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& se_r_w,
                          const at::Tensor& se_r_b, const at::Tensor& se_e_w, const at::Tensor& se_e_b);
+double peak_gflops(bool bf16_dot, double seconds, int64_t reps);
 }
 #include "isa.h"
 
@@ -40,6 +41,7 @@ TORCH_LIBRARY(fastvlm_C, m) {
         "Tensor gamma, int head_dim) -> Tensor");
   m.def("conv_exp_nhwc(Tensor x, Tensor w, Tensor b, Tensor se_r_w, Tensor se_r_b, Tensor se_e_w, Tensor se_e_b) "
         "-> Tensor");
+  m.def("peak_gflops(bool bf16_dot=False, float seconds=0.2, int reps=3) -> float");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
@@ -52,6 +54,10 @@ TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
   m.impl("attention_mixer_nhwc", &fastvlm::attention_mixer_nhwc);
   m.impl("conv_exp_nhwc", &fastvlm::conv_exp_nhwc);
 }
+
+// peak_gflops takes no tensor, so the dispatcher cannot pick a backend from its arguments: a
+// CompositeExplicitAutograd kernel runs for any call.
+TORCH_LIBRARY_IMPL(fastvlm_C, CompositeExplicitAutograd, m) { m.impl("peak_gflops", &fastvlm::peak_gflops); }
 
 // `import fastvlm_kernels._C` loads this library, which runs the registrations above.
 static PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu_isa().c_str()); }

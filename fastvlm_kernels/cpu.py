@@ -200,6 +200,15 @@ def cpu_isa() -> str:
     return load_extension().cpu_isa()
 
 
+def peak_gflops(dtype: torch.dtype = torch.float32, seconds: float = 0.2, reps: int = 3) -> float:
+    """The measured multiply-add peak, in GFLOP/s, of the C++ kernels' GEMMs for ``dtype`` activations
+    on ``torch.get_num_threads()`` threads: FMA chains of the ISA in use (:func:`cpu_isa`), or
+    vdpbf16ps chains where :func:`uses_bf16_pairs` (bf16 on AVX512_BF16). Register-only loops, no
+    memory traffic: the compute roofline that ``bench/`` divides FLOPs by (the best of ``reps`` runs
+    of about ``seconds``). Not the rate of any GEMM (``torch.mm``'s is usually well below it)."""
+    return float(_C.peak_gflops(uses_bf16_pairs(dtype), float(seconds), int(reps)))
+
+
 ops.register_kernel("dwconv", "cpu", _dwconv)
 ops.register_kernel("convffn", "cpu", _convffn)
 ops.register_kernel("repmixer_block", "cpu", _repmixer_block)

@@ -14,6 +14,9 @@ def test_report_quick_runs_and_writes_results(tmp_path):
     rep = json.loads((tmp_path / "quick.json").read_text())
     assert {"machine", "configs", "date", "model"} <= set(rep)
     assert rep["machine"]["threads"] >= 1
+    import fastvlm_kernels
+    if fastvlm_kernels.extension_available():  # the "% of peak" column divides by the measured FMA peak
+        assert rep["machine"]["peak_fp32_gflops"] > 0 and rep["machine"]["peak_bf16_gflops"] > 0
     sizes = {(c["size"], c["dtype"]) for c in rep["configs"]}
     assert (128, "fp32") in sizes
     for c in rep["configs"]:
@@ -25,6 +28,8 @@ def test_report_quick_runs_and_writes_results(tmp_path):
             assert c["systems"]["eager"]["rel_l2"] < 1e-4
     md = (tmp_path / "quick.md").read_text()
     assert "| config | system |" in md and "accelerated" in md
+    if fastvlm_kernels.extension_available():
+        assert "| % of peak |" in md and "measured multiply-add peak: fp32 " in md
 
 
 def test_ab_runs_and_checks_outputs(tmp_path):

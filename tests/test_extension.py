@@ -659,3 +659,30 @@ def test_conv_exp_nhwc_every_isa(monkeypatch, B, H, W, Cin, M, dtype, bound):
         y = torch.ops.fastvlm_C.conv_exp_nhwc(x.to(dtype), *[t.float() for t in ce])
         assert y.dtype == dtype and y.shape == (B, H, W, Co)
         assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
+
+
+@needs_ext
+def test_peak_gflops_every_isa(monkeypatch):
+    """fastvlm_C::peak_gflops (bench/'s compute roofline) runs on every ISA path and thread count,
+    measures the bf16 pair dots only where the bf16 kernels use them, and rejects bad arguments."""
+    import math
+    import fastvlm_kernels.cpu as cpu
+    threads = torch.get_num_threads()
+    try:
+        for isa in _isas(dp=True):
+            monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+            for n in (1, 3):
+                torch.set_num_threads(n)
+                p = cpu.peak_gflops(torch.float32, 0.005, 1)
+                assert math.isfinite(p) and p > 0, (isa, n, p)
+            if isa == "avx512_bf16":
+                assert cpu.uses_bf16_pairs(torch.bfloat16) and cpu.peak_gflops(torch.bfloat16, 0.005, 1) > 0
+            else:  # bf16 runs on the fp32 FMA there; the pair-dot peak is refused, not faked
+                assert not cpu.uses_bf16_pairs(torch.bfloat16)
+                with pytest.raises(RuntimeError, match="needs the avx512_bf16 ISA"):
+                    torch.ops.fastvlm_C.peak_gflops(True, 0.005, 1)
+    finally:
+        torch.set_num_threads(threads)
+    for bad in [(False, 0.0, 1), (False, 11.0, 1), (False, 0.005, 0)]:
+        with pytest.raises(RuntimeError, match="peak_gflops: (seconds|reps)"):
+            torch.ops.fastvlm_C.peak_gflops(*bad)
