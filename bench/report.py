@@ -246,6 +246,8 @@ def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: tor
     for r in range(rounds):
         prog.step(f"{size}x{size} b{batch} {dt}: round {r + 1}/{rounds} ({', '.join(LABELS[s.name] for s in live)})")
         for s in live:  # interleaved: every system once per round
+            if PROBE:  # the machine's state just before the call: a 20 ms multiply-add peak sample
+                res["systems"][s.name].setdefault("peak_probe_gflops", []).append(PROBE[0]())
             t0 = time.perf_counter()
             with torch.inference_mode():
                 s.fn(x)
@@ -258,6 +260,12 @@ def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: tor
 
 
 REF_INPUTS: Dict[int, torch.Tensor] = {}
+# [fn() -> GFLOP/s]: a 20 ms sample of the fp32 multiply-add peak, taken before every timed call, when
+# the C++ extension is there. On the 2-vCPU machines this project measures on, the two threads'
+# FMA throughput drops to about one core's for stretches of ~0.5 s (both vCPUs on one physical core,
+# or its other hardware thread busy): the samples show how much of a run fell into such stretches.
+PROBE: List[Callable[[], float]] = []
+SLOW_PROBE = 0.6  # a probe below this share of the measured peak counts as a slow stretch
 
 
 def ttft_unavailable(dt: str, fast_bf16: bool) -> Optional[str]:
@@ -396,6 +404,14 @@ def markdown(report: Dict) -> str:
                          f"{d['first_call_s']:.2f} | {d['setup_s']:.2f} |")
     if notes:
         lines += [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    probes = [v for c in report["configs"] for d in c["systems"].values() for v in d.get("peak_probe_gflops", [])]
+    if probes and m.get("peak_fp32_gflops"):
+        slow = sum(v < SLOW_PROBE * m["peak_fp32_gflops"] for v in probes)
+        lines += ["", f"Machine state during the timed calls: {len(probes)} samples of the fp32 multiply-add peak "
+                      f"(20 ms each, one before every timed call): median {statistics.median(probes):.0f} GFLOP/s, "
+                      f"{slow} below {100 * SLOW_PROBE:.0f}% of the measured peak (stretches where this machine's "
+                      f"{m['threads']} threads get less FMA throughput than the peak run had; per-call samples in "
+                      "the JSON)."]
     if report.get("ttft"):
         lines += ["", "## Time to first token (FastVLM: this encoder + projector + Qwen2, transformers SDPA)", "",
                   "Median seconds of interleaved rounds: preprocess (PIL image -> tensor) + encode + project + "
@@ -495,6 +511,9 @@ def main(argv=None) -> Dict:
         f"{torch.__version__}, budget {a.budget_min:g} min")
     prog.step("measuring this machine's multiply-add peak and GEMM rates (torch.mm)")
     peaks = peak_rates(a.quick)
+    if peaks["peak_fp32_gflops"]:
+        from fastvlm_kernels import cpu as fk_cpu
+        PROBE[:] = [lambda: fk_cpu.peak_gflops(torch.float32, 0.02, 1)]
     g32 = gemm_rate(torch.float32, 256 if a.quick else 1024)
     g16 = gemm_rate(torch.bfloat16, 256, max_s=3.0)
     g32_small = gemm_rate(torch.float32, 256) if not a.quick else g32

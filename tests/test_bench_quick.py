@@ -30,6 +30,11 @@ def test_report_quick_runs_and_writes_results(tmp_path):
     assert "| config | system |" in md and "accelerated" in md
     if fastvlm_kernels.extension_available():
         assert "| % of peak |" in md and "measured multiply-add peak: fp32 " in md
+        for c in rep["configs"]:  # one machine-state sample before every timed call
+            for d in c["systems"].values():
+                if "times_s" in d:
+                    assert len(d["peak_probe_gflops"]) == len(d["times_s"]) and min(d["peak_probe_gflops"]) > 0
+        assert "Machine state during the timed calls: " in md
 
 
 def test_ab_runs_and_checks_outputs(tmp_path):
