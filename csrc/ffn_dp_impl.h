@@ -235,10 +235,5 @@ static float dp_chains(int64_t iters, float seed) {
 #pragma GCC unroll 16
     for (int i = 0; i < NCH_DP; ++i) a[i] = fvk_dpbf16(a[i], one, w);
   }
-  vf s = a[0];
-#pragma GCC unroll 16
-  for (int i = 1; i < NCH_DP; ++i) s += a[i];
-  float r = 0.f;
-  for (int l = 0; l < VL; ++l) r += s[l];
-  return r;
+  return sum_chains<NCH_DP>(a);
 }

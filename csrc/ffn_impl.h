@@ -837,6 +837,15 @@ static void scale_gelu_rows(const float* z, const float* sc, void* y, bool bf16,
 // the x86 cores this project targets (4 cycles x 2 pipes), so the loop runs at the issue rate, with
 // no memory traffic. 2 VL flops per chain step. Returns a value that depends on every result.
 constexpr int NCH = 12;
+template <int N>
+static inline float sum_chains(const vf* a) {  // all lanes of a[0 .. N)
+  vf s = a[0];
+#pragma GCC unroll 16
+  for (int i = 1; i < N; ++i) s += a[i];
+  float r = 0.f;
+  for (int l = 0; l < VL; ++l) r += s[l];
+  return r;
+}
 static float fma_chains(int64_t iters, float seed) {
   vf a[NCH];
 #pragma GCC unroll 12
@@ -846,10 +855,5 @@ static float fma_chains(int64_t iters, float seed) {
 #pragma GCC unroll 12
     for (int i = 0; i < NCH; ++i) a[i] = a[i] * m + c;
   }
-  vf s = a[0];
-#pragma GCC unroll 12
-  for (int i = 1; i < NCH; ++i) s += a[i];
-  float r = 0.f;
-  for (int l = 0; l < VL; ++l) r += s[l];
-  return r;
+  return sum_chains<NCH>(a);
 }
