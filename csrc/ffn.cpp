@@ -577,13 +577,14 @@ double peak_gflops(bool bf16_dot, double seconds, int64_t reps) {
   };
   using clock = std::chrono::steady_clock;
   static volatile float sink = 0.f;  // keeps the chains' results alive
-  // iterations for about `seconds` on one thread, from a short run
-  int64_t iters = 1 << 14;
+  // iterations for about `seconds` on one thread, from a short run (at most half as long)
+  const double calib = std::min(0.02, seconds / 2);
+  int64_t iters = 1 << 10;
   for (;;) {
     const auto t0 = clock::now();
     sink = sink + chains(iters, 1e-3f);
     const double dt = std::chrono::duration<double>(clock::now() - t0).count();
-    if (dt > 0.02 || iters > (int64_t(1) << 40)) {
+    if (dt > calib || iters > (int64_t(1) << 40)) {
       iters = std::max<int64_t>(1, static_cast<int64_t>(iters * seconds / std::max(dt, 1e-9)));
       break;
     }
