@@ -47,12 +47,13 @@ def machine():
         from fastvlm_kernels import cpu as fk_cpu
         fma = {dt: fk_cpu.peak_gflops(dt) for dt in (torch.float32, torch.bfloat16)}
         source = f"FMA chains, {fk_cpu.cpu_isa()}"
+        pairs = fk_cpu.uses_bf16_pairs(torch.bfloat16)
     except ImportError:  # no C++ extension: the best measured GEMM rate stands in, and says so
         fma = {torch.float32: mm, torch.bfloat16: max(mm, mm16)}
-        source = "no C++ extension: torch.mm rate instead"
+        source, pairs = "no C++ extension: torch.mm rate instead", False
     MACHINE.append({"gemm_gflops": mm, "gemm_gflops_bf16": mm16, "fast_bf16": fast_bf16, "copy_gbs": bw,
                     "peak_gflops": fma[torch.float32], "peak_gflops_bf16": fma[torch.bfloat16], "peak_source": source,
-                    "threads": THREADS})
+                    "bf16_pairs": pairs, "threads": THREADS})
     return MACHINE[-1]
 
 
@@ -73,7 +74,7 @@ def pytest_terminal_summary(terminalreporter):
         bf = dt in ("bf16", "bfloat16")
         tr.write_line(f"floor = max(FLOPs / measured multiply-add peak, bytes / measured copy bandwidth); {THREADS} "
                       f"threads; peak {m['peak_gflops_bf16' if bf else 'peak_gflops']:.0f} GFLOP/s ({m['peak_source']}"
-                      f"{', bf16 pair dots' if bf and m['peak_gflops_bf16'] != m['peak_gflops'] else ''}), copy "
+                      f"{', vdpbf16ps chains' if bf and m['bf16_pairs'] else ''}), copy "
                       f"{m['copy_gbs']:.1f} GB/s; torch.mm 1024^3 for comparison: fp32 {m['gemm_gflops']:.0f} GFLOP/s"
                       + (f", bf16 {m['gemm_gflops_bf16']:.0f}" if m["fast_bf16"] else ""))
         tr.write_line("ms: the median of the timed calls; min ms: the fastest. The peak is the best of a few "
