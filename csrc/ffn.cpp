@@ -556,8 +556,9 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
 // Each thread runs independent register-only chains (fma_chains, or with bf16_dot the vdpbf16ps
 // chains of dp_chains, for the bf16 GEMMs on avx512_bf16); the figure is the best of `reps` runs of
 // about `seconds` each, total flops over the wall time of the parallel region (thread start
-// included; negligible at these lengths). On the emulated test build the bf16 "peak" is that of
-// vector code standing in for the instruction, not the instruction's.
+// included; negligible at these lengths). On the emulated test build (FASTVLM_EMULATE_AVX512) the
+// avx512 figures are those of 512-bit code lowered to AVX2 (with register spills) and of vector code
+// standing in for vdpbf16ps: they check that the paths run, not any hardware's peak.
 double peak_gflops(bool bf16_dot, double seconds, int64_t reps) {
   TORCH_CHECK(seconds > 0 && seconds <= 10, "peak_gflops: seconds must be in (0, 10], got ", seconds);
   TORCH_CHECK(reps >= 1 && reps <= 100, "peak_gflops: reps must be in [1, 100], got ", reps);
