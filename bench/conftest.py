@@ -40,20 +40,17 @@ def machine():
         mm16 = 2 * 1024 ** 3 / _median_time(lambda: torch.mm(ab, bb)) / 1e9
     else:  # PyTorch's scalar bf16 fallback: not a rate worth showing
         mm16 = mm
-    # the compute roofline: the multiply-add peak of the C++ kernels' ISA (register-only FMA chains,
-    # or vdpbf16ps chains for bf16 on AVX512_BF16), measured on THREADS threads; torch.mm's rate is
-    # kept for context only (MKL reaches well under the peak, so a floor from it would be too low)
-    try:
-        from fastvlm_kernels import cpu as fk_cpu
-        fma = {dt: fk_cpu.peak_gflops(dt) for dt in (torch.float32, torch.bfloat16)}
-        source = f"FMA chains, {fk_cpu.cpu_isa()}"
-        pairs = fk_cpu.uses_bf16_pairs(torch.bfloat16)
-    except ImportError:  # no C++ extension: the best measured GEMM rate stands in, and says so
-        fma = {torch.float32: mm, torch.bfloat16: max(mm, mm16)}
-        source, pairs = "no C++ extension: torch.mm rate instead", False
+    # the compute roofline: the multiply-add peak of the C++ kernels' ISA (bench.report.peak_rates:
+    # register-only FMA chains, or vdpbf16ps chains for bf16 on AVX512_BF16), on THREADS threads;
+    # torch.mm's rate is kept for context only (MKL reaches well under the peak, so a floor from it
+    # would be too low). Without the C++ extension the best measured GEMM rate stands in, and says so.
+    from bench.report import peak_rates
+    pk = peak_rates()
+    fma = {torch.float32: pk["peak_fp32_gflops"] or mm, torch.bfloat16: pk["peak_bf16_gflops"] or max(mm, mm16)}
+    source = pk["peak_source"] if pk["peak_fp32_gflops"] else "no C++ extension: torch.mm rate instead"
     MACHINE.append({"gemm_gflops": mm, "gemm_gflops_bf16": mm16, "fast_bf16": fast_bf16, "copy_gbs": bw,
                     "peak_gflops": fma[torch.float32], "peak_gflops_bf16": fma[torch.bfloat16], "peak_source": source,
-                    "bf16_pairs": pairs, "threads": THREADS})
+                    "threads": THREADS})
     return MACHINE[-1]
 
 
@@ -74,7 +71,7 @@ def pytest_terminal_summary(terminalreporter):
         bf = dt in ("bf16", "bfloat16")
         tr.write_line(f"floor = max(FLOPs / measured multiply-add peak, bytes / measured copy bandwidth); {THREADS} "
                       f"threads; peak {m['peak_gflops_bf16' if bf else 'peak_gflops']:.0f} GFLOP/s ({m['peak_source']}"
-                      f"{', vdpbf16ps chains' if bf and m['bf16_pairs'] else ''}), copy "
+                      "), copy "
                       f"{m['copy_gbs']:.1f} GB/s; torch.mm 1024^3 for comparison: fp32 {m['gemm_gflops']:.0f} GFLOP/s"
                       + (f", bf16 {m['gemm_gflops_bf16']:.0f}" if m["fast_bf16"] else ""))
         tr.write_line("ms: the median of the timed calls; min ms: the fastest. The peak is the best of a few "

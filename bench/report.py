@@ -83,18 +83,19 @@ def cpu_info() -> Dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
-def peak_rates(quick: bool) -> Dict[str, object]:
+def peak_rates(secs: float = 0.2) -> Dict[str, object]:
     """This machine's multiply-add peak (GFLOP/s) for fp32 and bf16 activations, as the C++ kernels'
-    ISA runs them, on torch.get_num_threads() threads; torch.mm's rate if the extension is missing."""
+    ISA runs them, on torch.get_num_threads() threads (None without the C++ extension), with
+    ``peak_source`` saying how it was measured and ``bf16_pairs`` whether bf16 is vdpbf16ps chains."""
     try:
         from fastvlm_kernels import cpu as fk_cpu
     except ImportError:
-        return {"peak_fp32_gflops": None, "peak_bf16_gflops": None, "peak_source": "not measured (no C++ extension)"}
-    secs = 0.05 if quick else 0.2
-    return {"peak_fp32_gflops": fk_cpu.peak_gflops(torch.float32, secs),
+        return {"peak_fp32_gflops": None, "peak_bf16_gflops": None, "peak_source": "not measured (no C++ extension)",
+                "bf16_pairs": False}
+    pairs = fk_cpu.uses_bf16_pairs(torch.bfloat16)
+    return {"bf16_pairs": pairs, "peak_fp32_gflops": fk_cpu.peak_gflops(torch.float32, secs),
             "peak_bf16_gflops": fk_cpu.peak_gflops(torch.bfloat16, secs),
-            "peak_source": f"FMA chains, {fk_cpu.cpu_isa()}" + (", bf16 pair dots" if fk_cpu.uses_bf16_pairs(
-                torch.bfloat16) else "")}
+            "peak_source": f"FMA chains, {fk_cpu.cpu_isa()}" + (", vdpbf16ps chains for bf16" if pairs else "")}
 
 
 def gemm_rate(dtype: torch.dtype, n: int, max_s: float = 5.0) -> float:
@@ -217,7 +218,12 @@ class Systems:
 
 
 def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: torch.Tensor, rounds: int,
-               prog: Progress) -> Dict:
+               prog: Progress, probe: Optional[Callable[[], float]] = None) -> Dict:
+    """One configuration, every system timed in interleaved rounds. ``probe`` (GFLOP/s of a short
+    multiply-add peak sample) runs before every timed call: on the 2-vCPU machines this project
+    measures on, the two threads' FMA throughput drops to about one core's for stretches of ~0.5 s
+    (both vCPUs on one physical core, or its other hardware thread busy), and the samples show how
+    much of a run fell into such stretches."""
     dtype = DTYPES[dt]
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
     x[:1] = REF_INPUTS[size]  # image 0 is the one the float64 reference saw
@@ -246,8 +252,8 @@ def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: tor
     for r in range(rounds):
         prog.step(f"{size}x{size} b{batch} {dt}: round {r + 1}/{rounds} ({', '.join(LABELS[s.name] for s in live)})")
         for s in live:  # interleaved: every system once per round
-            if PROBE:  # the machine's state just before the call: a 20 ms multiply-add peak sample
-                res["systems"][s.name].setdefault("peak_probe_gflops", []).append(PROBE[0]())
+            if probe is not None:  # the machine's state just before the call
+                res["systems"][s.name].setdefault("peak_probe_gflops", []).append(probe())
             t0 = time.perf_counter()
             with torch.inference_mode():
                 s.fn(x)
@@ -260,11 +266,6 @@ def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: tor
 
 
 REF_INPUTS: Dict[int, torch.Tensor] = {}
-# [fn() -> GFLOP/s]: a 20 ms sample of the fp32 multiply-add peak, taken before every timed call, when
-# the C++ extension is there. On the 2-vCPU machines this project measures on, the two threads'
-# FMA throughput drops to about one core's for stretches of ~0.5 s (both vCPUs on one physical core,
-# or its other hardware thread busy): the samples show how much of a run fell into such stretches.
-PROBE: List[Callable[[], float]] = []
 SLOW_PROBE = 0.6  # a probe below this share of the measured peak counts as a slow stretch
 
 
@@ -510,10 +511,11 @@ def main(argv=None) -> Dict:
     log(f"FastViTHD side-by-side report — {cpu['model']}, {cpu['cores']} cores, {threads} threads, torch "
         f"{torch.__version__}, budget {a.budget_min:g} min")
     prog.step("measuring this machine's multiply-add peak and GEMM rates (torch.mm)")
-    peaks = peak_rates(a.quick)
-    if peaks["peak_fp32_gflops"]:
+    peaks = peak_rates(0.05 if a.quick else 0.2)
+    probe = None
+    if peaks["peak_fp32_gflops"]:  # a 20 ms fp32 sample before every timed call (run_config)
         from fastvlm_kernels import cpu as fk_cpu
-        PROBE[:] = [lambda: fk_cpu.peak_gflops(torch.float32, 0.02, 1)]
+        probe = lambda: fk_cpu.peak_gflops(torch.float32, 0.02, 1)  # noqa: E731
     g32 = gemm_rate(torch.float32, 256 if a.quick else 1024)
     g16 = gemm_rate(torch.bfloat16, 256, max_s=3.0)
     g32_small = gemm_rate(torch.float32, 256) if not a.quick else g32
@@ -587,7 +589,7 @@ def main(argv=None) -> Dict:
                 log(f"    two different images' float64 outputs differ by rel-L2 "
                     f"{report['image_sensitivity']['rel_l2']:.2e} (the scale for the parity column)")
         t0 = time.perf_counter()
-        res = run_config(size, batch, dt, systems, refs[size], n_rounds, prog)
+        res = run_config(size, batch, dt, systems, refs[size], n_rounds, prog, probe)
         spent = time.perf_counter() - t0
         if dt == "fp32":
             per_gflop_round = spent / gflop / (n_rounds + 1)

@@ -565,17 +565,16 @@ double peak_gflops(bool bf16_dot, double seconds, int64_t reps) {
   const Isa isa = active_isa();
   TORCH_CHECK(!bf16_dot || isa == Isa::avx512_bf16, "peak_gflops: bf16_dot needs the avx512_bf16 ISA; this CPU "
               "(with FASTVLM_CPU_ISA, if set) runs ", isa_name(isa));
-  const int vl = isa >= Isa::avx512 ? 16 : isa == Isa::avx2 ? 8 : 4;
-  const double per_iter = bf16_dot ? 4.0 * vl * ffn_avx512bf16::NCH_DP : 2.0 * vl * ffn_avx2::NCH;
-  auto chains = [&](int64_t iters, float seed) -> float {
-    if (bf16_dot) return ffn_avx512bf16::dp_chains(iters, seed);
-    switch (isa) {
-      case Isa::avx512_bf16:
-      case Isa::avx512: return ffn_avx512::fma_chains(iters, seed);
-      case Isa::avx2: return ffn_avx2::fma_chains(iters, seed);
-      default: return ffn_sse::fma_chains(iters, seed);
-    }
-  };
+  // the chains of the ISA in use, and the flops of one of their iterations
+  float (*chains)(int64_t, float) = ffn_sse::fma_chains;
+  int per_iter = ffn_sse::CHAIN_FLOPS;
+  if (bf16_dot) {
+    chains = ffn_avx512bf16::dp_chains, per_iter = ffn_avx512bf16::DP_CHAIN_FLOPS;
+  } else if (isa >= Isa::avx512) {
+    chains = ffn_avx512::fma_chains, per_iter = ffn_avx512::CHAIN_FLOPS;
+  } else if (isa == Isa::avx2) {
+    chains = ffn_avx2::fma_chains, per_iter = ffn_avx2::CHAIN_FLOPS;
+  }
   using clock = std::chrono::steady_clock;
   static volatile float sink = 0.f;  // keeps the chains' results alive
   // iterations for about `seconds` on one thread, from a short run (at most half as long)
@@ -603,7 +602,8 @@ double peak_gflops(bool bf16_dot, double seconds, int64_t reps) {
     });
     const double dt = std::chrono::duration<double>(clock::now() - t0).count();
     TORCH_CHECK(done.load() == nth, "peak_gflops: ", done.load(), " of ", nth, " chains ran");
-    best = std::max(best, static_cast<double>(nth) * static_cast<double>(iters) * per_iter / dt / 1e9);
+    const double flops = static_cast<double>(nth) * static_cast<double>(iters) * static_cast<double>(per_iter);
+    best = std::max(best, flops / dt / 1e9);
   }
   return best;
 }

@@ -224,6 +224,7 @@ static void proj_dp_tiles(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, 
 // chains: vdpbf16ps has a longer latency than an FMA. Values stay normal (no denormal slow paths or
 // flushing): the products are 2^-40.
 constexpr int NCH_DP = 16;
+constexpr int DP_CHAIN_FLOPS = 4 * VL * NCH_DP;  // per iteration of dp_chains
 static float dp_chains(int64_t iters, float seed) {
   typedef uint32_t vu __attribute__((vector_size(FVK_VL * 4)));
   vf a[NCH_DP];

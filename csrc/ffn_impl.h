@@ -837,6 +837,7 @@ static void scale_gelu_rows(const float* z, const float* sc, void* y, bool bf16,
 // the x86 cores this project targets (4 cycles x 2 pipes), so the loop runs at the issue rate, with
 // no memory traffic. 2 VL flops per chain step. Returns a value that depends on every result.
 constexpr int NCH = 12;
+constexpr int CHAIN_FLOPS = 2 * VL * NCH;  // per iteration of fma_chains
 template <int N>
 static inline float sum_chains(const vf* a) {  // all lanes of a[0 .. N)
   vf s = a[0];
