@@ -259,10 +259,10 @@ static void check_packed_bf16(const at::Tensor& wp, int64_t N, int64_t K, const 
               what, " must be pack_linear_bf16(", name, "), bfloat16 (", packed_panels(N), ", ", (K + 1) / 2, ", ",
               2 * kPanel, "), got ", wp.scalar_type(), " ", wp.sizes());
 }
-// An op handed pack_linear_bf16 weights runs the AVX512_BF16 kernels: bf16 x, and that ISA active.
-static void check_dp_call(const at::Tensor& x, Isa isa, const char* op) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, op, ": weights packed by pack_linear_bf16 need bfloat16 x, got ",
-              x.scalar_type(), " (pack float32 models with pack_linear)");
+// An op handed pack_linear_bf16 weights runs the AVX512_BF16 kernels: bf16 x (dtype: x's), and that ISA active.
+static void check_dp_call(at::ScalarType dtype, Isa isa, const char* op) {
+  TORCH_CHECK(dtype == at::kBFloat16, op, ": weights packed by pack_linear_bf16 need bfloat16 x, got ", dtype,
+              " (pack float32 models with pack_linear)");
   TORCH_CHECK(isa == Isa::avx512_bf16, op, ": weights packed by pack_linear_bf16 need the avx512_bf16 kernels, but "
               "this call runs ", isa_name(isa), " (the CPU lacks AVX512_BF16, or FASTVLM_CPU_ISA caps it): pack with "
               "pack_linear instead");
@@ -286,46 +286,46 @@ static Tiling gemm_tiling(int64_t B, int64_t HW) {
   return {n, (groups + n - 1) / n * 6};
 }
 
-at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
-                        const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
-                        const at::Tensor& gamma) {
-  TORCH_CHECK(x.device().is_cpu(), "convffn_nhwc: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "convffn_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "convffn_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
-  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  TORCH_CHECK(dw_w.dim() == 3 && dw_w.size(0) == dw_w.size(1) && dw_w.size(0) % 2 == 1,
-              "convffn_nhwc: dw_w must be (K, K, C) with odd K, got ", dw_w.sizes());
-  TORCH_CHECK(fc1_b.dim() == 1, "convffn_nhwc: fc1_b must be 1-D (Hd), got ", fc1_b.sizes());
+// The ConvFFN tiles of convffn_nhwc and repmixer_nhwc (`op` names the caller in errors): xc
+// (B, H, W, C) contiguous, float32 or bfloat16, into y (the same shape, contiguous): y has x's dtype,
+// or xc is float32 and y bfloat16 (repmixer_nhwc's fp32 mixer output). The kernels' storage and
+// weight layouts follow y's dtype (bf16 pairs: bf16 y on avx512_bf16).
+static void convffn_run(const char* op, const at::Tensor& xc, at::Tensor& y, const at::Tensor& dw_w,
+                        const at::Tensor& dw_b, const at::Tensor& fc1_wp, const at::Tensor& fc1_b,
+                        const at::Tensor& fc2_wp, const at::Tensor& fc2_b, const at::Tensor& gamma) {
+  const int64_t B = xc.size(0), H = xc.size(1), W = xc.size(2), C = xc.size(3);
+  TORCH_CHECK(dw_w.dim() == 3 && dw_w.size(0) == dw_w.size(1) && dw_w.size(0) % 2 == 1, op,
+              ": dw_w must be (K, K, C) with odd K, got ", dw_w.sizes());
+  TORCH_CHECK(fc1_b.dim() == 1, op, ": fc1_b must be 1-D (Hd), got ", fc1_b.sizes());
   const int64_t K = dw_w.size(0), Hd = fc1_b.size(0);
-  TORCH_CHECK(fc1_wp.device().is_cpu() && fc2_wp.device().is_cpu(), "convffn_nhwc: weights must be CPU tensors");
+  TORCH_CHECK(fc1_wp.device().is_cpu() && fc2_wp.device().is_cpu(), op, ": weights must be CPU tensors");
   const Isa isa = active_isa();
+  const std::string name = op;
   // bf16-pair panels (pack_linear_bf16): the AVX512_BF16 kernel (ffn_dp_impl.h)
   const bool dp = fc1_wp.scalar_type() == at::kBFloat16 || fc2_wp.scalar_type() == at::kBFloat16;
   if (dp) {
-    check_packed_bf16(fc1_wp, Hd, C, "convffn_nhwc: fc1_wp", "fc1_w");
-    check_packed_bf16(fc2_wp, C, Hd, "convffn_nhwc: fc2_wp", "fc2_w");
-    check_dp_call(x, isa, "convffn_nhwc");
+    check_packed_bf16(fc1_wp, Hd, C, (name + ": fc1_wp").c_str(), "fc1_w");
+    check_packed_bf16(fc2_wp, C, Hd, (name + ": fc2_wp").c_str(), "fc2_w");
+    check_dp_call(y.scalar_type(), isa, op);
+  } else {  // pack_linear's panels of fc1_w (Hd, C) and fc2_w (C, Hd)
+    TORCH_CHECK(fc1_wp.scalar_type() == at::kFloat && fc1_wp.is_contiguous() &&
+                    fc1_wp.sizes() == at::IntArrayRef({packed_panels(Hd), C, kPanel}),
+                op, ": fc1_wp must be pack_linear(fc1_w), float32 (", packed_panels(Hd), ", ", C, ", ", kPanel,
+                "), got ", fc1_wp.scalar_type(), " ", fc1_wp.sizes());
+    TORCH_CHECK(fc2_wp.scalar_type() == at::kFloat && fc2_wp.is_contiguous() &&
+                    fc2_wp.sizes() == at::IntArrayRef({packed_panels(C), Hd, kPanel}),
+                op, ": fc2_wp must be pack_linear(fc2_w), float32 (", packed_panels(C), ", ", Hd, ", ", kPanel,
+                "), got ", fc2_wp.scalar_type(), " ", fc2_wp.sizes());
   }
-  // fc1_wp / fc2_wp: pack_linear's panels of fc1_w (Hd, C) and fc2_w (C, Hd)
-  if (!dp) TORCH_CHECK(fc1_wp.scalar_type() == at::kFloat && fc1_wp.is_contiguous() &&
-                  fc1_wp.sizes() == at::IntArrayRef({packed_panels(Hd), C, kPanel}),
-              "convffn_nhwc: fc1_wp must be pack_linear(fc1_w), float32 (", packed_panels(Hd), ", ", C, ", ", kPanel,
-              "), got ", fc1_wp.scalar_type(), " ", fc1_wp.sizes());
-  if (!dp) TORCH_CHECK(fc2_wp.scalar_type() == at::kFloat && fc2_wp.is_contiguous() &&
-                  fc2_wp.sizes() == at::IntArrayRef({packed_panels(C), Hd, kPanel}),
-              "convffn_nhwc: fc2_wp must be pack_linear(fc2_w), float32 (", packed_panels(C), ", ", Hd, ", ", kPanel,
-              "), got ", fc2_wp.scalar_type(), " ", fc2_wp.sizes());
   const int64_t Hdp = padded_width(Hd), Cp = padded_width(C);
-  const at::Tensor dww = as_f32(dw_w, "convffn_nhwc: dw_w", {K, K, C}), dwb = as_f32(dw_b, "convffn_nhwc: dw_b", {C});
-  const at::Tensor b1 = padded_f32(fc1_b, "convffn_nhwc: fc1_b", Hd, Hdp);
-  const at::Tensor b2 = padded_f32(fc2_b, "convffn_nhwc: fc2_b", C, Cp);
-  const at::Tensor g = padded_f32(gamma, "convffn_nhwc: gamma", C, Cp);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
-  if (B == 0 || H == 0 || W == 0 || C == 0) return y;
+  const at::Tensor dww = as_f32(dw_w, (name + ": dw_w").c_str(), {K, K, C});
+  const at::Tensor dwb = as_f32(dw_b, (name + ": dw_b").c_str(), {C});
+  const at::Tensor b1 = padded_f32(fc1_b, (name + ": fc1_b").c_str(), Hd, Hdp);
+  const at::Tensor b2 = padded_f32(fc2_b, (name + ": fc2_b").c_str(), C, Cp);
+  const at::Tensor g = padded_f32(gamma, (name + ": gamma").c_str(), C, Cp);
+  if (B == 0 || H == 0 || W == 0 || C == 0) return;
 
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const bool x_bf16 = xc.scalar_type() == at::kBFloat16, y_bf16 = y.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   const float *pdw = dww.data_ptr<float>(), *pdb = dwb.data_ptr<float>(), *pb1 = b1.data_ptr<float>(),
@@ -335,23 +335,71 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
   if (dp) {
     const auto* q1 = reinterpret_cast<const uint16_t*>(fc1_wp.data_ptr());
     const auto* q2 = reinterpret_cast<const uint16_t*>(fc2_wp.data_ptr());
-    const auto* xh = static_cast<const uint16_t*>(xp);
     auto* yh = static_cast<uint16_t*>(yp);
     parallel_tiles(tiles, ffn_avx512bf16::ffn_dp_scratch(T, C, Hd), [&](int64_t b, int64_t e, float* buf) {
-      ffn_avx512bf16::ffn_dp_tiles(xh, yh, H, W, C, Hd, K, pdw, pdb, q1, pb1, q2, pb2, pg, tl.n, T, b, e, buf);
+      if (x_bf16)
+        ffn_avx512bf16::ffn_dp_tiles(static_cast<const uint16_t*>(xp), yh, H, W, C, Hd, K, pdw, pdb, q1, pb1, q2, pb2,
+                                     pg, tl.n, T, b, e, buf);
+      else
+        ffn_avx512bf16::ffn_dp_tiles(static_cast<const float*>(xp), yh, H, W, C, Hd, K, pdw, pdb, q1, pb1, q2, pb2,
+                                     pg, tl.n, T, b, e, buf);
     });
-    return y;
+    return;
   }
   const float *p1 = fc1_wp.data_ptr<float>(), *p2 = fc2_wp.data_ptr<float>();
   const int64_t scratch = T * (C + ffn_avx512::hid_stride(Hd) + Cp);  // the widest ISA's chunk stride: >= every ISA's
-  FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2, pg, tl.n,
-                     T);
+  FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, x_bf16, y_bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2,
+                     pg, tl.n, T);
+}
+
+// x (B, H, W, C), float32 or bfloat16, checked; returned contiguous.
+static at::Tensor checked_nhwc(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, H, W, C), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  return x.contiguous();
+}
+
+at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
+                        const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
+                        const at::Tensor& gamma) {
+  const at::Tensor xc = checked_nhwc(x, "convffn_nhwc");
+  at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
+  convffn_run("convffn_nhwc", xc, y, dw_w, dw_b, fc1_wp, fc1_b, fc2_wp, fc2_b, gamma);
   return y;
 }
 
-// dwconv_nhwc's fast path (dwconv.cpp calls it for multiplier 1, stride 1, padding K / 2, odd K):
-// x and y (B, H, W, C) contiguous with the same dtype (float32 / bfloat16); w (K, K, C) float32
-// contiguous; b (C) float32 or null. Parallel over image rows; thread-count independent.
+void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu);
+
+// fastvlm_C::repmixer_nhwc -- the RepMixer block: m = dwKxK(x) (mix_w (K, K, C), mix_b (C): the
+// RepMixer with its residual folded in), then y = m + gamma * fc2(GELU(fc1(dw_bnfolded(m)))) (the
+// ConvFFN, convffn_nhwc's arguments). m is the one C-wide round trip through memory (the ConvFFN's
+// 7x7 reads its neighbours), kept in float32 for either x dtype: for bf16 x a bf16 m would round the
+// residual stream twice per block (m, then y); eager bf16 does, and at 1024x1024 that alone made the
+// encoder's error 1.6x that of fp32-accumulating ops rounded once (rel-L2 3.3e-2 against 2.0e-2
+// at 512x512, train-form random weights).
+at::Tensor repmixer_nhwc(const at::Tensor& x, const at::Tensor& mix_w, const at::Tensor& mix_b,
+                         const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
+                         const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
+                         const at::Tensor& gamma) {
+  const at::Tensor xc = checked_nhwc(x, "repmixer_nhwc");
+  const int64_t B = xc.size(0), H = xc.size(1), W = xc.size(2), C = xc.size(3);
+  TORCH_CHECK(mix_w.dim() == 3 && mix_w.size(0) == mix_w.size(1) && mix_w.size(0) % 2 == 1,
+              "repmixer_nhwc: mix_w must be (K, K, C) with odd K, got ", mix_w.sizes());
+  const int64_t Km = mix_w.size(0);
+  const at::Tensor mw = as_f32(mix_w, "repmixer_nhwc: mix_w", {Km, Km, C});
+  const at::Tensor mb = as_f32(mix_b, "repmixer_nhwc: mix_b", {C});
+  at::Tensor m = at::empty({B, H, W, C}, xc.options().dtype(at::kFloat));
+  at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
+  if (B > 0 && H > 0 && W > 0 && C > 0) dwconv_same_fast(xc, mw.data_ptr<float>(), mb.data_ptr<float>(), Km, m, false);
+  convffn_run("repmixer_nhwc", m, y, dw_w, dw_b, fc1_wp, fc1_b, fc2_wp, fc2_b, gamma);
+  return y;
+}
+
+// dwconv_nhwc's fast path (dwconv.cpp calls it for multiplier 1, stride 1, padding K / 2, odd K;
+// repmixer_nhwc for its mixer): x and y (B, H, W, C) contiguous, each float32 or bfloat16; w (K, K, C)
+// float32 contiguous; b (C) float32 or null. Parallel over image rows; thread-count independent.
 void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu) {
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   at::Tensor zeros;
@@ -360,10 +408,10 @@ void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64
     b = zeros.data_ptr<float>();
   }
   const Isa isa = active_isa();
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const bool bf16 = x.scalar_type() == at::kBFloat16, y_bf16 = y.scalar_type() == at::kBFloat16;
   const void* xp = x.data_ptr();
   void* yp = y.data_ptr();
-  FVK_PARALLEL_TILES(dw_same_rows, B * H, W * C, isa, xp, yp, bf16, H, W, C, K, w, b, gelu);
+  FVK_PARALLEL_TILES(dw_same_rows, B * H, W * C, isa, xp, yp, bf16, y_bf16, H, W, C, K, w, b, gelu);
 }
 
 // conv_exp_nhwc's two passes (dwconv.cpp): x (B, H, W, Cin) contiguous float32/bf16, w (K, K, Co) and
@@ -499,7 +547,7 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   if (dp) {
     check_packed_bf16(qkv_wp, 3 * C, C, "attention_mixer_nhwc: qkv_wp", "qkv_w");
     check_packed_bf16(proj_wp, C, C, "attention_mixer_nhwc: proj_wp", "proj_w");
-    check_dp_call(x, isa, "attention_mixer_nhwc");
+    check_dp_call(x.scalar_type(), isa, "attention_mixer_nhwc");
   } else {
     check_packed(qkv_wp, 3 * C, C, "attention_mixer_nhwc: qkv_wp");
     check_packed(proj_wp, C, C, "attention_mixer_nhwc: proj_wp");

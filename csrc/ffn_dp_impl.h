@@ -37,12 +37,13 @@ constexpr int MRD = 8;
 //   first pair (32 bf16 per pair). first: start from bias (else from the fp32 partial sums in buf);
 //   last: run the epilogue (else store the partial sums to buf).
 //   EPI 0 (fc1): last block writes h[t][n] = bf16(GELU(acc)) (row stride ldh).
-//   EPI 1 (fc2, attention's proj): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N.
+//   EPI 1 (fc2, attention's proj): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N
+//   (x bf16, or fp32: TX; y bf16).
 //   EPI 3 (attention's qkv): buf is the output, acc as is.
-template <int M, int EPI>
+template <int M, int EPI, typename TX>
 static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t kp, const uint16_t* __restrict__ w0,
                             const uint16_t* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
-                            int64_t ldb, int64_t n0, int64_t N, uint16_t* h, int64_t ldh, const uint16_t* x,
+                            int64_t ldb, int64_t n0, int64_t N, uint16_t* h, int64_t ldh, const TX* x,
                             uint16_t* y, int64_t ldy, const float* gamma) {
   vf acc0[M], acc1[M];
   acc_start<M>(acc0, acc1, first, bias, buf, ldb, n0);
@@ -72,10 +73,11 @@ static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t
 // pairs: a (np x K bf16, row stride lda, even; an odd K's partner column zero); Wp points at the
 // range's first pair in the bf16-pair panels of a weight with ldp pairs per panel row (panel p at
 // Wp + p * ldp * 32). first_part / last_part as pgemm_part's (fp32 partial sums through buf).
-template <int EPI>
+// TX: the storage of the epilogue's x (EPI 1).
+template <int EPI, typename TX>
 static void pgemm_dp_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K, const uint16_t* Wp, int64_t ldp,
                           int64_t N, const float* bias, float* buf, int64_t ldb, uint16_t* h, int64_t ldh,
-                          const uint16_t* x, uint16_t* y, int64_t ldy, const float* gamma, bool first_part,
+                          const TX* x, uint16_t* y, int64_t ldy, const float* gamma, bool first_part,
                           bool last_part) {
   const int64_t KP = (K + 1) / 2, nkb = (KP + KP_MAX - 1) / KP_MAX, kpb = (KP + nkb - 1) / nkb;
   for (int64_t j0 = 0; j0 < KP; j0 += kpb) {
@@ -89,7 +91,7 @@ static void pgemm_dp_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K,
         const uint16_t* at = a + t0 * lda + 2 * j0;
         float* bt = buf + t0 * ldb;
         uint16_t* ht = h ? h + t0 * ldh : nullptr;
-        const uint16_t* xt = x ? x + t0 * ldy : nullptr;
+        const TX* xt = x ? x + t0 * ldy : nullptr;
         uint16_t* yt = y ? y + t0 * ldy : nullptr;
         switch (m) {
 #define FVK_PT(MM)                                                                                             \
@@ -130,12 +132,13 @@ static inline int64_t ffn_dp_scratch(int64_t T, int64_t C, int64_t Hd) {
 }
 
 // One tile of the bf16 ConvFFN (ffn_tile's steps, the GEMMs on bf16 pairs): pixels [p0, p0 + np)
-// of one image x (H x Wd x C, bf16):
+// of one image x (H x Wd x C, bf16; or fp32, the bf16 RepMixer block's mixer output), y bf16:
 //   d(np x C)   = depthwise KxK (BN folded) of x in fp32, then rounded to bf16 rows dh (np x Ce)
 //   hid         = bf16(GELU(dh . W1^T + b1)), HC hidden channels at a time (np x hc, stride ldh)
 //   y[p]        = x[p] + gamma * (hid . W2^T + b2)  (fc2's chunks accumulate in fp32 in acc)
 // w1p, w2p: pack_linear_bf16 of fc1_w (Hd, C) and fc2_w (C, Hd).
-static void ffn_tile_dp(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+template <typename TX>
+static void ffn_tile_dp(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                         const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
                         const uint16_t* w2p, const float* b2, const float* gamma, int64_t p0, int64_t np, float* d,
                         float* hacc, float* acc, uint16_t* dh, uint16_t* hid) {
@@ -147,8 +150,8 @@ static void ffn_tile_dp(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, i
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
     // fc1 + GELU, hidden channels [h0, h0 + hc) into hid's columns [0, hc rounded up to NR): the
     // columns past hc are GELU(0) = 0 (zero padded weights and bias), so an odd hc's partner is 0
-    pgemm_dp_part<0>(dh, Ce, np, C, w1p + (h0 / PW) * KP1 * 2 * PW, KP1, hc, b1 + h0, hacc, ldh, hid, ldh, nullptr,
-                     nullptr, 0, nullptr, true, true);
+    pgemm_dp_part<0, uint16_t>(dh, Ce, np, C, w1p + (h0 / PW) * KP1 * 2 * PW, KP1, hc, b1 + h0, hacc, ldh, hid, ldh,
+                               nullptr, nullptr, 0, nullptr, true, true);
     // fc2's pairs [h0 / 2, (h0 + hc + 1) / 2) of its Hd-long sum (h0 is even: HC is)
     pgemm_dp_part<1>(hid, ldh, np, hc, w2p + (h0 / 2) * 2 * PW, KP2, C, b2, acc, Cp, nullptr, 0, x + p0 * C,
                      y + p0 * C, C, gamma, h0 == 0, h0 + hc == Hd);
@@ -157,7 +160,9 @@ static void ffn_tile_dp(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, i
 static_assert(HC % 2 == 0, "fc2's hidden chunks start on a pair");
 
 // Tiles [t_begin, t_end) of a batch (ffn_tiles' tiling), `scratch`: ffn_dp_scratch(T, C, Hd) floats.
-static void ffn_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+// x bf16 (TX = uint16_t) or fp32 (the bf16 RepMixer block's mixer output); y bf16.
+template <typename TX>
+static void ffn_dp_tiles(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                          const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
                          const uint16_t* w2p, const float* b2, const float* gamma, int64_t per_image, int64_t T,
                          int64_t t_begin, int64_t t_end, float* scratch) {
@@ -191,8 +196,8 @@ static void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, co
   uint16_t* lnh = reinterpret_cast<uint16_t*>(qkv + T * ldq);
   const auto gemm = [&](const float* a, int64_t n, float* out) {
     to_bf16_rows(a, n, C, lnh);
-    pgemm_dp_part<3>(lnh, Ce, n, C, wq, Ce / 2, 3 * C, zeros, out, ldq, nullptr, 0, nullptr, nullptr, 0, nullptr,
-                     true, true);
+    pgemm_dp_part<3, uint16_t>(lnh, Ce, n, C, wq, Ce / 2, 3 * C, zeros, out, ldq, nullptr, 0, nullptr, nullptr, 0,
+                               nullptr, true, true);
   };
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);

@@ -189,10 +189,11 @@ __attribute__((always_inline)) static inline void acc_start(vf* acc0, vf* acc1, 
 }
 
 // fc2's epilogue (EPI 1) for M pixel rows of two accumulator vectors (channels n0 .. n0 + 2 VL):
-// y[t][n] = x[t][n] + gamma[n] * acc[t][n], n < N (storage T_; gamma padded to whole vectors).
-template <int M, typename T_>
+// y[t][n] = x[t][n] + gamma[n] * acc[t][n], n < N (storage TX of x, TY of y: the bf16 RepMixer block
+// reads its fp32 mixer output m and writes bf16; gamma padded to whole vectors).
+template <int M, typename TX, typename TY>
 __attribute__((always_inline)) static inline void residual_out(const vf* acc0, const vf* acc1, int64_t n0, int64_t N,
-                                                               const T_* x, T_* y, int64_t ldy, const float* gamma) {
+                                                               const TX* x, TY* y, int64_t ldy, const float* gamma) {
   const vf g0 = vload(gamma + n0), g1 = vload(gamma + n0 + VL);
   if (n0 + 2 * VL <= N) {
 #pragma GCC unroll 8
@@ -214,13 +215,13 @@ __attribute__((always_inline)) static inline void residual_out(const vf* acc0, c
 //   A: pixel rows (A[t][k] at a[t * lda + k]); w0, w1: the two vectors' panel columns (16 floats per k)
 //   first: start from bias (else from the fp32 accumulator buf); last: run the epilogue (else store to buf)
 //   EPI 0 (fc1): buf is also the output: GELU(acc) on the last block.
-//   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (storage T_).
+//   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (storage TX, TY).
 //   EPI 2 (the stem's and patch_embed's 1x1): last block writes y[t][n] = GELU(acc), n < N.
 //   EPI 3 (attention's qkv): buf is the output, acc as is.
-template <int M, int EPI, typename T_>
+template <int M, int EPI, typename TX, typename TY>
 static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, const float* __restrict__ w0,
                          const float* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
-                         int64_t ldb, int64_t n0, int64_t N, const T_* x, T_* y, int64_t ldy, const float* gamma,
+                         int64_t ldb, int64_t n0, int64_t N, const TX* x, TY* y, int64_t ldy, const float* gamma,
                          const float* pf) {
   vf acc0[M], acc1[M];
   acc_start<M>(acc0, acc1, first, bias, buf, ldb, n0);
@@ -276,10 +277,11 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
 // Wp points at the range's first k in the packed panels of a (N x ldk) weight (panel p at
 // Wp + p * ldk * PW); first_part: start from bias (else from buf); last_part: the range ends the
 // sum (run the epilogue; else leave the fp32 partial sums in buf). A K range split this way sums in
-// the same order as one call: partial sums go through buf in fp32, exactly.
-template <int EPI, typename T_>
+// the same order as one call: partial sums go through buf in fp32, exactly. TX, TY: the storage of
+// the epilogue's x (EPI 1) and y (EPI 1, 2).
+template <int EPI, typename TX, typename TY>
 static void pgemm_part(const float* a, int64_t lda, int64_t np, int64_t K, const float* Wp, int64_t ldk, int64_t N,
-                       const float* bias, float* buf, int64_t ldb, const T_* x, T_* y, int64_t ldy,
+                       const float* bias, float* buf, int64_t ldb, const TX* x, TY* y, int64_t ldy,
                        const float* gamma, bool first_part, bool last_part) {
   const int64_t nkb = (K + KC_MAX - 1) / KC_MAX, kcb = (K + nkb - 1) / nkb;
   for (int64_t k0 = 0; k0 < K; k0 += kcb) {
@@ -298,8 +300,8 @@ static void pgemm_part(const float* a, int64_t lda, int64_t np, int64_t K, const
         const float* pf = t0 + MR >= np ? wn : nullptr;
         const float* at = a + t0 * lda + k0;
         float* bt = buf + t0 * ldb;
-        const T_* xt = x ? x + t0 * ldy : nullptr;
-        T_* yt = y ? y + t0 * ldy : nullptr;
+        const TX* xt = x ? x + t0 * ldy : nullptr;
+        TY* yt = y ? y + t0 * ldy : nullptr;
         switch (m) {
 #define FVK_PT(MM) \
   case MM: ptile<MM, EPI>(at, lda, kc, w0, w1, first, last, bias, bt, ldb, n0, N, xt, yt, ldy, gamma, pf); break;
@@ -311,11 +313,11 @@ static void pgemm_part(const float* a, int64_t lda, int64_t np, int64_t K, const
   }
 }
 
-// C(np x N) = the whole sum over K (Wp: packed panels of a (N x K) weight).
+// C(np x N) = the whole sum over K (Wp: packed panels of a (N x K) weight); x and y share storage T_.
 template <int EPI, typename T_>
 static void pgemm(const float* a, int64_t lda, int64_t np, int64_t K, const float* Wp, int64_t N, const float* bias,
                   float* buf, int64_t ldb, const T_* x, T_* y, int64_t ldy, const float* gamma) {
-  pgemm_part<EPI, T_>(a, lda, np, K, Wp, K, N, bias, buf, ldb, x, y, ldy, gamma, true, true);
+  pgemm_part<EPI, T_, T_>(a, lda, np, K, Wp, K, N, bias, buf, ldb, x, y, ldy, gamma, true, true);
 }
 
 // Depthwise KxK (BN folded) of one pixel, channels [c0, C), into out: channel vectors held in
@@ -500,13 +502,14 @@ static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, c
 
 // Depthwise KxK, stride 1, 'same' padding, multiplier 1 (the RepMixer and RepCPE convs) through
 // dw_rows: image rows [r_begin, r_end) of a batch (row r: image r / H, row r % H), optional GELU.
-// `scratch` holds Wd * C floats (bf16 output, or GELU tails).
-static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Kk,
+// x in bf16 or fp32 (bf16), y in bf16 or fp32 (y_bf16: the bf16 RepMixer block keeps its mixer
+// output in fp32). `scratch` holds Wd * C floats (bf16 output).
+static void dw_same_rows(const void* x, void* y, bool bf16, bool y_bf16, int64_t H, int64_t Wd, int64_t C, int64_t Kk,
                          const float* w, const float* b, bool gelu, int64_t r_begin, int64_t r_end, float* scratch) {
   const int64_t n = Wd * C, nv = n / VL * VL;
   for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t bi = r / H, h = r % H, img = bi * H * Wd * C;
-    float* row = bf16 ? scratch : static_cast<float*>(y) + r * n;
+    float* row = y_bf16 ? scratch : static_cast<float*>(y) + r * n;
     if (bf16)
       dw_rows(static_cast<const uint16_t*>(x) + img, H, Wd, C, Kk, w, b, h * Wd, Wd, row);
     else
@@ -515,7 +518,7 @@ static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t W
       for (int64_t i = 0; i < nv; i += VL) vstore(row + i, vgelu(vload(row + i)));
       for (int64_t i = nv; i < n; ++i) row[i] = ::fastvlm::gelu_scalar(row[i]);
     }
-    if (bf16) {
+    if (y_bf16) {
       uint16_t* out = static_cast<uint16_t*>(y) + r * n;
       for (int64_t i = 0; i < nv; i += VL) vst(out + i, vload(row + i));
       for (int64_t i = nv; i < n; ++i) st(out, i, row[i]);
@@ -539,8 +542,8 @@ constexpr int64_t HC = 256;
 // weight panel slice: conflict misses in fc2's inner loop.
 static inline int64_t hid_stride(int64_t Hd) { return ((Hd < HC ? Hd : HC) + NR - 1) / NR * NR + 16; }
 
-template <typename T_>
-static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+template <typename TX, typename TY>
+static void ffn_tile(const TX* x, TY* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                      const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
                      const float* b2, const float* gamma, int64_t p0, int64_t np, float* d, float* hid, float* acc) {
   const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR;
@@ -548,33 +551,34 @@ static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64
   for (int64_t h0 = 0; h0 < Hd; h0 += HC) {
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
     // fc1 + GELU, hidden channels [h0, h0 + hc): panels from h0 / PW (h0 is a multiple of PW)
-    pgemm_part<0, T_>(d, C, np, C, w1p + (h0 / PW) * C * PW, C, hc, b1 + h0, hid, ldh, nullptr, nullptr, 0,
-                      nullptr, true, true);
+    pgemm_part<0, float, float>(d, C, np, C, w1p + (h0 / PW) * C * PW, C, hc, b1 + h0, hid, ldh, nullptr, nullptr,
+                                0, nullptr, true, true);
     // fc2's k range [h0, h0 + hc) of its Hd-long sum
-    pgemm_part<1, T_>(hid, ldh, np, hc, w2p + h0 * PW, Hd, C, b2, acc, Cp, x + p0 * C, y + p0 * C, C, gamma,
-                      h0 == 0, h0 + hc == Hd);
+    pgemm_part<1, TX, TY>(hid, ldh, np, hc, w2p + h0 * PW, Hd, C, b2, acc, Cp, x + p0 * C, y + p0 * C, C, gamma,
+                          h0 == 0, h0 + hc == Hd);
   }
 }
 
 // Tiles [t_begin, t_end) of a batch: tile t covers image t / tiles_per_image, pixels from
-// (t % tiles_per_image) * T. b1, b2 and gamma are zero padded to Hdp / Cp floats.
-// `scratch` holds T * (C + hid_stride(Hd) + Cp) floats.
-static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
-                      const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
-                      const float* b2, const float* gamma, int64_t per_image, int64_t T, int64_t t_begin,
-                      int64_t t_end, float* scratch) {
+// (t % tiles_per_image) * T. b1, b2 and gamma are zero padded to Hdp / Cp floats. x is bf16 where
+// x_bf16 (else fp32), y bf16 where y_bf16: the same, or fp32 x and bf16 y (the bf16 RepMixer block's
+// fp32 mixer output). `scratch` holds T * (C + hid_stride(Hd) + Cp) floats.
+static void ffn_tiles(const void* x, void* y, bool x_bf16, bool y_bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd,
+                      int64_t Kk, const float* dw_w, const float* dw_b, const float* w1p, const float* b1,
+                      const float* w2p, const float* b2, const float* gamma, int64_t per_image, int64_t T,
+                      int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t HW = H * Wd;
   float *d = scratch, *hid = d + C * T, *acc = hid + hid_stride(Hd) * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = tile_start(HW, per_image, t % per_image);
     const int64_t np = tile_start(HW, per_image, t % per_image + 1) - p0;
-    if (bf16) {
-      ffn_tile(static_cast<const uint16_t*>(x) + b * HW * C, static_cast<uint16_t*>(y) + b * HW * C, H, Wd, C, Hd,
-               Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d, hid, acc);
-    } else {
-      ffn_tile(static_cast<const float*>(x) + b * HW * C, static_cast<float*>(y) + b * HW * C, H, Wd, C, Hd, Kk,
-               dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d, hid, acc);
-    }
+    const auto tile = [&](const auto* xi, auto* yi) {
+      ffn_tile(xi + b * HW * C, yi + b * HW * C, H, Wd, C, Hd, Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d, hid,
+               acc);
+    };
+    if (x_bf16) tile(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y));
+    else if (y_bf16) tile(static_cast<const float*>(x), static_cast<uint16_t*>(y));
+    else tile(static_cast<const float*>(x), static_cast<float*>(y));
   }
 }
 

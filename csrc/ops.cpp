@@ -12,6 +12,10 @@ at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10:
 at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
                         const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
                         const at::Tensor& gamma);
+at::Tensor repmixer_nhwc(const at::Tensor& x, const at::Tensor& mix_w, const at::Tensor& mix_b,
+                         const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
+                         const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
+                         const at::Tensor& gamma);
 at::Tensor pack_linear(const at::Tensor& w);
 at::Tensor pack_linear_bf16(const at::Tensor& w);
 at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
@@ -33,6 +37,8 @@ TORCH_LIBRARY(fastvlm_C, m) {
   m.def("dwconv_nhwc(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, bool gelu) -> Tensor");
   m.def("convffn_nhwc(Tensor x, Tensor dw_w, Tensor dw_b, Tensor fc1_wp, Tensor fc1_b, Tensor fc2_wp, Tensor fc2_b, "
         "Tensor gamma) -> Tensor");
+  m.def("repmixer_nhwc(Tensor x, Tensor mix_w, Tensor mix_b, Tensor dw_w, Tensor dw_b, Tensor fc1_wp, Tensor fc1_b, "
+        "Tensor fc2_wp, Tensor fc2_b, Tensor gamma) -> Tensor");
   m.def("pack_linear(Tensor w) -> Tensor");
   m.def("pack_linear_bf16(Tensor w) -> Tensor");
   m.def("stem_nhwc(Tensor x, Tensor w0, Tensor b0, Tensor w1, Tensor b1, Tensor w2p, Tensor b2) -> Tensor");
@@ -47,6 +53,7 @@ TORCH_LIBRARY(fastvlm_C, m) {
 TORCH_LIBRARY_IMPL(fastvlm_C, CPU, m) {
   m.impl("dwconv_nhwc", &fastvlm::dwconv_nhwc);
   m.impl("convffn_nhwc", &fastvlm::convffn_nhwc);
+  m.impl("repmixer_nhwc", &fastvlm::repmixer_nhwc);
   m.impl("pack_linear", &fastvlm::pack_linear);
   m.impl("pack_linear_bf16", &fastvlm::pack_linear_bf16);
   m.impl("stem_nhwc", &fastvlm::stem_nhwc);

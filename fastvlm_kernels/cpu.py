@@ -7,8 +7,8 @@ All seven ops:
   tile, about 1.14 times each, instead of stored at full resolution);
 - ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
   time, the 4C hidden kept in cache; in bf16 on a CPU with AVX512_BF16, fc1 and fc2 multiply bf16
-  pairs with vdpbf16ps, csrc/ffn_dp_impl.h, as do attention's qkv and proj) and ``repmixer_block`` (the RepMixer dw3x3 pass, then the same
-  fused FFN);
+  pairs with vdpbf16ps, csrc/ffn_dp_impl.h, as do attention's qkv and proj) and ``repmixer_block`` (the RepMixer dw3x3 pass
+  into a float32 buffer, for bf16 activations too, then the same fused FFN on it);
 - ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile) and ``dwconv``;
 - ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
   attention with online softmax over key blocks, then proj with a bias + layer scale + residual
@@ -172,9 +172,10 @@ def _convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
 
 
 def _repmixer_block(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
-    k = mix_w.shape[0]
-    m = _C.dwconv_nhwc(x, _f32(mix_w), _f32(mix_b), 1, k // 2, False)  # m: the one C-wide round trip
-    return _convffn(m, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
+    # the mixer output m (the one C-wide round trip) stays float32 for bf16 x too: csrc/ffn.cpp
+    pairs = uses_bf16_pairs(x.dtype)
+    return _C.repmixer_nhwc(x, mix_w, mix_b, ffn_w, ffn_b, packed(fc1_w, pairs), fc1_b, packed(fc2_w, pairs), fc2_b,
+                            gamma)
 
 
 def _stem(x, w0, b0, w1, b1, w2, b2):
