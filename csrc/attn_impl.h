@@ -22,14 +22,13 @@ static inline float hsum(vf v) {
   return s;
 }
 
-// Phase 1 for tiles [t_begin, t_end) of `per_image` tiles per image. scratch: T * C (ln rows) +
-// T * ldq (qkv rows) floats, ldq = 3C rounded up to 32. `zeros`: >= ldq zero floats (no qkv bias).
-// gemm(ln, np, qkv): qkv (np x 3C, row stride ldq) = ln (np x C) . Wqkv^T (pgemm on the packed
-// weight; the AVX512_BF16 path, ffn_dp_impl.h, on bf16 pairs).
-template <typename T_, typename Gemm>
-static void qkv_tile(const T_* x, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
-                     float scale, int64_t p0, int64_t np, float* ln, float* qkv, int64_t ldq, float* Qt, float* Kb,
-                     float* Vt, int64_t Np, const Gemm& gemm) {
+// Phase 1, one tile: tokens [p0, p0 + np). ln: np x C floats, qkv: np rows of ldq floats, ldq = 3C
+// rounded up to 32. gemm(ln, np, qkv): qkv (np x 3C, row stride ldq) = ln (np x C) . Wqkv^T (pgemm
+// on the packed weight; the AVX512_BF16 path, ffn_dp_impl.h, on bf16 pairs). scatter(qkv, p0, np):
+// the tile's q, k, v into phase 2's layouts (scatter_qkv here; ffn_dp_impl.h's bf16 pair layouts).
+template <typename T_, typename Gemm, typename Scatter>
+static void qkv_tile(const T_* x, int64_t C, const float* ln_w, const float* ln_b, int64_t p0, int64_t np, float* ln,
+                     float* qkv, const Gemm& gemm, const Scatter& scatter) {
   for (int64_t j = 0; j < np; ++j) {
     const T_* xp = x + (p0 + j) * C;
     float* o = ln + j * C;
@@ -53,6 +52,13 @@ static void qkv_tile(const T_* x, int64_t N, int64_t C, int64_t hd, const float*
     for (; c < C; ++c) o[c] = (ld(xp, c) - mean) * rstd * ln_w[c] + ln_b[c];
   }
   gemm(ln, np, qkv);
+  scatter(qkv, p0, np);
+}
+
+// phase 2's fp32 layouts for tokens [p0, p0 + np) of the qkv rows (row stride ldq): Qt (C x Np,
+// pre-scaled by head_dim^-0.5), K per head (heads x N x hd), Vt (C x Np).
+static void scatter_qkv(const float* qkv, int64_t ldq, int64_t N, int64_t C, int64_t hd, float scale, int64_t p0,
+                        int64_t np, float* Qt, float* Kb, float* Vt, int64_t Np) {
   const int64_t heads = C / hd;
   for (int64_t c = 0; c < C; ++c) {  // q and v channel-major (queries / keys along the vector), pre-scaled q
     float* qo = Qt + c * Np + p0;
@@ -67,6 +73,8 @@ static void qkv_tile(const T_* x, int64_t N, int64_t C, int64_t hd, const float*
       std::memcpy(Kb + (h * N + p0 + j) * hd, qkv + j * ldq + C + h * hd, hd * sizeof(float));
 }
 
+// Phase 1 for tiles [t_begin, t_end) of `per_image` tiles per image. scratch: T * C (ln rows) +
+// T * ldq (qkv rows) floats. `zeros`: >= ldq zero floats (no qkv bias).
 static void qkv_tiles(const void* x, bool bf16, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
                       const float* wqkv_p, const float* zeros, float scale, float* Qt, float* Kb, float* Vt, int64_t Np,
                       int64_t ldq, int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
@@ -77,13 +85,13 @@ static void qkv_tiles(const void* x, bool bf16, int64_t N, int64_t C, int64_t hd
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);
     const int64_t np = tile_start(N, per_image, t % per_image + 1) - p0;
-    float *qt = Qt + b * C * Np, *kb = Kb + b * N * C, *vt = Vt + b * C * Np;
+    const auto scatter = [&](const float* q, int64_t s0, int64_t n) {
+      scatter_qkv(q, ldq, N, C, hd, scale, s0, n, Qt + b * C * Np, Kb + b * N * C, Vt + b * C * Np, Np);
+    };
     if (bf16)
-      qkv_tile(static_cast<const uint16_t*>(x) + b * N * C, N, C, hd, ln_w, ln_b, scale, p0, np, ln, qkv, ldq, qt, kb,
-               vt, Np, gemm);
+      qkv_tile(static_cast<const uint16_t*>(x) + b * N * C, C, ln_w, ln_b, p0, np, ln, qkv, gemm, scatter);
     else
-      qkv_tile(static_cast<const float*>(x) + b * N * C, N, C, hd, ln_w, ln_b, scale, p0, np, ln, qkv, ldq, qt, kb, vt,
-               Np, gemm);
+      qkv_tile(static_cast<const float*>(x) + b * N * C, C, ln_w, ln_b, p0, np, ln, qkv, gemm, scatter);
   }
 }
 

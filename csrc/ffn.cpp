@@ -564,19 +564,24 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   const int64_t Tq = 2 * nr, BK = 128;
   const int64_t Np = (N + Tq - 1) / Tq * Tq + Tq;
   const auto f32 = xc.options().dtype(at::kFloat);
-  at::Tensor Qt = at::zeros({B, C, Np}, f32), Vt = at::zeros({B, C, Np}, f32), Kb = at::empty({B, N, C}, f32);
   at::Tensor O = at::empty({B, N, C}, f32);
   at::Tensor zeros = at::zeros({std::max<int64_t>(ldq, BK) + 64}, f32);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
-  float *pq = Qt.data_ptr<float>(), *pk = Kb.data_ptr<float>(), *pv = Vt.data_ptr<float>(), *po = O.data_ptr<float>();
+  float* po = O.data_ptr<float>();
   const float *plw = lw.data_ptr<float>(), *plb = lb.data_ptr<float>(), *pbp = bp.data_ptr<float>(),
               *pg = g.data_ptr<float>(), *pz = zeros.data_ptr<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  const int64_t tiles = B * tl.n, T = tl.T, per_image = tl.n;
-  const int64_t tiles2 = B * ((N + Tq - 1) / Tq), scratch2 = BK * Tq + 2 * head_dim * Tq + 2 * Tq;
-  if (dp) {
+  const int64_t tiles = B * tl.n, T = tl.T, per_image = tl.n, tiles2 = B * ((N + Tq - 1) / Tq);
+  if (dp) {  // q, k, v in bf16 pair layouts (ffn_dp_impl.h), zero where no token writes
+    const int64_t heads = C / head_dim, hp = ffn_avx512bf16::attn_hp(head_dim);
+    const auto h16 = xc.options().dtype(at::kBFloat16);
+    at::Tensor Qp = at::zeros({B, heads * hp * Np}, h16), Kh = at::zeros({B, heads * N * hp}, h16);
+    at::Tensor Vh = at::zeros({B, C * Np}, h16);
+    auto* pq = reinterpret_cast<uint16_t*>(Qp.data_ptr());
+    auto* pk = reinterpret_cast<uint16_t*>(Kh.data_ptr());
+    auto* pv = reinterpret_cast<uint16_t*>(Vh.data_ptr());
     const auto* wq = reinterpret_cast<const uint16_t*>(qkv_wp.data_ptr());
     const auto* wpr = reinterpret_cast<const uint16_t*>(proj_wp.data_ptr());
     const auto* xh = static_cast<const uint16_t*>(xp);
@@ -585,12 +590,17 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
       ffn_avx512bf16::qkv_dp_tiles(xh, N, C, head_dim, plw, plb, wq, pz, scale, pq, pk, pv, Np, ldq, per_image, T, b,
                                    e, buf);
     });
-    FVK_PARALLEL_TILES(attn_tiles, tiles2, scratch2, isa, N, C, head_dim, pq, pk, pv, Np, pz, Tq, BK, po);
+    parallel_tiles(tiles2, ffn_avx512bf16::attn_dp_scratch(Tq, BK, head_dim), [&](int64_t b, int64_t e, float* buf) {
+      ffn_avx512bf16::attn_dp_tiles(N, C, head_dim, pq, pk, pv, Np, pz, Tq, BK, po, b, e, buf);
+    });
     parallel_tiles(tiles, ffn_avx512bf16::proj_dp_scratch(T, C, Cp), [&](int64_t b, int64_t e, float* buf) {
       ffn_avx512bf16::proj_dp_tiles(xh, yh, N, C, po, wpr, pbp, pg, Cp, per_image, T, b, e, buf);
     });
     return y;
   }
+  at::Tensor Qt = at::zeros({B, C, Np}, f32), Vt = at::zeros({B, C, Np}, f32), Kb = at::empty({B, N, C}, f32);
+  float *pq = Qt.data_ptr<float>(), *pk = Kb.data_ptr<float>(), *pv = Vt.data_ptr<float>();
+  const int64_t scratch2 = BK * Tq + 2 * head_dim * Tq + 2 * Tq;
   const float *pwq = qkv_wp.data_ptr<float>(), *pwp = proj_wp.data_ptr<float>();
   FVK_PARALLEL_TILES(qkv_tiles, tiles, T * (C + ldq), isa, xp, bf16, N, C, head_dim, plw, plb, pwq, pz, scale, pq, pk,
                      pv, Np, ldq, per_image, T);

@@ -25,7 +25,10 @@ static inline uint32_t load_pair(const uint16_t* p) {
   return v;
 }
 
-constexpr int64_t KP_MAX = 256;  // pairs per K block: a block's 2-panel weight slice is 32 KB, as fp32's
+#ifndef FVK_KP_MAX
+#define FVK_KP_MAX 256
+#endif
+constexpr int64_t KP_MAX = FVK_KP_MAX;  // pairs per K block: a block's 2-panel weight slice is 32 KB, as fp32's
 // Pixels per micro-tile: 8 x 2 = 16 accumulators (+ 2 weight vectors and a broadcast: 19 of the 32
 // zmm registers). vdpbf16ps has a latency of several cycles and this project's Zen 5 issues two per
 // cycle (performance.md: ~900 GFLOP/s on 2 threads), so the 12 independent sums of the fp32 6 x 2
@@ -178,20 +181,48 @@ static void ffn_dp_tiles(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_
   }
 }
 
-// ---- attention's qkv and proj GEMMs on bf16 pairs (attn_impl.h's phases 1 and 3) ----------------
-// wq = pack_linear_bf16(qkv_w (3C, C)), wp = pack_linear_bf16(proj_w (C, C)). The LayerNorm output
-// and the attention output O (fp32) are rounded to bf16 rows, the GEMM operands; phase 2 (flash
-// attention) stays fp32.
+// ---- the bf16 attention mixer on bf16 pairs (attn_impl.h's three phases) ------------------------
+// wq = pack_linear_bf16(qkv_w (3C, C)), wp = pack_linear_bf16(proj_w (C, C)). Rounded to bf16, as
+// eager bf16 rounds them (the operands of the pair products): the LayerNorm output, q (pre-scaled
+// by head_dim^-0.5), k and v, the softmax numerators p, and the attention output O. The scores S,
+// the running max and sum and the output accumulate in fp32; the running sum adds the rounded p, so
+// each output row is a convex combination of v rows.
+//
+// Phase 2's operands, per image (bf16; hp = head_dim rounded up to even, an odd head_dim's partner
+// channel is 0), written by phase 1, zero where no token writes (padded queries and keys):
+//   Qp (heads, Np / 16, hp / 2, 32): panels of 16 queries (pack_linear_bf16's layout, queries as
+//      the output channels): Qp[h][i / 16][dp][2 (i % 16) + e] = q[i][h hd + 2 dp + e]
+//   Kh (heads, N, hp): key rows, the broadcast pairs of S = K Q^T
+//   Vh (heads, hd, Np): value rows over keys, the broadcast pairs of O^T = V^T P^T
+static inline int64_t attn_hp(int64_t hd) { return (hd + 1) / 2 * 2; }
+
+// Phase 1's scatter: tokens [p0, p0 + np) of the qkv rows (fp32, row stride ldq) into Qp, Kh, Vh.
+static void scatter_qkv_dp(const float* qkv, int64_t ldq, int64_t N, int64_t C, int64_t hd, float scale, int64_t p0,
+                           int64_t np, uint16_t* Qp, uint16_t* Kh, uint16_t* Vh, int64_t Np) {
+  const int64_t heads = C / hd, hp = attn_hp(hd), nqp = Np / PW;
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t j = 0; j < np; ++j) {
+      const int64_t i = p0 + j;
+      const float* q = qkv + j * ldq + h * hd;
+      uint16_t* qo = Qp + ((h * nqp + i / PW) * (hp / 2)) * 2 * PW + 2 * (i % PW);
+      uint16_t* ko = Kh + (h * N + i) * hp;
+      for (int64_t d = 0; d < hd; ++d) {
+        st(qo + (d / 2) * 2 * PW, d % 2, q[d] * scale);
+        st(ko, d, q[C + d]);
+        st(Vh + (h * hd + d) * Np, i, q[2 * C + d]);
+      }
+    }
+}
 
 // Phase 1. scratch: qkv_dp_scratch(T, C, ldq) floats (ln, qkv as attn's, then ln in bf16).
 static inline int64_t qkv_dp_scratch(int64_t T, int64_t C, int64_t ldq) {
   return T * (C + ldq) + (T * ((C + 1) / 2 * 2) + 1) / 2;
 }
 static void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
-                         const uint16_t* wq, const float* zeros, float scale, float* Qt, float* Kb, float* Vt,
+                         const uint16_t* wq, const float* zeros, float scale, uint16_t* Qp, uint16_t* Kh, uint16_t* Vh,
                          int64_t Np, int64_t ldq, int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end,
                          float* scratch) {
-  const int64_t Ce = (C + 1) / 2 * 2;
+  const int64_t Ce = (C + 1) / 2 * 2, hp = attn_hp(hd), heads = C / hd;
   float *ln = scratch, *qkv = ln + C * T;
   uint16_t* lnh = reinterpret_cast<uint16_t*>(qkv + T * ldq);
   const auto gemm = [&](const float* a, int64_t n, float* out) {
@@ -202,8 +233,88 @@ static void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, co
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);
     const int64_t np = tile_start(N, per_image, t % per_image + 1) - p0;
-    qkv_tile(x + b * N * C, N, C, hd, ln_w, ln_b, scale, p0, np, ln, qkv, ldq, Qt + b * C * Np, Kb + b * N * C,
-             Vt + b * C * Np, Np, gemm);
+    const auto scatter = [&](const float* q, int64_t s0, int64_t n) {
+      scatter_qkv_dp(q, ldq, N, C, hd, scale, s0, n, Qp + b * heads * hp * Np, Kh + b * heads * N * hp,
+                     Vh + b * C * Np, Np);
+    };
+    qkv_tile(x + b * N * C, C, ln_w, ln_b, p0, np, ln, qkv, gemm, scatter);
+  }
+}
+
+// Phase 2, queries [q0, q0 + nq) of one image (Tq a multiple of 2 VL, BK even), attn_tile's flash
+// attention with both products on bf16 pairs:
+//   S^T (nk x Tq) = Kh_blk . Qp^T      (pgemm_dp_part: keys as the pixel rows, queries as channels)
+//   P = exp(S - running max), rounded to bf16 pairs of keys, query panels: Pp (Tq / 16, BK / 2, 32)
+//   O^T (hd x Tq) += Vh_blk . Pp^T     (value channels as the rows, a pair of keys per step)
+// scratch: attn_dp_scratch(Tq, BK, hd) floats.
+static inline int64_t attn_dp_scratch(int64_t Tq, int64_t BK, int64_t hd) {
+  return BK * Tq + BK * Tq / 2 + 2 * hd * Tq + 2 * Tq;
+}
+static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, const uint16_t* Kh, const uint16_t* Vh,
+                         int64_t Np, const float* zeros, int64_t q0, int64_t nq, int64_t Tq, int64_t BK, float* S,
+                         uint16_t* Pp, float* Oh, float* PV, float* mx, float* sm, float* O) {
+  typedef uint32_t vu32 __attribute__((vector_size(FVK_VL * 4)));
+  const int64_t heads = C / hd, hp = attn_hp(hd), nqp = Np / PW, kpb = BK / 2;
+  // p rounded to bf16 (nearest even; p >= 0, finite), as the high half of a float's bits
+  const auto round_hi = [](vf p) -> vu32 {
+    const vu32 b = (vu32)p;
+    return (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  };
+  for (int64_t h = 0; h < heads; ++h) {
+    const uint16_t* qp = Qp + (h * nqp + q0 / PW) * (hp / 2) * 2 * PW;  // the tile's query panels
+    const uint16_t* kh = Kh + h * N * hp;
+    const uint16_t* vh = Vh + h * hd * Np;
+    for (int64_t j = 0; j < Tq; j += VL) {
+      vstore(mx + j, vset(-3.0e38f));
+      vstore(sm + j, vset(0.f));
+    }
+    for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vset(0.f));
+    for (int64_t k0 = 0; k0 < N; k0 += BK) {
+      const int64_t nk = N - k0 < BK ? N - k0 : BK;
+      pgemm_dp_part<3, uint16_t>(kh + k0 * hp, hp, nk, hp, qp, hp / 2, Tq, zeros, S, Tq, nullptr, 0, nullptr,
+                                 nullptr, 0, nullptr, true, true);  // S^T (nk x Tq)
+      for (int64_t j = 0; j < Tq; j += VL) {
+        vf m = vload(mx + j);
+        vf mb = vload(S + j);
+        for (int64_t r = 1; r < nk; ++r) {
+          const vf s = vload(S + r * Tq + j);
+          mb = s > mb ? s : mb;
+        }
+        const vf mn = mb > m ? mb : m;
+        const vf alpha = vexp(m - mn);  // 0 on the first block (m = -3e38, clamped to exp(-87))
+        vf l = vload(sm + j) * alpha;
+        uint16_t* pp = Pp + (j / PW) * kpb * 2 * PW;  // this query vector's panel (VL = PW)
+        for (int64_t r = 0; r < nk; r += 2) {  // a pair of keys per 32-bit lane: (r, r + 1)
+          const vu32 e0 = round_hi(vexp(vload(S + r * Tq + j) - mn));
+          const vu32 e1 = r + 1 < nk ? round_hi(vexp(vload(S + (r + 1) * Tq + j) - mn)) : vu32{};
+          l += (vf)e0 + (vf)e1;
+          *reinterpret_cast<vfu*>(pp + (r / 2) * 2 * PW) = (vf)(e1 | (e0 >> 16));
+        }
+        vstore(sm + j, l);
+        vstore(mx + j, mn);
+        for (int64_t d = 0; d < hd; ++d) vstore(Oh + d * Tq + j, vload(Oh + d * Tq + j) * alpha);
+      }
+      // (hd x Tq) = Vh_blk . P^T; an odd nk's partner key k0 + nk is 0 in Vh (padding) and in Pp
+      pgemm_dp_part<3, uint16_t>(vh + k0, Np, hd, nk, Pp, kpb, Tq, zeros, PV, Tq, nullptr, 0, nullptr, nullptr, 0,
+                                 nullptr, true, true);
+      for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vload(Oh + i) + vload(PV + i));
+    }
+    for (int64_t j = 0; j < nq; ++j)  // O^T / sum -> the queries' rows of O
+      for (int64_t d = 0; d < hd; ++d) O[(q0 + j) * C + h * hd + d] = Oh[d * Tq + j] / sm[j];
+  }
+}
+static_assert(VL == PW, "a query vector of phase 2 is one panel of 16 queries");
+
+static void attn_dp_tiles(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, const uint16_t* Kh,
+                          const uint16_t* Vh, int64_t Np, const float* zeros, int64_t Tq, int64_t BK, float* O,
+                          int64_t t_begin, int64_t t_end, float* scratch) {
+  const int64_t per_image = (N + Tq - 1) / Tq, hp = attn_hp(hd), heads = C / hd;
+  float *S = scratch, *Oh = S + BK * Tq + BK * Tq / 2, *PV = Oh + hd * Tq, *mx = PV + hd * Tq, *sm = mx + Tq;
+  uint16_t* Pp = reinterpret_cast<uint16_t*>(S + BK * Tq);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t b = t / per_image, q0 = (t % per_image) * Tq, nq = N - q0 < Tq ? N - q0 : Tq;
+    attn_tile_dp(N, C, hd, Qp + b * heads * hp * Np, Kh + b * heads * N * hp, Vh + b * C * Np, Np, zeros, q0, nq, Tq,
+                 BK, S, Pp, Oh, PV, mx, sm, O + b * N * C);
   }
 }
 

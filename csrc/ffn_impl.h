@@ -146,7 +146,10 @@ static inline void st(uint16_t* p, int64_t i, float v) {
 // activation block, kept in L2). Every weight is read from L3/memory once per tile. The ConvFFN
 // runs its hidden dimension in chunks of HC channels (ffn_tile), each a K range of fc2 (pgemm_part).
 constexpr int PW = 16;          // packed panel width (output channels)
-constexpr int64_t KC_MAX = 256;  // K block: a KC x NR weight panel slice is 16 KB (AVX2), 32 KB (AVX-512)
+#ifndef FVK_KC_MAX
+#define FVK_KC_MAX 256
+#endif
+constexpr int64_t KC_MAX = FVK_KC_MAX;  // K block: a KC x NR weight panel slice is 16 KB (AVX2), 32 KB (AVX-512)
 
 static inline int64_t packed_panels(int64_t n) { return (n + 2 * PW - 1) / (2 * PW) * 2; }
 
@@ -535,7 +538,10 @@ static void dw_same_rows(const void* x, void* y, bool bf16, bool y_bf16, int64_t
 // tile's hidden activation is never in cache whole (T x 4C was 0.6-1.6 MB at FastViTHD's stages 2-4
 // with T = 96: more than a Zen 3 L2). Bitwise the same as fc1 over all Hd then fc2: each fc2 output
 // still sums k = 0 .. Hd - 1 in order. HC is a multiple of NR on every ISA.
-constexpr int64_t HC = 256;
+#ifndef FVK_HC
+#define FVK_HC 256
+#endif
+constexpr int64_t HC = FVK_HC;
 // Row strides: d C, hid hid_stride(Hd), acc Cp (C rounded up to NR so whole vectors can be stored).
 // hid's row stride: the chunk width rounded up to NR, plus 16 floats. Without the 16, rows a multiple
 // of 4 KB apart would put the 6 rows a micro-tile broadcasts from into the same L1 set, beside the
