@@ -42,7 +42,8 @@ constexpr int MRD = 8;
 //   EPI 0 (fc1): last block writes h[t][n] = bf16(GELU(acc)) (row stride ldh).
 //   EPI 1 (fc2, attention's proj): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N
 //   (x bf16, or fp32: TX; y bf16).
-//   EPI 3 (attention's qkv): buf is the output, acc as is.
+//   EPI 2 (patch_embed's 1x1): last block writes y[t][n] = bf16(GELU(acc)), n < N (row stride ldy).
+//   EPI 3 (attention's qkv, S, P V): buf is the output, acc as is.
 template <int M, int EPI, typename TX>
 static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t kp, const uint16_t* __restrict__ w0,
                             const uint16_t* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
@@ -67,6 +68,22 @@ static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t
   if (EPI == 0) {
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) vst(h + r * ldh + n0, vgelu(acc0[r])), vst(h + r * ldh + n0 + VL, vgelu(acc1[r]));
+    return;
+  }
+  if (EPI == 2) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
+    if (n0 + 2 * VL <= N) {
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) vst(y + r * ldy + n0, acc0[r]), vst(y + r * ldy + n0 + VL, acc1[r]);
+      return;
+    }
+    alignas(64) float o[2 * VL];
+    for (int r = 0; r < M; ++r) {  // the last, partial column of channels
+      vstore(o, acc0[r]);
+      vstore(o + VL, acc1[r]);
+      for (int64_t n = n0; n < N; ++n) st(y, r * ldy + n, o[n - n0]);
+    }
     return;
   }
   residual_out<M>(acc0, acc1, n0, N, x, y, ldy, gamma);
@@ -178,6 +195,30 @@ static void ffn_dp_tiles(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_
     const int64_t np = tile_start(HW, per_image, t % per_image + 1) - p0;
     ffn_tile_dp(x + b * HW * C, y + b * HW * C, H, Wd, C, Hd, Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d,
                 hacc, acc, dh, hid);
+  }
+}
+
+// ---- patch_embed's 1x1 on bf16 pairs -------------------------------------------------------------
+// Per tile (dwpw_tiles' tiling): the grouped dw + GELU in fp32 (dwm_rows), rounded to bf16 rows (the
+// pair products' operand, as eager bf16 rounds it), then y = bf16(GELU(d . Wpw^T + b)) on pairs.
+// pw_p = pack_linear_bf16(pw_w (Co, Co)), pw_b padded to Cop floats. scratch: dwpw_dp_scratch floats.
+static inline int64_t dwpw_dp_scratch(int64_t T, int64_t Co, int64_t Cop) {
+  return T * (Co + Cop) + (T * ((Co + 1) / 2 * 2) + 1) / 2;
+}
+static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
+                          int64_t s, const float* dw_w, const float* dw_b, const uint16_t* pw_p, const float* pw_b,
+                          int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
+  const int64_t pad = Kk / 2, Ho = (H + 2 * pad - Kk) / s + 1, Wo = (Wd + 2 * pad - Kk) / s + 1, HWo = Ho * Wo;
+  const int64_t Cop = (Co + NR - 1) / NR * NR, Ce = (Co + 1) / 2 * 2;
+  float *d = scratch, *buf = d + Co * T;
+  uint16_t* dh = reinterpret_cast<uint16_t*>(buf + Cop * T);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t b = t / per_image, p0 = tile_start(HWo, per_image, t % per_image);
+    const int64_t np = tile_start(HWo, per_image, t % per_image + 1) - p0;
+    dwm_rows(x + b * H * Wd * Cin, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, Wo, p0, np, d);
+    to_bf16_rows(d, np, Co, dh);
+    pgemm_dp_part<2, uint16_t>(dh, Ce, np, Co, pw_p, Ce / 2, Co, pw_b, buf, Cop, nullptr, 0, nullptr,
+                               y + (b * HWo + p0) * Co, Co, nullptr, true, true);
   }
 }
 

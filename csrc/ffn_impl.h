@@ -722,11 +722,10 @@ static inline void dwm_pixel(const T_* x, int64_t H, int64_t Wd, int64_t Cin, in
   }
 }
 
+// The grouped dw + GELU of output pixels [p0, p0 + np) (output grid Wo wide), pixel-major into d (np x Co).
 template <typename T_>
-static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
-                      const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b, int64_t Wo,
-                      int64_t p0, int64_t np, float* d, float* buf) {
-  const int64_t Cop = (Co + NR - 1) / NR * NR;
+static void dwm_rows(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
+                     const float* dw_w, const float* dw_b, int64_t Wo, int64_t p0, int64_t np, float* d) {
   if (Kk == 7 && s == 2 && Co == 2 * Cin) {  // FastViTHD's patch_embed: the sliding window, 6 outputs
     dw_slide_rows<7, 6, 2, 2, true>(x, H, Wd, Cin, Co, dw_w, dw_b, Wo, p0, np, d,
                                     [&](int64_t oh, int64_t ow, int64_t c0, float* out) {
@@ -738,6 +737,14 @@ static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, in
       dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, p / Wo, p % Wo, true, d + j * Co);
     }
   }
+}
+
+template <typename T_>
+static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
+                      const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b, int64_t Wo,
+                      int64_t p0, int64_t np, float* d, float* buf) {
+  const int64_t Cop = (Co + NR - 1) / NR * NR;
+  dwm_rows(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, Wo, p0, np, d);
   pgemm<2, T_>(d, Co, np, Co, pw_p, Co, pw_b, buf, Cop, nullptr, y + p0 * Co, Co, nullptr);
 }
 

@@ -87,7 +87,7 @@ def uses_bf16_pairs(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and cpu_isa() == "avx512_bf16"
 
 
-_PAIRS = ("fc1_w", "fc2_w", "qkv_w", "proj_w")  # the weights of the GEMMs with an AVX512_BF16 kernel
+_PAIRS = ("fc1_w", "fc2_w", "qkv_w", "proj_w", "pw_w")  # the weights of the GEMMs with an AVX512_BF16 kernel
 
 
 _LINEAR = ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w")  # the fused modules' 1x1 weights
@@ -183,7 +183,7 @@ def _stem(x, w0, b0, w1, b1, w2, b2):
 
 
 def _patch_embed(x, dw_w, dw_b, pw_w, pw_b):
-    return _C.patch_embed_nhwc(x, dw_w, dw_b, packed(pw_w), pw_b, 2)
+    return _C.patch_embed_nhwc(x, dw_w, dw_b, packed(pw_w, uses_bf16_pairs(x.dtype)), pw_b, 2)
 
 
 def _conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
