@@ -95,6 +95,48 @@ static void qkv_tiles(const void* x, bool bf16, int64_t N, int64_t C, int64_t hd
   }
 }
 
+// Phase 2's flash attention for head h of a tile of Tq queries [q0, q0 + nq), over key blocks of BK:
+// the online softmax down each query column (running max mx / sum sm, the output O^T (hd x Tq, in
+// Oh) rescaled when the max moves), the products left to the caller:
+//   scores(k0, nk):        S^T (nk x Tq, row stride Tq) = K_blk . Q^T, keys [k0, k0 + nk)
+//   probs(j, nk, mn, l):   p = exp(S^T[r][j .. j + VL) - mn) for the block's keys, stored where pv
+//                          reads them, and added to l (the running sum, already rescaled)
+//   pv(k0, nk):            PV (hd x Tq) = V_blk . P^T
+// Then the queries' rows of O (head h's channels) = O^T / sum.
+template <typename Scores, typename Probs, typename PVProd>
+static void flash_head(int64_t N, int64_t C, int64_t hd, int64_t h, int64_t q0, int64_t nq, int64_t Tq, int64_t BK,
+                       float* S, float* Oh, const float* PV, float* mx, float* sm, float* O, const Scores& scores,
+                       const Probs& probs, const PVProd& pv) {
+  for (int64_t j = 0; j < Tq; j += VL) {
+    vstore(mx + j, vset(-3.0e38f));
+    vstore(sm + j, vset(0.f));
+  }
+  for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vset(0.f));
+  for (int64_t k0 = 0; k0 < N; k0 += BK) {
+    const int64_t nk = N - k0 < BK ? N - k0 : BK;
+    scores(k0, nk);
+    for (int64_t j = 0; j < Tq; j += VL) {
+      vf m = vload(mx + j);
+      vf mb = vload(S + j);
+      for (int64_t r = 1; r < nk; ++r) {
+        const vf s = vload(S + r * Tq + j);
+        mb = s > mb ? s : mb;
+      }
+      const vf mn = mb > m ? mb : m;
+      const vf alpha = vexp(m - mn);  // 0 on the first block (m = -3e38, clamped to exp(-87))
+      vf l = vload(sm + j) * alpha;
+      probs(j, nk, mn, l);
+      vstore(sm + j, l);
+      vstore(mx + j, mn);
+      for (int64_t d = 0; d < hd; ++d) vstore(Oh + d * Tq + j, vload(Oh + d * Tq + j) * alpha);
+    }
+    pv(k0, nk);
+    for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vload(Oh + i) + vload(PV + i));
+  }
+  for (int64_t j = 0; j < nq; ++j)  // O^T / sum -> the queries' rows of O
+    for (int64_t d = 0; d < hd; ++d) O[(q0 + j) * C + h * hd + d] = Oh[d * Tq + j] / sm[j];
+}
+
 // Phase 2 for query tiles [t_begin, t_end). scratch: BK * Tq (S / P) + 2 * hd * Tq (O^T, V.P)
 // + 2 * Tq (max, sum) floats. O: (N x C) rows of the attention output (all heads), float32.
 static void attn_tile(int64_t N, int64_t C, int64_t hd, const float* Qt, const float* Kb, const float* Vt,
@@ -105,38 +147,17 @@ static void attn_tile(int64_t N, int64_t C, int64_t hd, const float* Qt, const f
     const float* q = Qt + h * hd * Np + q0;  // (hd x Tq), row stride Np
     const float* kh = Kb + h * N * hd;       // (N x hd)
     const float* vh = Vt + h * hd * Np;      // (hd x Np)
-    for (int64_t j = 0; j < Tq; j += VL) {
-      vstore(mx + j, vset(-3.0e38f));
-      vstore(sm + j, vset(0.f));
-    }
-    for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vset(0.f));
-    for (int64_t k0 = 0; k0 < N; k0 += BK) {
-      const int64_t nk = N - k0 < BK ? N - k0 : BK;
-      gemm_s(kh + k0 * hd, hd, zeros, nk, hd, q, Np, Tq, S, Tq, false);  // S^T (nk x Tq)
-      for (int64_t j = 0; j < Tq; j += VL) {
-        vf m = vload(mx + j);
-        vf mb = vload(S + j);
-        for (int64_t r = 1; r < nk; ++r) {
-          const vf s = vload(S + r * Tq + j);
-          mb = s > mb ? s : mb;
-        }
-        const vf mn = mb > m ? mb : m;
-        const vf alpha = vexp(m - mn);  // 0 on the first block (m = -3e38, clamped to exp(-87))
-        vf l = vload(sm + j) * alpha;
-        for (int64_t r = 0; r < nk; ++r) {
-          const vf p = vexp(vload(S + r * Tq + j) - mn);
-          vstore(S + r * Tq + j, p);
-          l += p;
-        }
-        vstore(sm + j, l);
-        vstore(mx + j, mn);
-        for (int64_t d = 0; d < hd; ++d) vstore(Oh + d * Tq + j, vload(Oh + d * Tq + j) * alpha);
-      }
-      gemm_s(vh + k0, Np, zeros, hd, nk, S, Tq, Tq, PV, Tq, false);  // (hd x Tq) = Vt_blk . P^T
-      for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vload(Oh + i) + vload(PV + i));
-    }
-    for (int64_t j = 0; j < nq; ++j)  // O^T / sum -> the queries' rows of O
-      for (int64_t d = 0; d < hd; ++d) O[(q0 + j) * C + h * hd + d] = Oh[d * Tq + j] / sm[j];
+    flash_head(
+        N, C, hd, h, q0, nq, Tq, BK, S, Oh, PV, mx, sm, O,
+        [&](int64_t k0, int64_t nk) { gemm_s(kh + k0 * hd, hd, zeros, nk, hd, q, Np, Tq, S, Tq, false); },
+        [&](int64_t j, int64_t nk, vf mn, vf& l) {  // p in place of S
+          for (int64_t r = 0; r < nk; ++r) {
+            const vf p = vexp(vload(S + r * Tq + j) - mn);
+            vstore(S + r * Tq + j, p);
+            l += p;
+          }
+        },
+        [&](int64_t k0, int64_t nk) { gemm_s(vh + k0, Np, zeros, hd, nk, S, Tq, Tq, PV, Tq, false); });
   }
 }
 

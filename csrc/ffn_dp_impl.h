@@ -70,22 +70,7 @@ static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t
     for (int r = 0; r < M; ++r) vst(h + r * ldh + n0, vgelu(acc0[r])), vst(h + r * ldh + n0 + VL, vgelu(acc1[r]));
     return;
   }
-  if (EPI == 2) {
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
-    if (n0 + 2 * VL <= N) {
-#pragma GCC unroll 8
-      for (int r = 0; r < M; ++r) vst(y + r * ldy + n0, acc0[r]), vst(y + r * ldy + n0 + VL, acc1[r]);
-      return;
-    }
-    alignas(64) float o[2 * VL];
-    for (int r = 0; r < M; ++r) {  // the last, partial column of channels
-      vstore(o, acc0[r]);
-      vstore(o + VL, acc1[r]);
-      for (int64_t n = n0; n < N; ++n) st(y, r * ldy + n, o[n - n0]);
-    }
-    return;
-  }
+  if (EPI == 2) return gelu_out<M>(acc0, acc1, n0, N, y, ldy);
   residual_out<M>(acc0, acc1, n0, N, x, y, ldy, gamma);
 }
 
@@ -305,43 +290,25 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
     const uint16_t* qp = Qp + (h * nqp + q0 / PW) * (hp / 2) * 2 * PW;  // the tile's query panels
     const uint16_t* kh = Kh + h * N * hp;
     const uint16_t* vh = Vh + h * hd * Np;
-    for (int64_t j = 0; j < Tq; j += VL) {
-      vstore(mx + j, vset(-3.0e38f));
-      vstore(sm + j, vset(0.f));
-    }
-    for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vset(0.f));
-    for (int64_t k0 = 0; k0 < N; k0 += BK) {
-      const int64_t nk = N - k0 < BK ? N - k0 : BK;
-      pgemm_dp_part<3, uint16_t>(kh + k0 * hp, hp, nk, hp, qp, hp / 2, Tq, zeros, S, Tq, nullptr, 0, nullptr,
-                                 nullptr, 0, nullptr, true, true);  // S^T (nk x Tq)
-      for (int64_t j = 0; j < Tq; j += VL) {
-        vf m = vload(mx + j);
-        vf mb = vload(S + j);
-        for (int64_t r = 1; r < nk; ++r) {
-          const vf s = vload(S + r * Tq + j);
-          mb = s > mb ? s : mb;
-        }
-        const vf mn = mb > m ? mb : m;
-        const vf alpha = vexp(m - mn);  // 0 on the first block (m = -3e38, clamped to exp(-87))
-        vf l = vload(sm + j) * alpha;
-        uint16_t* pp = Pp + (j / PW) * kpb * 2 * PW;  // this query vector's panel (VL = PW)
-        for (int64_t r = 0; r < nk; r += 2) {  // a pair of keys per 32-bit lane: (r, r + 1)
-          const vu32 e0 = round_hi(vexp(vload(S + r * Tq + j) - mn));
-          const vu32 e1 = r + 1 < nk ? round_hi(vexp(vload(S + (r + 1) * Tq + j) - mn)) : vu32{};
-          l += (vf)e0 + (vf)e1;
-          *reinterpret_cast<vfu*>(pp + (r / 2) * 2 * PW) = (vf)(e1 | (e0 >> 16));
-        }
-        vstore(sm + j, l);
-        vstore(mx + j, mn);
-        for (int64_t d = 0; d < hd; ++d) vstore(Oh + d * Tq + j, vload(Oh + d * Tq + j) * alpha);
-      }
-      // (hd x Tq) = Vh_blk . P^T; an odd nk's partner key k0 + nk is 0 in Vh (padding) and in Pp
-      pgemm_dp_part<3, uint16_t>(vh + k0, Np, hd, nk, Pp, kpb, Tq, zeros, PV, Tq, nullptr, 0, nullptr, nullptr, 0,
-                                 nullptr, true, true);
-      for (int64_t i = 0; i < hd * Tq; i += VL) vstore(Oh + i, vload(Oh + i) + vload(PV + i));
-    }
-    for (int64_t j = 0; j < nq; ++j)  // O^T / sum -> the queries' rows of O
-      for (int64_t d = 0; d < hd; ++d) O[(q0 + j) * C + h * hd + d] = Oh[d * Tq + j] / sm[j];
+    flash_head(
+        N, C, hd, h, q0, nq, Tq, BK, S, Oh, PV, mx, sm, O,
+        [&](int64_t k0, int64_t nk) {  // S^T (nk x Tq)
+          pgemm_dp_part<3, uint16_t>(kh + k0 * hp, hp, nk, hp, qp, hp / 2, Tq, zeros, S, Tq, nullptr, 0, nullptr,
+                                     nullptr, 0, nullptr, true, true);
+        },
+        [&](int64_t j, int64_t nk, vf mn, vf& l) {  // p in bf16 pairs of keys, this query vector's panel
+          uint16_t* pp = Pp + (j / PW) * kpb * 2 * PW;
+          for (int64_t r = 0; r < nk; r += 2) {  // a pair of keys per 32-bit lane: (r, r + 1)
+            const vu32 e0 = round_hi(vexp(vload(S + r * Tq + j) - mn));
+            const vu32 e1 = r + 1 < nk ? round_hi(vexp(vload(S + (r + 1) * Tq + j) - mn)) : vu32{};
+            l += (vf)e0 + (vf)e1;
+            *reinterpret_cast<vfu*>(pp + (r / 2) * 2 * PW) = (vf)(e1 | (e0 >> 16));
+          }
+        },
+        [&](int64_t k0, int64_t nk) {  // (hd x Tq) = Vh_blk . P^T; an odd nk's partner key k0 + nk is 0 in Vh and Pp
+          pgemm_dp_part<3, uint16_t>(vh + k0, Np, hd, nk, Pp, kpb, Tq, zeros, PV, Tq, nullptr, 0, nullptr, nullptr,
+                                     0, nullptr, true, true);
+        });
   }
 }
 static_assert(VL == PW, "a query vector of phase 2 is one panel of 16 queries");

@@ -214,6 +214,26 @@ __attribute__((always_inline)) static inline void residual_out(const vf* acc0, c
   }
 }
 
+// The 1x1 + GELU epilogue (EPI 2) for M pixel rows of two accumulator vectors (channels n0 .. n0 + 2 VL):
+// y[t][n] = GELU(acc[t][n]), n < N (storage T_).
+template <int M, typename T_>
+__attribute__((always_inline)) static inline void gelu_out(vf* acc0, vf* acc1, int64_t n0, int64_t N, T_* y,
+                                                           int64_t ldy) {
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
+  if (n0 + 2 * VL <= N) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) vst(y + r * ldy + n0, acc0[r]), vst(y + r * ldy + n0 + VL, acc1[r]);
+    return;
+  }
+  alignas(64) float o[2 * VL];
+  for (int r = 0; r < M; ++r) {  // the last, partial column of channels
+    vstore(o, acc0[r]);
+    vstore(o + VL, acc1[r]);
+    for (int64_t n = n0; n < N; ++n) st(y, r * ldy + n, o[n - n0]);
+  }
+}
+
 // One MR x NR (M <= MR pixels, 2 vectors of channels) tile of a K block.
 //   A: pixel rows (A[t][k] at a[t * lda + k]); w0, w1: the two vectors' panel columns (16 floats per k)
 //   first: start from bias (else from the fp32 accumulator buf); last: run the epilogue (else store to buf)
@@ -257,22 +277,7 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
     }
     return;
   }
-  if (EPI == 2) {
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
-    if (n0 + 2 * VL <= N) {
-#pragma GCC unroll 8
-      for (int r = 0; r < M; ++r) vst(y + r * ldy + n0, acc0[r]), vst(y + r * ldy + n0 + VL, acc1[r]);
-      return;
-    }
-    alignas(64) float o[2 * VL];
-    for (int r = 0; r < M; ++r) {  // the last, partial column of channels
-      vstore(o, acc0[r]);
-      vstore(o + VL, acc1[r]);
-      for (int64_t n = n0; n < N; ++n) st(y, r * ldy + n, o[n - n0]);
-    }
-    return;
-  }
+  if (EPI == 2) return gelu_out<M>(acc0, acc1, n0, N, y, ldy);
   residual_out<M>(acc0, acc1, n0, N, x, y, ldy, gamma);
 }
 
