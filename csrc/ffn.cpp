@@ -7,7 +7,7 @@
 //   fc1_wp = pack_linear(fc1_w (Hd, C)), fc1_b (Hd); fc2_wp = pack_linear(fc2_w (C, Hd)), fc2_b (C);
 //   gamma (C). Biases, gamma and dw weights may be float32 or bfloat16; they are used as float32.
 //   For bf16 x on the avx512_bf16 ISA, fc1_wp / fc2_wp may be pack_linear_bf16 instead: the GEMMs
-//   then multiply bf16 pairs (ffn_dp_impl.h; attention_mixer's qkv / proj likewise).
+//   then multiply bf16 pairs (ffn_dp_impl.h; attention_mixer and patch_embed likewise).
 // (Also here: stem, patch_embed and attention_mixer, which share the tile GEMM of ffn_impl.h.)
 //
 // ISA: the tile kernel is compiled for AVX-512 (16 floats), AVX2+FMA (8) and baseline SSE2 (4), and
@@ -558,7 +558,7 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
               head_dim);
   const at::Tensor lw = as_f32(ln_w, "attention_mixer_nhwc: ln_w", {C}), lb = as_f32(ln_b, "attention_mixer_nhwc: ln_b", {C});
   const Isa isa = active_isa();
-  // bf16-pair panels (pack_linear_bf16): qkv and proj on the AVX512_BF16 kernels (ffn_dp_impl.h)
+  // bf16-pair panels (pack_linear_bf16): qkv, S, P V and proj on the AVX512_BF16 kernels (ffn_dp_impl.h)
   const bool dp = qkv_wp.scalar_type() == at::kBFloat16 || proj_wp.scalar_type() == at::kBFloat16;
   if (dp) {
     check_packed_bf16(qkv_wp, 3 * C, C, "attention_mixer_nhwc: qkv_wp", "qkv_w");

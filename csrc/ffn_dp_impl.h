@@ -1,4 +1,5 @@
-// The bfloat16 ConvFFN (and attention's qkv / proj) on AVX512_BF16: the GEMMs multiply bf16 pairs into fp32 accumulators
+// The bf16 GEMMs on AVX512_BF16 (the ConvFFN's fc1 / fc2, attention's qkv, S, P V and proj, patch_embed's
+// 1x1): they multiply bf16 pairs into fp32 accumulators
 // (vdpbf16ps: acc[i] += a[2i+1] b[2i+1] + a[2i] b[2i], 16 fp32 lanes per instruction, twice the
 // multiply-adds of an fp32 FMA), on weights packed once by pack_linear_bf16. Included by ffn.cpp,
 // after ffn_impl.h and attn_impl.h, in the ffn_avx512bf16 namespace only (FVK_VL = 16), which defines
@@ -6,9 +7,9 @@
 //   the even k) with the 16 bf16 pairs of w (the bits of a vf), high (odd) products added first.
 //
 // Numerics: bf16 storage, fp32 accumulation, like the fp32-compute bf16 path (ffn_impl.h), except
-// that the GEMM operands are bf16: the depthwise output d and the GELU output (fc2's input) are
-// rounded to bf16 (nearest even) before they are multiplied, as eager PyTorch in bf16 rounds every
-// layer's output. The weights of a bf16 model are bf16 already, so packing them loses nothing.
+// that the GEMM operands are bf16: the depthwise output d and the GELU output (fc2's input), and in
+// attention and patch_embed the operands named there, are rounded to bf16 (nearest even) before
+// they are multiplied, as eager PyTorch in bf16 rounds every layer's output. The weights of a bf16 model are bf16 already, so packing them loses nothing.
 //
 // Layout (pack_linear_bf16): an (N, K) weight as (P, ceil(K / 2), 32) bf16, P = packed_panels(N):
 // out[p][j][2i + e] = w[16p + i][2j + e], zero padded (channels past N, and k = K when K is odd).

@@ -5,9 +5,10 @@
 
 namespace fastvlm {
 
-// avx512_bf16: AVX-512 plus AVX512_BF16 (vdpbf16ps). It changes only the bfloat16 ConvFFN, whose
-// fc1 / fc2 then multiply bf16 pairs with fp32 accumulation (ffn_dp_impl.h) on weights packed by
-// pack_linear_bf16; every other kernel runs as on avx512.
+// avx512_bf16: AVX-512 plus AVX512_BF16 (vdpbf16ps). It changes bfloat16 only: the ConvFFN's fc1 / fc2,
+// attention's qkv, S, P V and proj and patch_embed's 1x1 then multiply bf16 pairs with fp32
+// accumulation (ffn_dp_impl.h; the 1x1 weights packed by pack_linear_bf16); every other kernel runs
+// as on avx512.
 enum class Isa { sse = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
 
 // The widest ISA this CPU supports, capped by FASTVLM_CPU_ISA=sse|avx2|avx512|avx512_bf16 (read per

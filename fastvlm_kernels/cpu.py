@@ -7,7 +7,8 @@ All seven ops:
   tile, about 1.14 times each, instead of stored at full resolution);
 - ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
   time, the 4C hidden kept in cache; in bf16 on a CPU with AVX512_BF16, fc1 and fc2 multiply bf16
-  pairs with vdpbf16ps, csrc/ffn_dp_impl.h, as do attention's qkv and proj) and ``repmixer_block`` (the RepMixer dw3x3 pass
+  pairs with vdpbf16ps, csrc/ffn_dp_impl.h, as do attention's qkv, S, P V and proj and patch_embed's
+  1x1) and ``repmixer_block`` (the RepMixer dw3x3 pass
   into a float32 buffer, for bf16 activations too, then the same fused FFN on it);
 - ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile) and ``dwconv``;
 - ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
@@ -79,11 +80,11 @@ def packed(w: torch.Tensor, pairs: bool = False) -> torch.Tensor:
 
 
 def uses_bf16_pairs(dtype: torch.dtype) -> bool:
-    """Whether the ConvFFN and attention GEMMs of ``dtype`` activations run the AVX512_BF16
-    kernels now (bf16 pair products, fp32 accumulation; csrc/ffn_dp_impl.h): bfloat16 on a CPU with
-    AVX512_BF16, unless FASTVLM_CPU_ISA caps the ISA below ``avx512_bf16``. Their fc1 / fc2 and
-    qkv / proj weights are then packed by ``pack_linear_bf16``; the other bf16 kernels (stem,
-    patch_embed, the depthwise convs, flash attention itself) compute in fp32 on bf16 storage."""
+    """Whether the GEMMs of ``dtype`` activations (the ConvFFN's, attention's and patch_embed's)
+    run the AVX512_BF16 kernels now (bf16 pair products, fp32 accumulation; csrc/ffn_dp_impl.h):
+    bfloat16 on a CPU with AVX512_BF16, unless FASTVLM_CPU_ISA caps the ISA below ``avx512_bf16``.
+    Their fc1 / fc2, qkv / proj and pw weights are then packed by ``pack_linear_bf16``; the other
+    bf16 kernels (the stem, the depthwise convs, the softmax) compute in fp32 on bf16 storage."""
     return dtype == torch.bfloat16 and cpu_isa() == "avx512_bf16"
 
 
@@ -129,7 +130,7 @@ def _load_state_dict_packed(m, state_dict, prefix, local_metadata, strict, missi
 
 def prepack(model: torch.nn.Module) -> None:
     """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``) in the
-    layout their kernels read (the ConvFFN's fc1 / fc2 and attention's qkv / proj of a bf16 model:
+    layout their kernels read (the ConvFFN's fc1 / fc2, attention's qkv / proj and patch_embed's pw of a bf16 model:
     bf16 pairs where the CPU has AVX512_BF16), in place of their nn.Linear-layout buffers: the model
     then holds each weight once. Weights packed before in the other form (the ISA changed since) are
     repacked."""
