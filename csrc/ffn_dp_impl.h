@@ -9,7 +9,8 @@
 // Numerics: bf16 storage, fp32 accumulation, like the fp32-compute bf16 path (ffn_impl.h), except
 // that the GEMM operands are bf16: the depthwise output d and the GELU output (fc2's input), and in
 // attention and patch_embed the operands named there, are rounded to bf16 (nearest even) before
-// they are multiplied, as eager PyTorch in bf16 rounds every layer's output. The weights of a bf16 model are bf16 already, so packing them loses nothing.
+// they are multiplied, as eager PyTorch in bf16 rounds every layer's output. The weights of a bf16
+// model are bf16 already, so packing them loses nothing.
 //
 // Layout (pack_linear_bf16): an (N, K) weight as (P, ceil(K / 2), 32) bf16, P = packed_panels(N):
 // out[p][j][2i + e] = w[16p + i][2j + e], zero padded (channels past N, and k = K when K is odd).
@@ -280,13 +281,7 @@ static inline int64_t attn_dp_scratch(int64_t Tq, int64_t BK, int64_t hd) {
 static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, const uint16_t* Kh, const uint16_t* Vh,
                          int64_t Np, const float* zeros, int64_t q0, int64_t nq, int64_t Tq, int64_t BK, float* S,
                          uint16_t* Pp, float* Oh, float* PV, float* mx, float* sm, float* O) {
-  typedef uint32_t vu32 __attribute__((vector_size(FVK_VL * 4)));
   const int64_t heads = C / hd, hp = attn_hp(hd), nqp = Np / PW, kpb = BK / 2;
-  // p rounded to bf16 (nearest even; p >= 0, finite), as the high half of a float's bits
-  const auto round_hi = [](vf p) -> vu32 {
-    const vu32 b = (vu32)p;
-    return (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
-  };
   for (int64_t h = 0; h < heads; ++h) {
     const uint16_t* qp = Qp + (h * nqp + q0 / PW) * (hp / 2) * 2 * PW;  // the tile's query panels
     const uint16_t* kh = Kh + h * N * hp;
@@ -299,9 +294,9 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
         },
         [&](int64_t j, int64_t nk, vf mn, vf& l) {  // p in bf16 pairs of keys, this query vector's panel
           uint16_t* pp = Pp + (j / PW) * kpb * 2 * PW;
-          for (int64_t r = 0; r < nk; r += 2) {  // a pair of keys per 32-bit lane: (r, r + 1)
-            const vu32 e0 = round_hi(vexp(vload(S + r * Tq + j) - mn));
-            const vu32 e1 = r + 1 < nk ? round_hi(vexp(vload(S + (r + 1) * Tq + j) - mn)) : vu32{};
+          for (int64_t r = 0; r < nk; r += 2) {  // a pair of keys per 32-bit lane: (r, r + 1); p >= 0, finite
+            const vu e0 = vround_hi(vexp(vload(S + r * Tq + j) - mn));
+            const vu e1 = r + 1 < nk ? vround_hi(vexp(vload(S + (r + 1) * Tq + j) - mn)) : vu{};
             l += (vf)e0 + (vf)e1;
             *reinterpret_cast<vfu*>(pp + (r / 2) * 2 * PW) = (vf)(e1 | (e0 >> 16));
           }

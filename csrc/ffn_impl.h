@@ -169,9 +169,13 @@ static inline vf vld(const uint16_t* p) {
   return (vf)u;
 }
 static inline void vst(float* p, vf v) { vstore(p, v); }
-static inline void vst(uint16_t* p, vf v) {
+// v rounded to bf16 (nearest even), as the high half of each lane's float bits (NaN not special-cased).
+static inline vu vround_hi(vf v) {
   const vu b = (vu)v;
-  vu r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+}
+static inline void vst(uint16_t* p, vf v) {
+  vu r = vround_hi(v) >> 16;
   r = (v != v) ? vu{} + 0x7FC0u : r;
   *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
 }
