@@ -286,27 +286,36 @@ static Tiling gemm_tiling(int64_t B, int64_t HW) {
   return {n, (groups + n - 1) / n * 6};
 }
 
-// The ConvFFN tiles of convffn_nhwc and repmixer_nhwc (`op` names the caller in errors): xc
-// (B, H, W, C) contiguous, float32 or bfloat16, into y (the same shape, contiguous): y has x's dtype,
-// or xc is float32 and y bfloat16 (repmixer_nhwc's fp32 mixer output). The kernels' storage and
-// weight layouts follow y's dtype (bf16 pairs: bf16 y on avx512_bf16).
-static void convffn_run(const char* op, const at::Tensor& xc, at::Tensor& y, const at::Tensor& dw_w,
-                        const at::Tensor& dw_b, const at::Tensor& fc1_wp, const at::Tensor& fc1_b,
-                        const at::Tensor& fc2_wp, const at::Tensor& fc2_b, const at::Tensor& gamma) {
-  const int64_t B = xc.size(0), H = xc.size(1), W = xc.size(2), C = xc.size(3);
+// The ConvFFN arguments of convffn_nhwc and repmixer_nhwc (`op` names the caller in errors), checked
+// against x (B, H, W, C), with the small ones as the float32 (padded) copies the kernels read. The
+// weights' packing picks the kernels: bf16-pair panels (pack_linear_bf16) the AVX512_BF16 ones
+// (ffn_dp_impl.h, bf16 x only), float32 panels (pack_linear) those of the active ISA.
+struct FfnArgs {
+  int64_t B, H, W, C, K, Hd;
+  Isa isa;
+  bool dp;
+  at::Tensor dw_w, dw_b, b1, b2, g;  // float32: (K, K, C), (C), then padded to Hdp, Cp, Cp
+  const void *w1p, *w2p;
+};
+static FfnArgs ffn_args(const char* op, const at::Tensor& xc, const at::Tensor& dw_w, const at::Tensor& dw_b,
+                        const at::Tensor& fc1_wp, const at::Tensor& fc1_b, const at::Tensor& fc2_wp,
+                        const at::Tensor& fc2_b, const at::Tensor& gamma) {
+  FfnArgs a;
+  a.B = xc.size(0), a.H = xc.size(1), a.W = xc.size(2), a.C = xc.size(3);
+  const int64_t C = a.C;
   TORCH_CHECK(dw_w.dim() == 3 && dw_w.size(0) == dw_w.size(1) && dw_w.size(0) % 2 == 1, op,
               ": dw_w must be (K, K, C) with odd K, got ", dw_w.sizes());
-  TORCH_CHECK(fc1_b.dim() == 1, op, ": fc1_b must be 1-D (Hd), got ", fc1_b.sizes());
-  const int64_t K = dw_w.size(0), Hd = fc1_b.size(0);
+  TORCH_CHECK(fc1_b.dim() == 1 && fc1_b.size(0) > 0, op, ": fc1_b must be 1-D (Hd), Hd > 0, got ", fc1_b.sizes());
+  a.K = dw_w.size(0), a.Hd = fc1_b.size(0);
+  const int64_t Hd = a.Hd;
   TORCH_CHECK(fc1_wp.device().is_cpu() && fc2_wp.device().is_cpu(), op, ": weights must be CPU tensors");
-  const Isa isa = active_isa();
+  a.isa = active_isa();
   const std::string name = op;
-  // bf16-pair panels (pack_linear_bf16): the AVX512_BF16 kernel (ffn_dp_impl.h)
-  const bool dp = fc1_wp.scalar_type() == at::kBFloat16 || fc2_wp.scalar_type() == at::kBFloat16;
-  if (dp) {
+  a.dp = fc1_wp.scalar_type() == at::kBFloat16 || fc2_wp.scalar_type() == at::kBFloat16;
+  if (a.dp) {
     check_packed_bf16(fc1_wp, Hd, C, (name + ": fc1_wp").c_str(), "fc1_w");
     check_packed_bf16(fc2_wp, C, Hd, (name + ": fc2_wp").c_str(), "fc2_w");
-    check_dp_call(y.scalar_type(), isa, op);
+    check_dp_call(xc.scalar_type(), a.isa, op);
   } else {  // pack_linear's panels of fc1_w (Hd, C) and fc2_w (C, Hd)
     TORCH_CHECK(fc1_wp.scalar_type() == at::kFloat && fc1_wp.is_contiguous() &&
                     fc1_wp.sizes() == at::IntArrayRef({packed_panels(Hd), C, kPanel}),
@@ -318,38 +327,14 @@ static void convffn_run(const char* op, const at::Tensor& xc, at::Tensor& y, con
                 "), got ", fc2_wp.scalar_type(), " ", fc2_wp.sizes());
   }
   const int64_t Hdp = padded_width(Hd), Cp = padded_width(C);
-  const at::Tensor dww = as_f32(dw_w, (name + ": dw_w").c_str(), {K, K, C});
-  const at::Tensor dwb = as_f32(dw_b, (name + ": dw_b").c_str(), {C});
-  const at::Tensor b1 = padded_f32(fc1_b, (name + ": fc1_b").c_str(), Hd, Hdp);
-  const at::Tensor b2 = padded_f32(fc2_b, (name + ": fc2_b").c_str(), C, Cp);
-  const at::Tensor g = padded_f32(gamma, (name + ": gamma").c_str(), C, Cp);
-  if (B == 0 || H == 0 || W == 0 || C == 0) return;
-
-  const bool x_bf16 = xc.scalar_type() == at::kBFloat16, y_bf16 = y.scalar_type() == at::kBFloat16;
-  const void* xp = xc.data_ptr();
-  void* yp = y.data_ptr();
-  const float *pdw = dww.data_ptr<float>(), *pdb = dwb.data_ptr<float>(), *pb1 = b1.data_ptr<float>(),
-              *pb2 = b2.data_ptr<float>(), *pg = g.data_ptr<float>();
-  const Tiling tl = gemm_tiling(B, H * W);
-  const int64_t T = tl.T, tiles = B * tl.n;
-  if (dp) {
-    const auto* q1 = reinterpret_cast<const uint16_t*>(fc1_wp.data_ptr());
-    const auto* q2 = reinterpret_cast<const uint16_t*>(fc2_wp.data_ptr());
-    auto* yh = static_cast<uint16_t*>(yp);
-    parallel_tiles(tiles, ffn_avx512bf16::ffn_dp_scratch(T, C, Hd), [&](int64_t b, int64_t e, float* buf) {
-      if (x_bf16)
-        ffn_avx512bf16::ffn_dp_tiles(static_cast<const uint16_t*>(xp), yh, H, W, C, Hd, K, pdw, pdb, q1, pb1, q2, pb2,
-                                     pg, tl.n, T, b, e, buf);
-      else
-        ffn_avx512bf16::ffn_dp_tiles(static_cast<const float*>(xp), yh, H, W, C, Hd, K, pdw, pdb, q1, pb1, q2, pb2,
-                                     pg, tl.n, T, b, e, buf);
-    });
-    return;
-  }
-  const float *p1 = fc1_wp.data_ptr<float>(), *p2 = fc2_wp.data_ptr<float>();
-  const int64_t scratch = T * (C + ffn_avx512::hid_stride(Hd) + Cp);  // the widest ISA's chunk stride: >= every ISA's
-  FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, isa, xp, yp, x_bf16, y_bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2,
-                     pg, tl.n, T);
+  a.dw_w = as_f32(dw_w, (name + ": dw_w").c_str(), {a.K, a.K, C});
+  a.dw_b = as_f32(dw_b, (name + ": dw_b").c_str(), {C});
+  a.b1 = padded_f32(fc1_b, (name + ": fc1_b").c_str(), Hd, Hdp);
+  a.b2 = padded_f32(fc2_b, (name + ": fc2_b").c_str(), C, Cp);
+  a.g = padded_f32(gamma, (name + ": gamma").c_str(), C, Cp);
+  a.w1p = fc1_wp.data_ptr();
+  a.w2p = fc2_wp.data_ptr();
+  return a;
 }
 
 // x (B, H, W, C), float32 or bfloat16, checked; returned contiguous.
@@ -366,40 +351,106 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
                         const at::Tensor& gamma) {
   const at::Tensor xc = checked_nhwc(x, "convffn_nhwc");
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
-  convffn_run("convffn_nhwc", xc, y, dw_w, dw_b, fc1_wp, fc1_b, fc2_wp, fc2_b, gamma);
+  const FfnArgs a = ffn_args("convffn_nhwc", xc, dw_w, dw_b, fc1_wp, fc1_b, fc2_wp, fc2_b, gamma);
+  const int64_t B = a.B, H = a.H, W = a.W, C = a.C, K = a.K, Hd = a.Hd, Cp = padded_width(C);
+  if (B == 0 || H == 0 || W == 0 || C == 0) return y;
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  const void* xp = xc.data_ptr();
+  void* yp = y.data_ptr();
+  const float *pdw = a.dw_w.data_ptr<float>(), *pdb = a.dw_b.data_ptr<float>(), *pb1 = a.b1.data_ptr<float>(),
+              *pb2 = a.b2.data_ptr<float>(), *pg = a.g.data_ptr<float>();
+  const Tiling tl = gemm_tiling(B, H * W);
+  const int64_t T = tl.T, tiles = B * tl.n;
+  if (a.dp) {
+    const auto* q1 = static_cast<const uint16_t*>(a.w1p);
+    const auto* q2 = static_cast<const uint16_t*>(a.w2p);
+    parallel_tiles(tiles, ffn_avx512bf16::ffn_dp_scratch(T, C, Hd), [&](int64_t b, int64_t e, float* buf) {
+      ffn_avx512bf16::ffn_dp_tiles(static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W, C, Hd, K, pdw,
+                                   pdb, q1, pb1, q2, pb2, pg, tl.n, T, b, e, buf);
+    });
+    return y;
+  }
+  const float *p1 = static_cast<const float*>(a.w1p), *p2 = static_cast<const float*>(a.w2p);
+  const int64_t scratch = T * (C + ffn_avx512::hid_stride(Hd) + Cp);  // the widest ISA's chunk stride: >= every ISA's
+  FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, a.isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2,
+                     pg, tl.n, T);
   return y;
 }
 
-void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu);
+// The rectangles of repmixer_nhwc (mix_rect): about th x tw = 6 x 32 pixels (FASTVLM_MIX_TILE=THxTW
+// overrides), gh x gw per image, gh raised where that makes the tile count over the batch a multiple
+// of the thread count (as gemm_tiling). th, tw returned: the largest rectangle mix_rect makes. On
+// the Zen 4 of bench/results, 6 x 32 measured 2-6% faster per op than 6 x 16, 12 x 8, 12 x 12 and
+// 8 x 24 at stage 0 and about level at stages 1-2 (calls alternated in one process).
+struct MixTiling {
+  int64_t gh, gw, th, tw;
+};
+static MixTiling mix_tiling(int64_t B, int64_t H, int64_t W) {
+  int64_t th = 6, tw = 32;
+  if (const char* env = std::getenv("FASTVLM_MIX_TILE")) {
+    long long a = 0, b = 0;
+    char rest = 0;
+    TORCH_CHECK(std::sscanf(env, "%lldx%lld%c", &a, &b, &rest) == 2 && a > 0 && b > 0,
+                "FASTVLM_MIX_TILE must be THxTW with positive integers (e.g. 6x32), got '", env, "'");
+    th = a, tw = b;
+  }
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads()), gw = (W + tw - 1) / tw;
+  int64_t gh = (H + th - 1) / th;
+  for (int64_t k = 0; k < nth && (B * gh * gw) % nth && gh < H; ++k) ++gh;
+  return {gh, gw, (H + gh - 1) / gh, (W + gw - 1) / gw};
+}
 
-// fastvlm_C::repmixer_nhwc -- the RepMixer block: m = dwKxK(x) (mix_w (K, K, C), mix_b (C): the
+// fastvlm_C::repmixer_nhwc -- the RepMixer block: m = dwKm(x) (mix_w (Km, Km, C), mix_b (C): the
 // RepMixer with its residual folded in), then y = m + gamma * fc2(GELU(fc1(dw_bnfolded(m)))) (the
-// ConvFFN, convffn_nhwc's arguments). m is the one C-wide round trip through memory (the ConvFFN's
-// 7x7 reads its neighbours), kept in float32 for either x dtype: for bf16 x a bf16 m would round the
-// residual stream twice per block (m, then y); eager bf16 does, and at 1024x1024 that alone made the
-// encoder's error 1.6x that of fp32-accumulating ops rounded once (rel-L2 3.3e-2 against 2.0e-2
-// at 512x512, train-form random weights).
+// ConvFFN, convffn_nhwc's arguments), fused (ffn_impl.h, mix_tiles): one rectangle of pixels at a
+// time, m computed over the rectangle plus the depthwise's halo in per-thread scratch, never in
+// memory. m is float32 for either x dtype: for bf16 x a bf16 m would round the residual stream twice
+// per block (m, then y); eager bf16 does, and at 1024x1024 that alone made the encoder's error 1.6x
+// that of fp32-accumulating ops rounded once (rel-L2 3.3e-2 against 2.0e-2 at 512x512, train-form
+// random weights).
 at::Tensor repmixer_nhwc(const at::Tensor& x, const at::Tensor& mix_w, const at::Tensor& mix_b,
                          const at::Tensor& dw_w, const at::Tensor& dw_b, const at::Tensor& fc1_wp,
                          const at::Tensor& fc1_b, const at::Tensor& fc2_wp, const at::Tensor& fc2_b,
                          const at::Tensor& gamma) {
   const at::Tensor xc = checked_nhwc(x, "repmixer_nhwc");
-  const int64_t B = xc.size(0), H = xc.size(1), W = xc.size(2), C = xc.size(3);
+  const int64_t C = xc.size(3);
   TORCH_CHECK(mix_w.dim() == 3 && mix_w.size(0) == mix_w.size(1) && mix_w.size(0) % 2 == 1,
               "repmixer_nhwc: mix_w must be (K, K, C) with odd K, got ", mix_w.sizes());
   const int64_t Km = mix_w.size(0);
   const at::Tensor mw = as_f32(mix_w, "repmixer_nhwc: mix_w", {Km, Km, C});
   const at::Tensor mb = as_f32(mix_b, "repmixer_nhwc: mix_b", {C});
-  at::Tensor m = at::empty({B, H, W, C}, xc.options().dtype(at::kFloat));
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
-  if (B > 0 && H > 0 && W > 0 && C > 0) dwconv_same_fast(xc, mw.data_ptr<float>(), mb.data_ptr<float>(), Km, m, false);
-  convffn_run("repmixer_nhwc", m, y, dw_w, dw_b, fc1_wp, fc1_b, fc2_wp, fc2_b, gamma);
+  const FfnArgs a = ffn_args("repmixer_nhwc", xc, dw_w, dw_b, fc1_wp, fc1_b, fc2_wp, fc2_b, gamma);
+  const int64_t B = a.B, H = a.H, W = a.W, K = a.K, Hd = a.Hd;
+  if (B == 0 || H == 0 || W == 0 || C == 0) return y;
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  const void* xp = xc.data_ptr();
+  void* yp = y.data_ptr();
+  const float *pmw = mw.data_ptr<float>(), *pmb = mb.data_ptr<float>(), *pdw = a.dw_w.data_ptr<float>(),
+              *pdb = a.dw_b.data_ptr<float>(), *pb1 = a.b1.data_ptr<float>(), *pb2 = a.b2.data_ptr<float>(),
+              *pg = a.g.data_ptr<float>();
+  const MixTiling tl = mix_tiling(B, H, W);
+  const int64_t tiles = B * tl.gh * tl.gw;
+  if (a.dp) {
+    const auto* q1 = static_cast<const uint16_t*>(a.w1p);
+    const auto* q2 = static_cast<const uint16_t*>(a.w2p);
+    parallel_tiles(tiles, ffn_avx512bf16::mix_dp_scratch(tl.th, tl.tw, C, Hd, K),
+                   [&](int64_t b, int64_t e, float* buf) {
+                     ffn_avx512bf16::mix_dp_tiles(static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W,
+                                                  C, Hd, Km, pmw, pmb, K, pdw, pdb, q1, pb1, q2, pb2, pg, tl.gh,
+                                                  tl.gw, tl.th, tl.tw, b, e, buf);
+                   });
+    return y;
+  }
+  const float *p1 = static_cast<const float*>(a.w1p), *p2 = static_cast<const float*>(a.w2p);
+  FVK_PARALLEL_TILES(mix_tiles, tiles, ffn_avx512::mix_scratch(tl.th, tl.tw, C, Hd, K), a.isa, xp, yp, bf16, H, W, C,
+                     Hd, Km, pmw, pmb, K, pdw, pdb, p1, pb1, p2, pb2, pg, tl.gh, tl.gw, tl.th, tl.tw);
   return y;
 }
 
-// dwconv_nhwc's fast path (dwconv.cpp calls it for multiplier 1, stride 1, padding K / 2, odd K;
-// repmixer_nhwc for its mixer): x and y (B, H, W, C) contiguous, each float32 or bfloat16; w (K, K, C)
-// float32 contiguous; b (C) float32 or null. Parallel over image rows; thread-count independent.
+// dwconv_nhwc's fast path (dwconv.cpp calls it for multiplier 1, stride 1, padding K / 2, odd K): x
+// and y (B, H, W, C) contiguous, each float32 or bfloat16; w (K, K, C) float32 contiguous; b (C)
+// float32 or null. Parallel over image rows; thread-count independent.
 void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu) {
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   at::Tensor zeros;

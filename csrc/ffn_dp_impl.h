@@ -144,14 +144,15 @@ static inline int64_t ffn_dp_scratch(int64_t T, int64_t C, int64_t Hd) {
 //   hid         = bf16(GELU(dh . W1^T + b1)), HC hidden channels at a time (np x hc, stride ldh)
 //   y[p]        = x[p] + gamma * (hid . W2^T + b2)  (fc2's chunks accumulate in fp32 in acc)
 // w1p, w2p: pack_linear_bf16 of fc1_w (Hd, C) and fc2_w (C, Hd).
+// ffn_gemms on bf16 pairs: d (np x C fp32) rounded to bf16 rows dh, then fc1 + GELU and fc2
+// (+ layer scale + residual, x and y at the tile's first pixel, row stride C; x null: fc2's sums are
+// left in acc, np x Cp fp32, for mix_dp_tiles' own epilogue).
 template <typename TX>
-static void ffn_tile_dp(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
-                        const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
-                        const uint16_t* w2p, const float* b2, const float* gamma, int64_t p0, int64_t np, float* d,
-                        float* hacc, float* acc, uint16_t* dh, uint16_t* hid) {
+static void ffn_gemms_dp(const float* d, int64_t np, int64_t C, int64_t Hd, const uint16_t* w1p, const float* b1,
+                         const uint16_t* w2p, const float* b2, const float* gamma, const TX* x, uint16_t* y,
+                         float* hacc, float* acc, uint16_t* dh, uint16_t* hid) {
   const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR, Ce = (C + 1) / 2 * 2;
   const int64_t KP1 = Ce / 2, KP2 = (Hd + 1) / 2;
-  dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
   to_bf16_rows(d, np, C, dh);
   for (int64_t h0 = 0; h0 < Hd; h0 += HC) {
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
@@ -160,14 +161,28 @@ static void ffn_tile_dp(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t
     pgemm_dp_part<0, uint16_t>(dh, Ce, np, C, w1p + (h0 / PW) * KP1 * 2 * PW, KP1, hc, b1 + h0, hacc, ldh, hid, ldh,
                                nullptr, nullptr, 0, nullptr, true, true);
     // fc2's pairs [h0 / 2, (h0 + hc + 1) / 2) of its Hd-long sum (h0 is even: HC is)
-    pgemm_dp_part<1>(hid, ldh, np, hc, w2p + (h0 / 2) * 2 * PW, KP2, C, b2, acc, Cp, nullptr, 0, x + p0 * C,
-                     y + p0 * C, C, gamma, h0 == 0, h0 + hc == Hd);
+    pgemm_dp_part<1>(hid, ldh, np, hc, w2p + (h0 / 2) * 2 * PW, KP2, C, b2, acc, Cp, nullptr, 0, x, y, C, gamma,
+                     h0 == 0, x && h0 + hc == Hd);
   }
+}
+
+// One tile of the bf16 ConvFFN (ffn_tile's steps, the GEMMs on bf16 pairs): pixels [p0, p0 + np)
+// of one image x (H x Wd x C, bf16), y bf16:
+//   d(np x C)   = depthwise KxK (BN folded) of x in fp32, then rounded to bf16 rows dh (np x Ce)
+//   hid         = bf16(GELU(dh . W1^T + b1)), HC hidden channels at a time (np x hc, stride ldh)
+//   y[p]        = x[p] + gamma * (hid . W2^T + b2)  (fc2's chunks accumulate in fp32 in acc)
+// w1p, w2p: pack_linear_bf16 of fc1_w (Hd, C) and fc2_w (C, Hd).
+template <typename TX>
+static void ffn_tile_dp(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+                        const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
+                        const uint16_t* w2p, const float* b2, const float* gamma, int64_t p0, int64_t np, float* d,
+                        float* hacc, float* acc, uint16_t* dh, uint16_t* hid) {
+  dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
+  ffn_gemms_dp(d, np, C, Hd, w1p, b1, w2p, b2, gamma, x + p0 * C, y + p0 * C, hacc, acc, dh, hid);
 }
 static_assert(HC % 2 == 0, "fc2's hidden chunks start on a pair");
 
 // Tiles [t_begin, t_end) of a batch (ffn_tiles' tiling), `scratch`: ffn_dp_scratch(T, C, Hd) floats.
-// x bf16 (TX = uint16_t) or fp32 (the bf16 RepMixer block's mixer output); y bf16.
 template <typename TX>
 static void ffn_dp_tiles(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                          const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
@@ -182,6 +197,31 @@ static void ffn_dp_tiles(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_
     const int64_t np = tile_start(HW, per_image, t % per_image + 1) - p0;
     ffn_tile_dp(x + b * HW * C, y + b * HW * C, H, Wd, C, Hd, Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d,
                 hacc, acc, dh, hid);
+  }
+}
+
+// The fused RepMixer block (mix_tiles, ffn_impl.h) with the ConvFFN's GEMMs on bf16 pairs: x and y
+// bf16; the window's mixer output m stays fp32 (the ConvFFN's depthwise input and the residual), so
+// the residual stream is rounded once per block, at y. `scratch`: mix_dp_scratch floats.
+static inline int64_t mix_dp_scratch(int64_t th, int64_t tw, int64_t C, int64_t Hd, int64_t Kk) {
+  return mix_window_floats(th, tw, C, Kk / 2) + ffn_dp_scratch(th * tw, C, Hd);
+}
+static void mix_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Km,
+                         const float* mix_w, const float* mix_b, int64_t Kk, const float* dw_w, const float* dw_b,
+                         const uint16_t* w1p, const float* b1, const uint16_t* w2p, const float* b2,
+                         const float* gamma, int64_t gh, int64_t gw, int64_t th, int64_t tw, int64_t t_begin,
+                         int64_t t_end, float* scratch) {
+  const int64_t T = th * tw, ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR, Ce = (C + 1) / 2 * 2;
+  float *mw = scratch, *d = mw + mix_window_floats(th, tw, C, Kk / 2), *hacc = d + T * C, *acc = hacc + T * ldh;
+  uint16_t* dh = reinterpret_cast<uint16_t*>(acc + T * Cp);
+  uint16_t* hid = dh + T * Ce;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const Rect r = mix_rect(H, Wd, gh, gw, t);
+    const Win w = mix_window(r, H, Wd, Kk / 2);
+    const int64_t np = (r.h1 - r.h0) * (r.w1 - r.w0), img = r.b * H * Wd * C;
+    mix_dw(x + img, H, Wd, C, Km, mix_w, mix_b, Kk, dw_w, dw_b, r, w, mw, d);
+    ffn_gemms_dp<float>(d, np, C, Hd, w1p, b1, w2p, b2, gamma, nullptr, nullptr, hacc, acc, dh, hid);
+    mix_residual(mw, w, r, acc, C, gamma, y + img, Wd);
   }
 }
 

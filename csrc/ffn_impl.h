@@ -557,31 +557,44 @@ constexpr int64_t HC = FVK_HC;
 // weight panel slice: conflict misses in fc2's inner loop.
 static inline int64_t hid_stride(int64_t Hd) { return ((Hd < HC ? Hd : HC) + NR - 1) / NR * NR + 16; }
 
+// fc1 + GELU and fc2 (+ layer scale + residual) of one tile's depthwise output d (np x C, fp32):
+//   hid(np x HC) = GELU(d . W1^T + b1) for one chunk of HC hidden channels at a time
+//   y[t]         = x[t] + gamma * (hid . W2^T + b2)   (fc2's K ranges accumulate in `acc`, np x Cp)
+// x, y: the tile's first pixel (row stride C). x null: no epilogue; fc2's finished sums are left in
+// acc for the caller's (mix_tile's pixels are not one run of rows).
 template <typename TX, typename TY>
-static void ffn_tile(const TX* x, TY* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
-                     const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
-                     const float* b2, const float* gamma, int64_t p0, int64_t np, float* d, float* hid, float* acc) {
+static void ffn_gemms(const float* d, int64_t np, int64_t C, int64_t Hd, const float* w1p, const float* b1,
+                      const float* w2p, const float* b2, const float* gamma, const TX* x, TY* y, float* hid,
+                      float* acc) {
   const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR;
-  dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
   for (int64_t h0 = 0; h0 < Hd; h0 += HC) {
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
     // fc1 + GELU, hidden channels [h0, h0 + hc): panels from h0 / PW (h0 is a multiple of PW)
     pgemm_part<0, float, float>(d, C, np, C, w1p + (h0 / PW) * C * PW, C, hc, b1 + h0, hid, ldh, nullptr, nullptr,
                                 0, nullptr, true, true);
     // fc2's k range [h0, h0 + hc) of its Hd-long sum
-    pgemm_part<1, TX, TY>(hid, ldh, np, hc, w2p + h0 * PW, Hd, C, b2, acc, Cp, x + p0 * C, y + p0 * C, C, gamma,
-                          h0 == 0, h0 + hc == Hd);
+    pgemm_part<1, TX, TY>(hid, ldh, np, hc, w2p + h0 * PW, Hd, C, b2, acc, Cp, x, y, C, gamma, h0 == 0,
+                          x && h0 + hc == Hd);
   }
 }
 
+// One tile of the ConvFFN: pixels [p0, p0 + np) of one image x (H x Wd x C): d(np x C) = depthwise
+// KxK (BN folded) of x, pixel-major, then ffn_gemms.
+template <typename TX, typename TY>
+static void ffn_tile(const TX* x, TY* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+                     const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
+                     const float* b2, const float* gamma, int64_t p0, int64_t np, float* d, float* hid, float* acc) {
+  dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
+  ffn_gemms(d, np, C, Hd, w1p, b1, w2p, b2, gamma, x + p0 * C, y + p0 * C, hid, acc);
+}
+
 // Tiles [t_begin, t_end) of a batch: tile t covers image t / tiles_per_image, pixels from
-// (t % tiles_per_image) * T. b1, b2 and gamma are zero padded to Hdp / Cp floats. x is bf16 where
-// x_bf16 (else fp32), y bf16 where y_bf16: the same, or fp32 x and bf16 y (the bf16 RepMixer block's
-// fp32 mixer output). `scratch` holds T * (C + hid_stride(Hd) + Cp) floats.
-static void ffn_tiles(const void* x, void* y, bool x_bf16, bool y_bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd,
-                      int64_t Kk, const float* dw_w, const float* dw_b, const float* w1p, const float* b1,
-                      const float* w2p, const float* b2, const float* gamma, int64_t per_image, int64_t T,
-                      int64_t t_begin, int64_t t_end, float* scratch) {
+// (t % tiles_per_image) * T. b1, b2 and gamma are zero padded to Hdp / Cp floats. x and y both fp32,
+// or both bf16 (bf16). `scratch` holds T * (C + hid_stride(Hd) + Cp) floats.
+static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+                      const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
+                      const float* b2, const float* gamma, int64_t per_image, int64_t T, int64_t t_begin,
+                      int64_t t_end, float* scratch) {
   const int64_t HW = H * Wd;
   float *d = scratch, *hid = d + C * T, *acc = hid + hid_stride(Hd) * T;
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -591,8 +604,98 @@ static void ffn_tiles(const void* x, void* y, bool x_bf16, bool y_bf16, int64_t 
       ffn_tile(xi + b * HW * C, yi + b * HW * C, H, Wd, C, Hd, Kk, dw_w, dw_b, w1p, b1, w2p, b2, gamma, p0, np, d, hid,
                acc);
     };
-    if (x_bf16) tile(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y));
-    else if (y_bf16) tile(static_cast<const float*>(x), static_cast<uint16_t*>(y));
+    if (bf16) tile(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y));
+    else tile(static_cast<const float*>(x), static_cast<float*>(y));
+  }
+}
+
+// ---- the RepMixer block, fused: m = dwKm(x), y = m + gamma * ConvFFN(m) ---------------------------
+// A tile is a rectangle of one image (mix_rect). Its mixer output m is computed over the rectangle
+// grown by the ConvFFN depthwise's padding and clipped to the image (the window) into per-thread
+// scratch, so m never reaches memory: the KxK reads a tile pixel's neighbours from the window (any
+// neighbour outside it lies outside the image: the zero padding, so the window is an image of its
+// own to dw_rows) and the residual reads its centre. Neighbouring tiles recompute the window's
+// border: for 6 x 16 tiles and a 7x7, 264 window pixels per 96, at the mixer's Km^2 = 9 multiply-
+// adds per pixel and channel against the GEMMs' 8C. Each output is the same sum, in the same order,
+// as repmixer_nhwc's earlier form (m through memory, then convffn_nhwc's 1-D tiles) computed it.
+struct Rect {
+  int64_t b, h0, h1, w0, w1;  // image b, rows [h0, h1), columns [w0, w1)
+};
+// Tile t of a batch cut into gh x gw rectangles per image (boundaries spread evenly), row-major.
+static inline Rect mix_rect(int64_t H, int64_t Wd, int64_t gh, int64_t gw, int64_t t) {
+  const int64_t i = t % (gh * gw), r = i / gw, c = i % gw;
+  return {t / (gh * gw), r * H / gh, (r + 1) * H / gh, c * Wd / gw, (c + 1) * Wd / gw};
+}
+// The window of tile r: rows [a0, a1), columns [c0, c1) of the image (r grown by pad, clipped).
+struct Win {
+  int64_t a0, a1, c0, c1;
+};
+static inline Win mix_window(const Rect& r, int64_t H, int64_t Wd, int64_t pad) {
+  return {r.h0 - pad > 0 ? r.h0 - pad : 0, r.h1 + pad < H ? r.h1 + pad : H, r.w0 - pad > 0 ? r.w0 - pad : 0,
+          r.w1 + pad < Wd ? r.w1 + pad : Wd};
+}
+// Floats of one tile's window for tiles of at most th x tw pixels.
+static inline int64_t mix_window_floats(int64_t th, int64_t tw, int64_t C, int64_t pad) {
+  return (th + 2 * pad) * (tw + 2 * pad) * C;
+}
+
+// Steps 1-2 of a tile: mw = the mixer output over the window (image x: H x Wd x C; mw: the window's
+// pixels row-major, fp32), then d (np x C) = the ConvFFN's depthwise of the rectangle's pixels.
+// mix_dw and mix_residual are kept out of line, so that profiles show them apart from the GEMMs.
+template <typename TX>
+__attribute__((noinline)) static void mix_dw(const TX* x, int64_t H, int64_t Wd, int64_t C, int64_t Km,
+                                             const float* mix_w, const float* mix_b, int64_t Kk, const float* dw_w,
+                                             const float* dw_b, const Rect& r, const Win& w, float* mw, float* d) {
+  const int64_t ww = w.c1 - w.c0, wh = w.a1 - w.a0, tw = r.w1 - r.w0;
+  for (int64_t a = w.a0; a < w.a1; ++a)
+    dw_rows(x, H, Wd, C, Km, mix_w, mix_b, a * Wd + w.c0, ww, mw + (a - w.a0) * ww * C);
+  for (int64_t h = r.h0; h < r.h1; ++h)
+    dw_rows(static_cast<const float*>(mw), wh, ww, C, Kk, dw_w, dw_b, (h - w.a0) * ww + (r.w0 - w.c0), tw,
+            d + (h - r.h0) * tw * C);
+}
+
+// Step 4: y at the rectangle's pixels (image row stride Wd * C) = m + gamma * acc, residual_out's
+// arithmetic (whole 2-vector columns, then the product rounded before the add), m from the window.
+template <typename TY>
+__attribute__((noinline)) static void mix_residual(const float* mw, const Win& w, const Rect& r, const float* acc,
+                                                   int64_t C, const float* gamma, TY* y, int64_t Wd) {
+  const int64_t ww = w.c1 - w.c0, tw = r.w1 - r.w0, Cp = (C + NR - 1) / NR * NR, Cv = C / NR * NR;
+  for (int64_t h = r.h0; h < r.h1; ++h)
+    for (int64_t j = 0; j < tw; ++j) {
+      const float* m = mw + ((h - w.a0) * ww + (r.w0 + j - w.c0)) * C;
+      const float* s = acc + ((h - r.h0) * tw + j) * Cp;
+      TY* o = y + (h * Wd + r.w0 + j) * C;
+      for (int64_t c = 0; c < Cv; c += VL) vst(o + c, vld(m + c) + vload(gamma + c) * vload(s + c));
+      if (Cv < C) {
+        alignas(64) float g[NR];
+        vstore(g, vload(gamma + Cv) * vload(s + Cv));
+        vstore(g + VL, vload(gamma + Cv + VL) * vload(s + Cv + VL));
+        for (int64_t c = Cv; c < C; ++c) st(o, c, m[c] + g[c - Cv]);
+      }
+    }
+}
+
+// Tiles [t_begin, t_end) of a batch (mix_rect's gh x gw per image, of at most th x tw pixels): x and y
+// (B, H, Wd, C), both fp32 or both bf16 (fp32 compute). `scratch`: mix_scratch floats.
+static inline int64_t mix_scratch(int64_t th, int64_t tw, int64_t C, int64_t Hd, int64_t Kk) {
+  return mix_window_floats(th, tw, C, Kk / 2) + th * tw * (C + hid_stride(Hd) + (C + NR - 1) / NR * NR);
+}
+static void mix_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Km,
+                      const float* mix_w, const float* mix_b, int64_t Kk, const float* dw_w, const float* dw_b,
+                      const float* w1p, const float* b1, const float* w2p, const float* b2, const float* gamma,
+                      int64_t gh, int64_t gw, int64_t th, int64_t tw, int64_t t_begin, int64_t t_end, float* scratch) {
+  float *mw = scratch, *d = mw + mix_window_floats(th, tw, C, Kk / 2), *hid = d + th * tw * C,
+        *acc = hid + hid_stride(Hd) * th * tw;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const Rect r = mix_rect(H, Wd, gh, gw, t);
+    const Win w = mix_window(r, H, Wd, Kk / 2);
+    const int64_t np = (r.h1 - r.h0) * (r.w1 - r.w0), img = r.b * H * Wd * C;
+    const auto tile = [&](const auto* xi, auto* yi) {
+      mix_dw(xi + img, H, Wd, C, Km, mix_w, mix_b, Kk, dw_w, dw_b, r, w, mw, d);
+      ffn_gemms<float, float>(d, np, C, Hd, w1p, b1, w2p, b2, gamma, nullptr, nullptr, hid, acc);
+      mix_residual(mw, w, r, acc, C, gamma, yi + img, Wd);
+    };
+    if (bf16) tile(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y));
     else tile(static_cast<const float*>(x), static_cast<float*>(y));
   }
 }

@@ -173,7 +173,7 @@ def _convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
 
 
 def _repmixer_block(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
-    # the mixer output m (the one C-wide round trip) stays float32 for bf16 x too: csrc/ffn.cpp
+    # one pass: the mixer output m stays in per-thread scratch, float32 for bf16 x too (csrc/ffn.cpp)
     pairs = uses_bf16_pairs(x.dtype)
     return _C.repmixer_nhwc(x, mix_w, mix_b, ffn_w, ffn_b, packed(fc1_w, pairs), fc1_b, packed(fc2_w, pairs), fc2_b,
                             gamma)

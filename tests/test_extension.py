@@ -338,6 +338,33 @@ def test_repmixer_nhwc_bf16_rounds_the_residual_stream_once(monkeypatch, B, H, W
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repmixer_nhwc_rectangles_do_not_change_results(monkeypatch, dtype):
+    """repmixer_nhwc cuts each image into rectangles (FASTVLM_MIX_TILE=THxTW) and computes the mixer
+    output over each rectangle plus the 7x7's halo: the halo's recomputed pixels, windows clipped
+    at every image edge, one-pixel and one-row rectangles, partial channel vectors (C = 40) must give
+    bitwise the same result for any rectangle size, on every ISA, and the right one."""
+    from fastvlm_kernels import reference
+    mix, a = _mix_args(40, seed=8), _ffn_args(40, 300, seed=9)
+    x = torch.randn(2, 13, 41, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    ref = reference.repmixer_block(x.to(dtype).double(), *[t.to(dtype).double() for t in mix],
+                                   *[t.to(dtype).double() for t in a])
+    for isa in _isas(dp=True):
+        monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+        outs = []
+        for tile in ("1x1", "2x3", "5x7", "13x41", "6x32"):
+            monkeypatch.setenv("FASTVLM_MIX_TILE", tile)
+            outs.append(_repmixer_c(x.to(dtype), [t.to(dtype) for t in mix], [t.to(dtype) for t in a]))
+        assert rel_l2(outs[-1], ref) <= (1e-5 if dtype == torch.float32 else 1e-2), (isa, rel_l2(outs[-1], ref))
+        for tile, y in zip(("1x1", "2x3", "5x7", "13x41"), outs):
+            assert torch.equal(y, outs[-1]), (isa, tile)
+    for bad in ("6", "6x", "0x4", "ax3", "6x32y"):
+        monkeypatch.setenv("FASTVLM_MIX_TILE", bad)
+        with pytest.raises(RuntimeError, match="FASTVLM_MIX_TILE must be THxTW"):
+            _repmixer_c(x.float(), [t.float() for t in mix], [t.float() for t in a])
+
+
+@needs_ext
 def test_repmixer_nhwc_rejects_bad_input():
     mix, a = [t.float() for t in _mix_args(8)], [t.float() for t in _ffn_args(8, 32)]
     x = torch.randn(1, 5, 5, 8)
@@ -451,7 +478,7 @@ def test_convffn_nhwc_writes_every_output_and_ignores_input_strides():
 
 
 @needs_ext
-@pytest.mark.parametrize("op", ["convffn", "dwconv", "attention_mixer", "conv_exp", "stem"])
+@pytest.mark.parametrize("op", ["convffn", "repmixer", "dwconv", "attention_mixer", "conv_exp", "stem"])
 def test_thread_counts_and_concurrent_callers_agree(op):
     import threading
     if op == "stem":  # several 4 x 32 blocks per image
@@ -483,6 +510,12 @@ def test_thread_counts_and_concurrent_callers_agree(op):
 
         def call():
             return _convffn_c(x, a)
+    elif op == "repmixer":  # 7 x 3 rectangles per image with 1 thread, 8 x 3 with 2 (an even count)
+        mix, a = [t.float() for t in _mix_args(40, seed=7)], [t.float() for t in _ffn_args(40, 300, seed=3)]
+        x = torch.randn(1, 37, 70, 40)
+
+        def call():
+            return _repmixer_c(x, mix, a)
     else:
         x, w, b = torch.randn(2, 29, 31, 40), torch.randn(7, 7, 40), torch.randn(40)
 
