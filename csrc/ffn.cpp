@@ -449,7 +449,7 @@ at::Tensor repmixer_nhwc(const at::Tensor& x, const at::Tensor& mix_w, const at:
 }
 
 // dwconv_nhwc's fast path (dwconv.cpp calls it for multiplier 1, stride 1, padding K / 2, odd K): x
-// and y (B, H, W, C) contiguous, each float32 or bfloat16; w (K, K, C) float32 contiguous; b (C)
+// and y (B, H, W, C) contiguous, both float32 or both bfloat16; w (K, K, C) float32 contiguous; b (C)
 // float32 or null. Parallel over image rows; thread-count independent.
 void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64_t K, at::Tensor& y, bool gelu) {
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
@@ -459,10 +459,11 @@ void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64
     b = zeros.data_ptr<float>();
   }
   const Isa isa = active_isa();
-  const bool bf16 = x.scalar_type() == at::kBFloat16, y_bf16 = y.scalar_type() == at::kBFloat16;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "dwconv_same_fast: y must have x's dtype");
   const void* xp = x.data_ptr();
   void* yp = y.data_ptr();
-  FVK_PARALLEL_TILES(dw_same_rows, B * H, W * C, isa, xp, yp, bf16, y_bf16, H, W, C, K, w, b, gelu);
+  FVK_PARALLEL_TILES(dw_same_rows, B * H, W * C, isa, xp, yp, bf16, H, W, C, K, w, b, gelu);
 }
 
 // conv_exp_nhwc's two passes (dwconv.cpp): x (B, H, W, Cin) contiguous float32/bf16, w (K, K, Co) and

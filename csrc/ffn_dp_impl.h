@@ -43,13 +43,13 @@ constexpr int MRD = 8;
 //   last: run the epilogue (else store the partial sums to buf).
 //   EPI 0 (fc1): last block writes h[t][n] = bf16(GELU(acc)) (row stride ldh).
 //   EPI 1 (fc2, attention's proj): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N
-//   (x bf16, or fp32: TX; y bf16).
+//   (x and y bf16).
 //   EPI 2 (patch_embed's 1x1): last block writes y[t][n] = bf16(GELU(acc)), n < N (row stride ldy).
 //   EPI 3 (attention's qkv, S, P V): buf is the output, acc as is.
-template <int M, int EPI, typename TX>
+template <int M, int EPI>
 static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t kp, const uint16_t* __restrict__ w0,
                             const uint16_t* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
-                            int64_t ldb, int64_t n0, int64_t N, uint16_t* h, int64_t ldh, const TX* x,
+                            int64_t ldb, int64_t n0, int64_t N, uint16_t* h, int64_t ldh, const uint16_t* x,
                             uint16_t* y, int64_t ldy, const float* gamma) {
   vf acc0[M], acc1[M];
   acc_start<M>(acc0, acc1, first, bias, buf, ldb, n0);
@@ -80,11 +80,10 @@ static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t
 // pairs: a (np x K bf16, row stride lda, even; an odd K's partner column zero); Wp points at the
 // range's first pair in the bf16-pair panels of a weight with ldp pairs per panel row (panel p at
 // Wp + p * ldp * 32). first_part / last_part as pgemm_part's (fp32 partial sums through buf).
-// TX: the storage of the epilogue's x (EPI 1).
-template <int EPI, typename TX>
+template <int EPI>
 static void pgemm_dp_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K, const uint16_t* Wp, int64_t ldp,
                           int64_t N, const float* bias, float* buf, int64_t ldb, uint16_t* h, int64_t ldh,
-                          const TX* x, uint16_t* y, int64_t ldy, const float* gamma, bool first_part,
+                          const uint16_t* x, uint16_t* y, int64_t ldy, const float* gamma, bool first_part,
                           bool last_part) {
   const int64_t KP = (K + 1) / 2, nkb = (KP + KP_MAX - 1) / KP_MAX, kpb = (KP + nkb - 1) / nkb;
   for (int64_t j0 = 0; j0 < KP; j0 += kpb) {
@@ -98,7 +97,7 @@ static void pgemm_dp_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K,
         const uint16_t* at = a + t0 * lda + 2 * j0;
         float* bt = buf + t0 * ldb;
         uint16_t* ht = h ? h + t0 * ldh : nullptr;
-        const TX* xt = x ? x + t0 * ldy : nullptr;
+        const uint16_t* xt = x ? x + t0 * ldy : nullptr;
         uint16_t* yt = y ? y + t0 * ldy : nullptr;
         switch (m) {
 #define FVK_PT(MM)                                                                                             \
@@ -138,18 +137,11 @@ static inline int64_t ffn_dp_scratch(int64_t T, int64_t C, int64_t Hd) {
   return T * (C + ldh + Cp) + (T * (Ce + ldh) + 1) / 2;
 }
 
-// One tile of the bf16 ConvFFN (ffn_tile's steps, the GEMMs on bf16 pairs): pixels [p0, p0 + np)
-// of one image x (H x Wd x C, bf16; or fp32, the bf16 RepMixer block's mixer output), y bf16:
-//   d(np x C)   = depthwise KxK (BN folded) of x in fp32, then rounded to bf16 rows dh (np x Ce)
-//   hid         = bf16(GELU(dh . W1^T + b1)), HC hidden channels at a time (np x hc, stride ldh)
-//   y[p]        = x[p] + gamma * (hid . W2^T + b2)  (fc2's chunks accumulate in fp32 in acc)
-// w1p, w2p: pack_linear_bf16 of fc1_w (Hd, C) and fc2_w (C, Hd).
 // ffn_gemms on bf16 pairs: d (np x C fp32) rounded to bf16 rows dh, then fc1 + GELU and fc2
 // (+ layer scale + residual, x and y at the tile's first pixel, row stride C; x null: fc2's sums are
 // left in acc, np x Cp fp32, for mix_dp_tiles' own epilogue).
-template <typename TX>
 static void ffn_gemms_dp(const float* d, int64_t np, int64_t C, int64_t Hd, const uint16_t* w1p, const float* b1,
-                         const uint16_t* w2p, const float* b2, const float* gamma, const TX* x, uint16_t* y,
+                         const uint16_t* w2p, const float* b2, const float* gamma, const uint16_t* x, uint16_t* y,
                          float* hacc, float* acc, uint16_t* dh, uint16_t* hid) {
   const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR, Ce = (C + 1) / 2 * 2;
   const int64_t KP1 = Ce / 2, KP2 = (Hd + 1) / 2;
@@ -158,7 +150,7 @@ static void ffn_gemms_dp(const float* d, int64_t np, int64_t C, int64_t Hd, cons
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
     // fc1 + GELU, hidden channels [h0, h0 + hc) into hid's columns [0, hc rounded up to NR): the
     // columns past hc are GELU(0) = 0 (zero padded weights and bias), so an odd hc's partner is 0
-    pgemm_dp_part<0, uint16_t>(dh, Ce, np, C, w1p + (h0 / PW) * KP1 * 2 * PW, KP1, hc, b1 + h0, hacc, ldh, hid, ldh,
+    pgemm_dp_part<0>(dh, Ce, np, C, w1p + (h0 / PW) * KP1 * 2 * PW, KP1, hc, b1 + h0, hacc, ldh, hid, ldh,
                                nullptr, nullptr, 0, nullptr, true, true);
     // fc2's pairs [h0 / 2, (h0 + hc + 1) / 2) of its Hd-long sum (h0 is even: HC is)
     pgemm_dp_part<1>(hid, ldh, np, hc, w2p + (h0 / 2) * 2 * PW, KP2, C, b2, acc, Cp, nullptr, 0, x, y, C, gamma,
@@ -172,8 +164,7 @@ static void ffn_gemms_dp(const float* d, int64_t np, int64_t C, int64_t Hd, cons
 //   hid         = bf16(GELU(dh . W1^T + b1)), HC hidden channels at a time (np x hc, stride ldh)
 //   y[p]        = x[p] + gamma * (hid . W2^T + b2)  (fc2's chunks accumulate in fp32 in acc)
 // w1p, w2p: pack_linear_bf16 of fc1_w (Hd, C) and fc2_w (C, Hd).
-template <typename TX>
-static void ffn_tile_dp(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+static void ffn_tile_dp(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                         const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
                         const uint16_t* w2p, const float* b2, const float* gamma, int64_t p0, int64_t np, float* d,
                         float* hacc, float* acc, uint16_t* dh, uint16_t* hid) {
@@ -183,8 +174,7 @@ static void ffn_tile_dp(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t
 static_assert(HC % 2 == 0, "fc2's hidden chunks start on a pair");
 
 // Tiles [t_begin, t_end) of a batch (ffn_tiles' tiling), `scratch`: ffn_dp_scratch(T, C, Hd) floats.
-template <typename TX>
-static void ffn_dp_tiles(const TX* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+static void ffn_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                          const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
                          const uint16_t* w2p, const float* b2, const float* gamma, int64_t per_image, int64_t T,
                          int64_t t_begin, int64_t t_end, float* scratch) {
@@ -220,7 +210,7 @@ static void mix_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, 
     const Win w = mix_window(r, H, Wd, Kk / 2);
     const int64_t np = (r.h1 - r.h0) * (r.w1 - r.w0), img = r.b * H * Wd * C;
     mix_dw(x + img, H, Wd, C, Km, mix_w, mix_b, Kk, dw_w, dw_b, r, w, mw, d);
-    ffn_gemms_dp<float>(d, np, C, Hd, w1p, b1, w2p, b2, gamma, nullptr, nullptr, hacc, acc, dh, hid);
+    ffn_gemms_dp(d, np, C, Hd, w1p, b1, w2p, b2, gamma, nullptr, nullptr, hacc, acc, dh, hid);
     mix_residual(mw, w, r, acc, C, gamma, y + img, Wd);
   }
 }
@@ -244,7 +234,7 @@ static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd,
     const int64_t np = tile_start(HWo, per_image, t % per_image + 1) - p0;
     dwm_rows(x + b * H * Wd * Cin, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, Wo, p0, np, d);
     to_bf16_rows(d, np, Co, dh);
-    pgemm_dp_part<2, uint16_t>(dh, Ce, np, Co, pw_p, Ce / 2, Co, pw_b, buf, Cop, nullptr, 0, nullptr,
+    pgemm_dp_part<2>(dh, Ce, np, Co, pw_p, Ce / 2, Co, pw_b, buf, Cop, nullptr, 0, nullptr,
                                y + (b * HWo + p0) * Co, Co, nullptr, true, true);
   }
 }
@@ -295,7 +285,7 @@ static void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, co
   uint16_t* lnh = reinterpret_cast<uint16_t*>(qkv + T * ldq);
   const auto gemm = [&](const float* a, int64_t n, float* out) {
     to_bf16_rows(a, n, C, lnh);
-    pgemm_dp_part<3, uint16_t>(lnh, Ce, n, C, wq, Ce / 2, 3 * C, zeros, out, ldq, nullptr, 0, nullptr, nullptr, 0,
+    pgemm_dp_part<3>(lnh, Ce, n, C, wq, Ce / 2, 3 * C, zeros, out, ldq, nullptr, 0, nullptr, nullptr, 0,
                                nullptr, true, true);
   };
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -329,7 +319,7 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
     flash_head(
         N, C, hd, h, q0, nq, Tq, BK, S, Oh, PV, mx, sm, O,
         [&](int64_t k0, int64_t nk) {  // S^T (nk x Tq)
-          pgemm_dp_part<3, uint16_t>(kh + k0 * hp, hp, nk, hp, qp, hp / 2, Tq, zeros, S, Tq, nullptr, 0, nullptr,
+          pgemm_dp_part<3>(kh + k0 * hp, hp, nk, hp, qp, hp / 2, Tq, zeros, S, Tq, nullptr, 0, nullptr,
                                      nullptr, 0, nullptr, true, true);
         },
         [&](int64_t j, int64_t nk, vf mn, vf& l) {  // p in bf16 pairs of keys, this query vector's panel
@@ -342,7 +332,7 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
           }
         },
         [&](int64_t k0, int64_t nk) {  // (hd x Tq) = Vh_blk . P^T; an odd nk's partner key k0 + nk is 0 in Vh and Pp
-          pgemm_dp_part<3, uint16_t>(vh + k0, Np, hd, nk, Pp, kpb, Tq, zeros, PV, Tq, nullptr, 0, nullptr, nullptr,
+          pgemm_dp_part<3>(vh + k0, Np, hd, nk, Pp, kpb, Tq, zeros, PV, Tq, nullptr, 0, nullptr, nullptr,
                                      0, nullptr, true, true);
         });
   }

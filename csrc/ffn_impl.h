@@ -196,11 +196,10 @@ __attribute__((always_inline)) static inline void acc_start(vf* acc0, vf* acc1, 
 }
 
 // fc2's epilogue (EPI 1) for M pixel rows of two accumulator vectors (channels n0 .. n0 + 2 VL):
-// y[t][n] = x[t][n] + gamma[n] * acc[t][n], n < N (storage TX of x, TY of y: the bf16 RepMixer block
-// reads its fp32 mixer output m and writes bf16; gamma padded to whole vectors).
-template <int M, typename TX, typename TY>
+// y[t][n] = x[t][n] + gamma[n] * acc[t][n], n < N (storage T_ of x and y; gamma padded to whole vectors).
+template <int M, typename T_>
 __attribute__((always_inline)) static inline void residual_out(const vf* acc0, const vf* acc1, int64_t n0, int64_t N,
-                                                               const TX* x, TY* y, int64_t ldy, const float* gamma) {
+                                                               const T_* x, T_* y, int64_t ldy, const float* gamma) {
   const vf g0 = vload(gamma + n0), g1 = vload(gamma + n0 + VL);
   if (n0 + 2 * VL <= N) {
 #pragma GCC unroll 8
@@ -242,13 +241,13 @@ __attribute__((always_inline)) static inline void gelu_out(vf* acc0, vf* acc1, i
 //   A: pixel rows (A[t][k] at a[t * lda + k]); w0, w1: the two vectors' panel columns (16 floats per k)
 //   first: start from bias (else from the fp32 accumulator buf); last: run the epilogue (else store to buf)
 //   EPI 0 (fc1): buf is also the output: GELU(acc) on the last block.
-//   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (storage TX, TY).
+//   EPI 1 (fc2): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N (storage T_).
 //   EPI 2 (the stem's and patch_embed's 1x1): last block writes y[t][n] = GELU(acc), n < N.
 //   EPI 3 (attention's qkv): buf is the output, acc as is.
-template <int M, int EPI, typename TX, typename TY>
+template <int M, int EPI, typename T_>
 static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, const float* __restrict__ w0,
                          const float* __restrict__ w1, bool first, bool last, const float* bias, float* buf,
-                         int64_t ldb, int64_t n0, int64_t N, const TX* x, TY* y, int64_t ldy, const float* gamma,
+                         int64_t ldb, int64_t n0, int64_t N, const T_* x, T_* y, int64_t ldy, const float* gamma,
                          const float* pf) {
   vf acc0[M], acc1[M];
   acc_start<M>(acc0, acc1, first, bias, buf, ldb, n0);
@@ -289,11 +288,11 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
 // Wp points at the range's first k in the packed panels of a (N x ldk) weight (panel p at
 // Wp + p * ldk * PW); first_part: start from bias (else from buf); last_part: the range ends the
 // sum (run the epilogue; else leave the fp32 partial sums in buf). A K range split this way sums in
-// the same order as one call: partial sums go through buf in fp32, exactly. TX, TY: the storage of
-// the epilogue's x (EPI 1) and y (EPI 1, 2).
-template <int EPI, typename TX, typename TY>
+// the same order as one call: partial sums go through buf in fp32, exactly. T_: the storage of the
+// epilogue's x (EPI 1) and y (EPI 1, 2).
+template <int EPI, typename T_>
 static void pgemm_part(const float* a, int64_t lda, int64_t np, int64_t K, const float* Wp, int64_t ldk, int64_t N,
-                       const float* bias, float* buf, int64_t ldb, const TX* x, TY* y, int64_t ldy,
+                       const float* bias, float* buf, int64_t ldb, const T_* x, T_* y, int64_t ldy,
                        const float* gamma, bool first_part, bool last_part) {
   const int64_t nkb = (K + KC_MAX - 1) / KC_MAX, kcb = (K + nkb - 1) / nkb;
   for (int64_t k0 = 0; k0 < K; k0 += kcb) {
@@ -312,8 +311,8 @@ static void pgemm_part(const float* a, int64_t lda, int64_t np, int64_t K, const
         const float* pf = t0 + MR >= np ? wn : nullptr;
         const float* at = a + t0 * lda + k0;
         float* bt = buf + t0 * ldb;
-        const TX* xt = x ? x + t0 * ldy : nullptr;
-        TY* yt = y ? y + t0 * ldy : nullptr;
+        const T_* xt = x ? x + t0 * ldy : nullptr;
+        T_* yt = y ? y + t0 * ldy : nullptr;
         switch (m) {
 #define FVK_PT(MM) \
   case MM: ptile<MM, EPI>(at, lda, kc, w0, w1, first, last, bias, bt, ldb, n0, N, xt, yt, ldy, gamma, pf); break;
@@ -329,7 +328,7 @@ static void pgemm_part(const float* a, int64_t lda, int64_t np, int64_t K, const
 template <int EPI, typename T_>
 static void pgemm(const float* a, int64_t lda, int64_t np, int64_t K, const float* Wp, int64_t N, const float* bias,
                   float* buf, int64_t ldb, const T_* x, T_* y, int64_t ldy, const float* gamma) {
-  pgemm_part<EPI, T_, T_>(a, lda, np, K, Wp, K, N, bias, buf, ldb, x, y, ldy, gamma, true, true);
+  pgemm_part<EPI, T_>(a, lda, np, K, Wp, K, N, bias, buf, ldb, x, y, ldy, gamma, true, true);
 }
 
 // Depthwise KxK (BN folded) of one pixel, channels [c0, C), into out: channel vectors held in
@@ -514,14 +513,13 @@ static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, c
 
 // Depthwise KxK, stride 1, 'same' padding, multiplier 1 (the RepMixer and RepCPE convs) through
 // dw_rows: image rows [r_begin, r_end) of a batch (row r: image r / H, row r % H), optional GELU.
-// x in bf16 or fp32 (bf16), y in bf16 or fp32 (y_bf16: the bf16 RepMixer block keeps its mixer
-// output in fp32). `scratch` holds Wd * C floats (bf16 output).
-static void dw_same_rows(const void* x, void* y, bool bf16, bool y_bf16, int64_t H, int64_t Wd, int64_t C, int64_t Kk,
+// x and y both bf16 or both fp32 (bf16). `scratch` holds Wd * C floats (bf16).
+static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Kk,
                          const float* w, const float* b, bool gelu, int64_t r_begin, int64_t r_end, float* scratch) {
   const int64_t n = Wd * C, nv = n / VL * VL;
   for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t bi = r / H, h = r % H, img = bi * H * Wd * C;
-    float* row = y_bf16 ? scratch : static_cast<float*>(y) + r * n;
+    float* row = bf16 ? scratch : static_cast<float*>(y) + r * n;
     if (bf16)
       dw_rows(static_cast<const uint16_t*>(x) + img, H, Wd, C, Kk, w, b, h * Wd, Wd, row);
     else
@@ -530,7 +528,7 @@ static void dw_same_rows(const void* x, void* y, bool bf16, bool y_bf16, int64_t
       for (int64_t i = 0; i < nv; i += VL) vstore(row + i, vgelu(vload(row + i)));
       for (int64_t i = nv; i < n; ++i) row[i] = ::fastvlm::gelu_scalar(row[i]);
     }
-    if (y_bf16) {
+    if (bf16) {
       uint16_t* out = static_cast<uint16_t*>(y) + r * n;
       for (int64_t i = 0; i < nv; i += VL) vst(out + i, vload(row + i));
       for (int64_t i = nv; i < n; ++i) st(out, i, row[i]);
@@ -562,26 +560,26 @@ static inline int64_t hid_stride(int64_t Hd) { return ((Hd < HC ? Hd : HC) + NR 
 //   y[t]         = x[t] + gamma * (hid . W2^T + b2)   (fc2's K ranges accumulate in `acc`, np x Cp)
 // x, y: the tile's first pixel (row stride C). x null: no epilogue; fc2's finished sums are left in
 // acc for the caller's (mix_tile's pixels are not one run of rows).
-template <typename TX, typename TY>
+template <typename T_>
 static void ffn_gemms(const float* d, int64_t np, int64_t C, int64_t Hd, const float* w1p, const float* b1,
-                      const float* w2p, const float* b2, const float* gamma, const TX* x, TY* y, float* hid,
+                      const float* w2p, const float* b2, const float* gamma, const T_* x, T_* y, float* hid,
                       float* acc) {
   const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR;
   for (int64_t h0 = 0; h0 < Hd; h0 += HC) {
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
     // fc1 + GELU, hidden channels [h0, h0 + hc): panels from h0 / PW (h0 is a multiple of PW)
-    pgemm_part<0, float, float>(d, C, np, C, w1p + (h0 / PW) * C * PW, C, hc, b1 + h0, hid, ldh, nullptr, nullptr,
+    pgemm_part<0, float>(d, C, np, C, w1p + (h0 / PW) * C * PW, C, hc, b1 + h0, hid, ldh, nullptr, nullptr,
                                 0, nullptr, true, true);
     // fc2's k range [h0, h0 + hc) of its Hd-long sum
-    pgemm_part<1, TX, TY>(hid, ldh, np, hc, w2p + h0 * PW, Hd, C, b2, acc, Cp, x, y, C, gamma, h0 == 0,
+    pgemm_part<1, T_>(hid, ldh, np, hc, w2p + h0 * PW, Hd, C, b2, acc, Cp, x, y, C, gamma, h0 == 0,
                           x && h0 + hc == Hd);
   }
 }
 
 // One tile of the ConvFFN: pixels [p0, p0 + np) of one image x (H x Wd x C): d(np x C) = depthwise
 // KxK (BN folded) of x, pixel-major, then ffn_gemms.
-template <typename TX, typename TY>
-static void ffn_tile(const TX* x, TY* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+template <typename T_>
+static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                      const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
                      const float* b2, const float* gamma, int64_t p0, int64_t np, float* d, float* hid, float* acc) {
   dw_rows(x, H, Wd, C, Kk, dw_w, dw_b, p0, np, d);
@@ -615,7 +613,7 @@ static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
 // scratch, so m never reaches memory: the KxK reads a tile pixel's neighbours from the window (any
 // neighbour outside it lies outside the image: the zero padding, so the window is an image of its
 // own to dw_rows) and the residual reads its centre. Neighbouring tiles recompute the window's
-// border: for 6 x 16 tiles and a 7x7, 264 window pixels per 96, at the mixer's Km^2 = 9 multiply-
+// border: for 6 x 32 tiles and a 7x7, 456 window pixels per 192, at the mixer's Km^2 = 9 multiply-
 // adds per pixel and channel against the GEMMs' 8C. Each output is the same sum, in the same order,
 // as repmixer_nhwc's earlier form (m through memory, then convffn_nhwc's 1-D tiles) computed it.
 struct Rect {
@@ -692,7 +690,7 @@ static void mix_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
     const int64_t np = (r.h1 - r.h0) * (r.w1 - r.w0), img = r.b * H * Wd * C;
     const auto tile = [&](const auto* xi, auto* yi) {
       mix_dw(xi + img, H, Wd, C, Km, mix_w, mix_b, Kk, dw_w, dw_b, r, w, mw, d);
-      ffn_gemms<float, float>(d, np, C, Hd, w1p, b1, w2p, b2, gamma, nullptr, nullptr, hid, acc);
+      ffn_gemms<float>(d, np, C, Hd, w1p, b1, w2p, b2, gamma, nullptr, nullptr, hid, acc);
       mix_residual(mw, w, r, acc, C, gamma, yi + img, Wd);
     };
     if (bf16) tile(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y));

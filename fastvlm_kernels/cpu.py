@@ -8,8 +8,8 @@ All seven ops:
 - ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
   time, the 4C hidden kept in cache; in bf16 on a CPU with AVX512_BF16, fc1 and fc2 multiply bf16
   pairs with vdpbf16ps, csrc/ffn_dp_impl.h, as do attention's qkv, S, P V and proj and patch_embed's
-  1x1) and ``repmixer_block`` (the RepMixer dw3x3 pass
-  into a float32 buffer, for bf16 activations too, then the same fused FFN on it);
+  1x1) and ``repmixer_block`` (the same, one rectangle of pixels at a time, with the RepMixer's dw3x3
+  output over the rectangle and its 7x7 halo kept in per-thread float32 scratch, for bf16 too);
 - ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile) and ``dwconv``;
 - ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
   attention with online softmax over key blocks, then proj with a bias + layer scale + residual
