@@ -3,7 +3,10 @@
 // with VL = 8, AVX-512 with VL = 16, SSE with VL = 4), each inside its own `#pragma GCC target`
 // region and namespace. Self-contained: plain C++ and GCC vector extensions only (no intrinsics
 // headers, no library calls; gelu.h is plain C++ too; std::true_type from <type_traits>, which
-// ffn.cpp includes first), so it compiles under any target pragma.
+// ffn.cpp includes first), so it compiles under any target pragma. Two optional hooks replace the
+// portable bf16 conversions where ffn.cpp defines them with the ISA's instructions: FVK_LD_BF16(p)
+// (VL bf16 -> floats; GCC lowers the portable 16-lane widening as two 256-bit halves) and
+// FVK_CVT_BF16(v) (floats -> bf16, round to nearest even: VCVTNEPS2BF16 on AVX512_BF16).
 //
 // Two GEMM drivers on the same 6 x 2-vector register tile (12 accumulators, the AVX2 maximum with
 // one broadcast and two loads live):
@@ -165,8 +168,12 @@ typedef uint16_t vh __attribute__((vector_size(FVK_VL * 2), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(FVK_VL * 4)));
 static inline vf vld(const float* p) { return vload(p); }
 static inline vf vld(const uint16_t* p) {
+#ifdef FVK_LD_BF16  // the ISA's one-instruction widening (ffn.cpp)
+  return FVK_LD_BF16(p);
+#else
   const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
   return (vf)u;
+#endif
 }
 static inline void vst(float* p, vf v) { vstore(p, v); }
 // v rounded to bf16 (nearest even), as the high half of each lane's float bits (NaN not special-cased).
@@ -175,9 +182,15 @@ static inline vu vround_hi(vf v) {
   return (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
 }
 static inline void vst(uint16_t* p, vf v) {
+#ifdef FVK_CVT_BF16  // the ISA's conversion instruction (ffn.cpp): same rounding, fewer instructions
+  const auto r = FVK_CVT_BF16(v);
+  static_assert(sizeof r == sizeof(vh), "one bf16 per lane");
+  __builtin_memcpy(p, &r, sizeof r);
+#else
   vu r = vround_hi(v) >> 16;
   r = (v != v) ? vu{} + 0x7FC0u : r;
   *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
+#endif
 }
 
 // A micro-tile's M x 2 accumulator vectors (channels n0 .. n0 + 2 VL): from the bias (first K
