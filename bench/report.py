@@ -218,13 +218,21 @@ class Systems:
 # --------------------------------------------------------------------------------------------------
 
 
+# ONNX Runtime's intra-op worker threads spin for 20-50 ms after each run (its default
+# allow_spinning; measured here with the probe: 88-113 GFLOP/s right after a run, 158-180 after
+# 20 ms, 216-222 after 50 ms, against 213-226 with no ONNX Runtime call), taking a vCPU from
+# whatever runs next; OpenMP workers spin briefly too. Each call waits this long first.
+SETTLE_S = 0.1
+
+
 def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: torch.Tensor, rounds: int,
                prog: Progress, probe: Optional[Callable[[], float]] = None) -> Dict:
     """One configuration, every system timed in interleaved rounds. ``probe`` (GFLOP/s of a short
     multiply-add peak sample) runs before every timed call: on the 2-vCPU machines this project
     measures on, the two threads' FMA throughput drops to about one core's for stretches of ~0.5 s
     (both vCPUs on one physical core, or its other hardware thread busy), and the samples show how
-    much of a run fell into such stretches."""
+    much of a run fell into such stretches. Every call (first and timed) starts SETTLE_S after the
+    previous one ended, so that no system runs while the previous one's idle threads still spin."""
     dtype = DTYPES[dt]
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
     x[:1] = REF_INPUTS[size]  # image 0 is the one the float64 reference saw
@@ -241,6 +249,7 @@ def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: tor
         if s is None:
             res["systems"][name] = {"skipped": systems.unavailable[name]}
             continue
+        time.sleep(SETTLE_S)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = s.fn(x)
@@ -253,6 +262,7 @@ def run_config(size: int, batch: int, dt: str, systems: Systems, ref_tokens: tor
     for r in range(rounds):
         prog.step(f"{size}x{size} b{batch} {dt}: round {r + 1}/{rounds} ({', '.join(LABELS[s.name] for s in live)})")
         for s in live:  # interleaved: every system once per round
+            time.sleep(SETTLE_S)
             if probe is not None:  # the machine's state just before the call
                 res["systems"][s.name].setdefault("peak_probe_gflops", []).append(probe())
             t0 = time.perf_counter()
@@ -411,7 +421,8 @@ def markdown(report: Dict) -> str:
     if probes and m.get("peak_fp32_gflops"):
         slow = sum(v < SLOW_PROBE * m["peak_fp32_gflops"] for v in probes)
         lines += ["", f"Machine state during the timed calls: {len(probes)} samples of the fp32 multiply-add peak "
-                      f"(20 ms each, one before every timed call): median {statistics.median(probes):.0f} GFLOP/s, "
+                      f"(20 ms each, one before every timed call, {SETTLE_S:.1f} s after the previous call): "
+                      f"median {statistics.median(probes):.0f} GFLOP/s, "
                       f"{slow} below {100 * SLOW_PROBE:.0f}% of the measured peak (stretches where this machine's "
                       f"{m['threads']} threads get less FMA throughput than the peak run had; per-call samples in "
                       "the JSON)."]
