@@ -44,9 +44,10 @@
 // 16 bf16 -> 16 floats in two instructions (vpmovzxwd m256 -> zmm, vpslld). The portable form in
 // ffn_impl.h (__builtin_convertvector of 16 uint16 to uint32, then << 16) is lowered by GCC as two
 // 256-bit halves (vpmovzxwd, vextracti32x4, vpmovzxwd, vinserti32x8): the RepMixer's bf16 3x3
-// spent most of its samples there.
+// spent most of its samples there. (The zero-masking form with a full mask: the unmasked intrinsics
+// start from _mm512_undefined_epi32, which GCC 12 reports as maybe-uninitialized at every use.)
 #define FVK_LD_BF16_AVX512(p) \
-  ((vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))
+  ((vf)((vu)_mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))) << 16))
 
 #pragma GCC push_options
 #ifdef FASTVLM_EMULATE_AVX512
@@ -314,6 +315,7 @@ struct FfnArgs {
   Isa isa;
   bool dp;
   at::Tensor dw_w, dw_b, b1, b2, g;  // float32: (K, K, C), (C), then padded to Hdp, Cp, Cp
+  const float *pdw, *pdb, *pb1, *pb2, *pg;  // their data
   const void *w1p, *w2p;
 };
 static FfnArgs ffn_args(const char* op, const at::Tensor& xc, const at::Tensor& dw_w, const at::Tensor& dw_b,
@@ -351,6 +353,8 @@ static FfnArgs ffn_args(const char* op, const at::Tensor& xc, const at::Tensor& 
   a.b1 = padded_f32(fc1_b, (name + ": fc1_b").c_str(), Hd, Hdp);
   a.b2 = padded_f32(fc2_b, (name + ": fc2_b").c_str(), C, Cp);
   a.g = padded_f32(gamma, (name + ": gamma").c_str(), C, Cp);
+  a.pdw = a.dw_w.data_ptr<float>(), a.pdb = a.dw_b.data_ptr<float>(), a.pb1 = a.b1.data_ptr<float>();
+  a.pb2 = a.b2.data_ptr<float>(), a.pg = a.g.data_ptr<float>();
   a.w1p = fc1_wp.data_ptr();
   a.w2p = fc2_wp.data_ptr();
   return a;
@@ -371,13 +375,12 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
   const at::Tensor xc = checked_nhwc(x, "convffn_nhwc");
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   const FfnArgs a = ffn_args("convffn_nhwc", xc, dw_w, dw_b, fc1_wp, fc1_b, fc2_wp, fc2_b, gamma);
-  const int64_t B = a.B, H = a.H, W = a.W, C = a.C, K = a.K, Hd = a.Hd, Cp = padded_width(C);
+  const int64_t B = a.B, H = a.H, W = a.W, C = a.C, K = a.K, Hd = a.Hd;
   if (B == 0 || H == 0 || W == 0 || C == 0) return y;
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
-  const float *pdw = a.dw_w.data_ptr<float>(), *pdb = a.dw_b.data_ptr<float>(), *pb1 = a.b1.data_ptr<float>(),
-              *pb2 = a.b2.data_ptr<float>(), *pg = a.g.data_ptr<float>();
+  const float *pdw = a.pdw, *pdb = a.pdb, *pb1 = a.pb1, *pb2 = a.pb2, *pg = a.pg;
   const Tiling tl = gemm_tiling(B, H * W);
   const int64_t T = tl.T, tiles = B * tl.n;
   if (a.dp) {
@@ -390,7 +393,7 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
     return y;
   }
   const float *p1 = static_cast<const float*>(a.w1p), *p2 = static_cast<const float*>(a.w2p);
-  const int64_t scratch = T * (C + ffn_avx512::hid_stride(Hd) + Cp);  // the widest ISA's chunk stride: >= every ISA's
+  const int64_t scratch = ffn_avx512::ffn_scratch(T, C, Hd);  // the widest ISA's strides: >= every ISA's
   FVK_PARALLEL_TILES(ffn_tiles, tiles, scratch, a.isa, xp, yp, bf16, H, W, C, Hd, K, pdw, pdb, p1, pb1, p2, pb2,
                      pg, tl.n, T);
   return y;
@@ -445,9 +448,8 @@ at::Tensor repmixer_nhwc(const at::Tensor& x, const at::Tensor& mix_w, const at:
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
-  const float *pmw = mw.data_ptr<float>(), *pmb = mb.data_ptr<float>(), *pdw = a.dw_w.data_ptr<float>(),
-              *pdb = a.dw_b.data_ptr<float>(), *pb1 = a.b1.data_ptr<float>(), *pb2 = a.b2.data_ptr<float>(),
-              *pg = a.g.data_ptr<float>();
+  const float *pmw = mw.data_ptr<float>(), *pmb = mb.data_ptr<float>(), *pdw = a.pdw, *pdb = a.pdb, *pb1 = a.pb1,
+              *pb2 = a.pb2, *pg = a.pg;
   const MixTiling tl = mix_tiling(B, H, W);
   const int64_t tiles = B * tl.gh * tl.gw;
   if (a.dp) {

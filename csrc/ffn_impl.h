@@ -567,6 +567,10 @@ constexpr int64_t HC = FVK_HC;
 // of 4 KB apart would put the 6 rows a micro-tile broadcasts from into the same L1 set, beside the
 // weight panel slice: conflict misses in fc2's inner loop.
 static inline int64_t hid_stride(int64_t Hd) { return ((Hd < HC ? Hd : HC) + NR - 1) / NR * NR + 16; }
+// Scratch floats of ffn_tiles for tiles of T pixels: d (T x C), hid (T x hid_stride), acc (T x Cp).
+static inline int64_t ffn_scratch(int64_t T, int64_t C, int64_t Hd) {
+  return T * (C + hid_stride(Hd) + (C + NR - 1) / NR * NR);
+}
 
 // fc1 + GELU and fc2 (+ layer scale + residual) of one tile's depthwise output d (np x C, fp32):
 //   hid(np x HC) = GELU(d . W1^T + b1) for one chunk of HC hidden channels at a time
@@ -581,11 +585,11 @@ static void ffn_gemms(const float* d, int64_t np, int64_t C, int64_t Hd, const f
   for (int64_t h0 = 0; h0 < Hd; h0 += HC) {
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
     // fc1 + GELU, hidden channels [h0, h0 + hc): panels from h0 / PW (h0 is a multiple of PW)
-    pgemm_part<0, float>(d, C, np, C, w1p + (h0 / PW) * C * PW, C, hc, b1 + h0, hid, ldh, nullptr, nullptr,
-                                0, nullptr, true, true);
+    pgemm_part<0, float>(d, C, np, C, w1p + (h0 / PW) * C * PW, C, hc, b1 + h0, hid, ldh, nullptr, nullptr, 0,
+                         nullptr, true, true);
     // fc2's k range [h0, h0 + hc) of its Hd-long sum
     pgemm_part<1, T_>(hid, ldh, np, hc, w2p + h0 * PW, Hd, C, b2, acc, Cp, x, y, C, gamma, h0 == 0,
-                          x && h0 + hc == Hd);
+                      x && h0 + hc == Hd);
   }
 }
 
@@ -601,7 +605,7 @@ static void ffn_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t C, int64
 
 // Tiles [t_begin, t_end) of a batch: tile t covers image t / tiles_per_image, pixels from
 // (t % tiles_per_image) * T. b1, b2 and gamma are zero padded to Hdp / Cp floats. x and y both fp32,
-// or both bf16 (bf16). `scratch` holds T * (C + hid_stride(Hd) + Cp) floats.
+// or both bf16 (bf16). `scratch`: ffn_scratch(T, C, Hd) floats.
 static void ffn_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                       const float* dw_w, const float* dw_b, const float* w1p, const float* b1, const float* w2p,
                       const float* b2, const float* gamma, int64_t per_image, int64_t T, int64_t t_begin,
@@ -689,7 +693,7 @@ __attribute__((noinline)) static void mix_residual(const float* mw, const Win& w
 // Tiles [t_begin, t_end) of a batch (mix_rect's gh x gw per image, of at most th x tw pixels): x and y
 // (B, H, Wd, C), both fp32 or both bf16 (fp32 compute). `scratch`: mix_scratch floats.
 static inline int64_t mix_scratch(int64_t th, int64_t tw, int64_t C, int64_t Hd, int64_t Kk) {
-  return mix_window_floats(th, tw, C, Kk / 2) + th * tw * (C + hid_stride(Hd) + (C + NR - 1) / NR * NR);
+  return mix_window_floats(th, tw, C, Kk / 2) + ffn_scratch(th * tw, C, Hd);
 }
 static void mix_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Km,
                       const float* mix_w, const float* mix_b, int64_t Kk, const float* dw_w, const float* dw_b,
