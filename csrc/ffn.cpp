@@ -126,6 +126,41 @@ static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
+#ifndef FASTVLM_EMULATE_AVX512
+// AVX-512 + AVX512_BF16 + AMX: ffn_avx512bf16's kernels with their GEMMs on AMX tiles (ffn_amx_impl.h,
+// through ffn_dp_impl.h's FVK_PGEMM_DP). Only the *_dp_tiles functions and amx_chains are used from here.
+#define FVK_HAVE_AMX 1
+#pragma GCC push_options
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")
+namespace fastvlm { namespace ffn_amx {
+#define FVK_VL 16
+#define FVK_AMX 1
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
+  return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a2)), (__m512bh)w);
+}
+#define FVK_CVT_BF16(v) _mm512_cvtneps_pbh((__m512)(v))
+#define FVK_LD_BF16(p) FVK_LD_BF16_AVX512(p)
+#include "ffn_impl.h"
+#include "attn_impl.h"
+#include "ffn_dp_impl.h"
+#undef FVK_VL
+#undef FVK_AMX
+#undef FVK_CVT_BF16
+#undef FVK_LD_BF16
+}}  // namespace fastvlm::ffn_amx
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+// FN(args...) of ffn_amx on amx_bf16, else of ffn_avx512bf16 (the bf16-pair kernels).
+#define FVK_DP(isa, FN, ...) \
+  ((isa) == Isa::amx_bf16 ? ffn_amx::FN(__VA_ARGS__) : ffn_avx512bf16::FN(__VA_ARGS__))
+#else
+#define FVK_DP(isa, FN, ...) ffn_avx512bf16::FN(__VA_ARGS__)
+#endif
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace fastvlm { namespace ffn_avx2 {
@@ -189,6 +224,7 @@ static void parallel_tiles(int64_t ntiles, int64_t scratch, const F& run) {
 #define FVK_PARALLEL_TILES(FN, tiles, scratch, isa, ...)                                 \
   parallel_tiles((tiles), (scratch), [&](int64_t b_, int64_t e_, float* buf_) {           \
     switch (isa) {                                                                        \
+      case Isa::amx_bf16:                                                                 \
       case Isa::avx512_bf16:                                                              \
       case Isa::avx512: ffn_avx512::FN(__VA_ARGS__, b_, e_, buf_); break;                 \
       case Isa::avx2: ffn_avx2::FN(__VA_ARGS__, b_, e_, buf_); break;                     \
@@ -283,7 +319,7 @@ static void check_packed_bf16(const at::Tensor& wp, int64_t N, int64_t K, const 
 static void check_dp_call(at::ScalarType dtype, Isa isa, const char* op) {
   TORCH_CHECK(dtype == at::kBFloat16, op, ": weights packed by pack_linear_bf16 need bfloat16 x, got ", dtype,
               " (pack float32 models with pack_linear)");
-  TORCH_CHECK(isa == Isa::avx512_bf16, op, ": weights packed by pack_linear_bf16 need the avx512_bf16 kernels, but "
+  TORCH_CHECK(isa >= Isa::avx512_bf16, op, ": weights packed by pack_linear_bf16 need the avx512_bf16 kernels, but "
               "this call runs ", isa_name(isa), " (the CPU lacks AVX512_BF16, or FASTVLM_CPU_ISA caps it): pack with "
               "pack_linear instead");
 }
@@ -387,7 +423,7 @@ at::Tensor convffn_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::T
     const auto* q1 = static_cast<const uint16_t*>(a.w1p);
     const auto* q2 = static_cast<const uint16_t*>(a.w2p);
     parallel_tiles(tiles, ffn_avx512bf16::ffn_dp_scratch(T, C, Hd), [&](int64_t b, int64_t e, float* buf) {
-      ffn_avx512bf16::ffn_dp_tiles(static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W, C, Hd, K, pdw,
+      FVK_DP(a.isa, ffn_dp_tiles, static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W, C, Hd, K, pdw,
                                    pdb, q1, pb1, q2, pb2, pg, tl.n, T, b, e, buf);
     });
     return y;
@@ -457,7 +493,7 @@ at::Tensor repmixer_nhwc(const at::Tensor& x, const at::Tensor& mix_w, const at:
     const auto* q2 = static_cast<const uint16_t*>(a.w2p);
     parallel_tiles(tiles, ffn_avx512bf16::mix_dp_scratch(tl.th, tl.tw, C, Hd, K),
                    [&](int64_t b, int64_t e, float* buf) {
-                     ffn_avx512bf16::mix_dp_tiles(static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W,
+                     FVK_DP(a.isa, mix_dp_tiles, static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W,
                                                   C, Hd, Km, pmw, pmb, K, pdw, pdb, q1, pb1, q2, pb2, pg, tl.gh,
                                                   tl.gw, tl.th, tl.tw, b, e, buf);
                    });
@@ -602,7 +638,7 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
   if (dp) {
     const auto* wp = reinterpret_cast<const uint16_t*>(pw_p.data_ptr());
     parallel_tiles(tiles, ffn_avx512bf16::dwpw_dp_scratch(T, Co, Cop), [&](int64_t b, int64_t e, float* buf) {
-      ffn_avx512bf16::dwpw_dp_tiles(static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W, Cin, Co, K,
+      FVK_DP(isa, dwpw_dp_tiles, static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W, Cin, Co, K,
                                     stride, pfw, pfb, wp, ppb, tl.n, T, b, e, buf);
     });
     return y;
@@ -676,14 +712,14 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
     const auto* xh = static_cast<const uint16_t*>(xp);
     auto* yh = static_cast<uint16_t*>(yp);
     parallel_tiles(tiles, ffn_avx512bf16::qkv_dp_scratch(T, C, ldq), [&](int64_t b, int64_t e, float* buf) {
-      ffn_avx512bf16::qkv_dp_tiles(xh, N, C, head_dim, plw, plb, wq, pz, scale, pq, pk, pv, Np, ldq, per_image, T, b,
+      FVK_DP(isa, qkv_dp_tiles, xh, N, C, head_dim, plw, plb, wq, pz, scale, pq, pk, pv, Np, ldq, per_image, T, b,
                                    e, buf);
     });
     parallel_tiles(tiles2, ffn_avx512bf16::attn_dp_scratch(Tq, BK, head_dim), [&](int64_t b, int64_t e, float* buf) {
-      ffn_avx512bf16::attn_dp_tiles(N, C, head_dim, pq, pk, pv, Np, pz, Tq, BK, po, b, e, buf);
+      FVK_DP(isa, attn_dp_tiles, N, C, head_dim, pq, pk, pv, Np, pz, Tq, BK, po, b, e, buf);
     });
     parallel_tiles(tiles, ffn_avx512bf16::proj_dp_scratch(T, C, Cp), [&](int64_t b, int64_t e, float* buf) {
-      ffn_avx512bf16::proj_dp_tiles(xh, yh, N, C, po, wpr, pbp, pg, Cp, per_image, T, b, e, buf);
+      FVK_DP(isa, proj_dp_tiles, xh, yh, N, C, po, wpr, pbp, pg, Cp, per_image, T, b, e, buf);
     });
     return y;
   }
@@ -710,13 +746,16 @@ double peak_gflops(bool bf16_dot, double seconds, int64_t reps) {
   TORCH_CHECK(seconds > 0 && seconds <= 10, "peak_gflops: seconds must be in (0, 10], got ", seconds);
   TORCH_CHECK(reps >= 1 && reps <= 100, "peak_gflops: reps must be in [1, 100], got ", reps);
   const Isa isa = active_isa();
-  TORCH_CHECK(!bf16_dot || isa == Isa::avx512_bf16, "peak_gflops: bf16_dot needs the avx512_bf16 ISA; this CPU "
+  TORCH_CHECK(!bf16_dot || isa >= Isa::avx512_bf16, "peak_gflops: bf16_dot needs the avx512_bf16 ISA; this CPU "
               "(with FASTVLM_CPU_ISA, if set) runs ", isa_name(isa));
   // the chains of the ISA in use, and the flops of one of their iterations
   float (*chains)(int64_t, float) = ffn_sse::fma_chains;
   int per_iter = ffn_sse::CHAIN_FLOPS;
   if (bf16_dot) {
     chains = ffn_avx512bf16::dp_chains, per_iter = ffn_avx512bf16::DP_CHAIN_FLOPS;
+#ifdef FVK_HAVE_AMX
+    if (isa == Isa::amx_bf16) chains = ffn_amx::amx_chains, per_iter = ffn_amx::AMX_CHAIN_FLOPS;
+#endif
   } else if (isa >= Isa::avx512) {
     chains = ffn_avx512::fma_chains, per_iter = ffn_avx512::CHAIN_FLOPS;
   } else if (isa == Isa::avx2) {

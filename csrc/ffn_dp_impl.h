@@ -112,6 +112,15 @@ static void pgemm_dp_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K,
   }
 }
 
+// The GEMM every function below calls: pgemm_dp_part, or in the ffn_amx namespace (FVK_AMX) the same
+// GEMM on AMX tiles (ffn_amx_impl.h), which falls back to pgemm_dp_part where K is not a multiple of 32.
+#ifdef FVK_AMX
+#include "ffn_amx_impl.h"
+#define FVK_PGEMM_DP pgemm_amx_part
+#else
+#define FVK_PGEMM_DP pgemm_dp_part
+#endif
+
 // np fp32 rows of C (stride C) -> bf16 rows of Ce = C rounded up to even (round to nearest even);
 // an odd C gets a zero partner for its last k.
 static void to_bf16_rows(const float* a, int64_t np, int64_t C, uint16_t* out) {
@@ -150,10 +159,10 @@ static void ffn_gemms_dp(const float* d, int64_t np, int64_t C, int64_t Hd, cons
     const int64_t hc = Hd - h0 < HC ? Hd - h0 : HC;
     // fc1 + GELU, hidden channels [h0, h0 + hc) into hid's columns [0, hc rounded up to NR): the
     // columns past hc are GELU(0) = 0 (zero padded weights and bias), so an odd hc's partner is 0
-    pgemm_dp_part<0>(dh, Ce, np, C, w1p + (h0 / PW) * KP1 * 2 * PW, KP1, hc, b1 + h0, hacc, ldh, hid, ldh,
+    FVK_PGEMM_DP<0>(dh, Ce, np, C, w1p + (h0 / PW) * KP1 * 2 * PW, KP1, hc, b1 + h0, hacc, ldh, hid, ldh,
                      nullptr, nullptr, 0, nullptr, true, true);
     // fc2's pairs [h0 / 2, (h0 + hc + 1) / 2) of its Hd-long sum (h0 is even: HC is)
-    pgemm_dp_part<1>(hid, ldh, np, hc, w2p + (h0 / 2) * 2 * PW, KP2, C, b2, acc, Cp, nullptr, 0, x, y, C, gamma,
+    FVK_PGEMM_DP<1>(hid, ldh, np, hc, w2p + (h0 / 2) * 2 * PW, KP2, C, b2, acc, Cp, nullptr, 0, x, y, C, gamma,
                      h0 == 0, x && h0 + hc == Hd);
   }
 }
@@ -234,7 +243,7 @@ static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd,
     const int64_t np = tile_start(HWo, per_image, t % per_image + 1) - p0;
     dwm_rows(x + b * H * Wd * Cin, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, Wo, p0, np, d);
     to_bf16_rows(d, np, Co, dh);
-    pgemm_dp_part<2>(dh, Ce, np, Co, pw_p, Ce / 2, Co, pw_b, buf, Cop, nullptr, 0, nullptr,
+    FVK_PGEMM_DP<2>(dh, Ce, np, Co, pw_p, Ce / 2, Co, pw_b, buf, Cop, nullptr, 0, nullptr,
                      y + (b * HWo + p0) * Co, Co, nullptr, true, true);
   }
 }
@@ -285,7 +294,7 @@ static void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, co
   uint16_t* lnh = reinterpret_cast<uint16_t*>(qkv + T * ldq);
   const auto gemm = [&](const float* a, int64_t n, float* out) {
     to_bf16_rows(a, n, C, lnh);
-    pgemm_dp_part<3>(lnh, Ce, n, C, wq, Ce / 2, 3 * C, zeros, out, ldq, nullptr, 0, nullptr, nullptr, 0,
+    FVK_PGEMM_DP<3>(lnh, Ce, n, C, wq, Ce / 2, 3 * C, zeros, out, ldq, nullptr, 0, nullptr, nullptr, 0,
                      nullptr, true, true);
   };
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -319,7 +328,7 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
     flash_head(
         N, C, hd, h, q0, nq, Tq, BK, S, Oh, PV, mx, sm, O,
         [&](int64_t k0, int64_t nk) {  // S^T (nk x Tq)
-          pgemm_dp_part<3>(kh + k0 * hp, hp, nk, hp, qp, hp / 2, Tq, zeros, S, Tq, nullptr, 0, nullptr,
+          FVK_PGEMM_DP<3>(kh + k0 * hp, hp, nk, hp, qp, hp / 2, Tq, zeros, S, Tq, nullptr, 0, nullptr,
                            nullptr, 0, nullptr, true, true);
         },
         [&](int64_t j, int64_t nk, vf mn, vf& l) {  // p in bf16 pairs of keys, this query vector's panel
@@ -332,7 +341,7 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
           }
         },
         [&](int64_t k0, int64_t nk) {  // (hd x Tq) = Vh_blk . P^T; an odd nk's partner key k0 + nk is 0 in Vh and Pp
-          pgemm_dp_part<3>(vh + k0, Np, hd, nk, Pp, kpb, Tq, zeros, PV, Tq, nullptr, 0, nullptr, nullptr,
+          FVK_PGEMM_DP<3>(vh + k0, Np, hd, nk, Pp, kpb, Tq, zeros, PV, Tq, nullptr, 0, nullptr, nullptr,
                            0, nullptr, true, true);
         });
   }
@@ -365,7 +374,7 @@ static void proj_dp_tiles(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, 
     const int64_t b = t / per_image, p0 = tile_start(N, per_image, t % per_image);
     const int64_t np = tile_start(N, per_image, t % per_image + 1) - p0, off = (b * N + p0) * C;
     to_bf16_rows(O + off, np, C, oh);
-    pgemm_dp_part<1>(oh, Ce, np, C, wp, Ce / 2, C, bp, scratch, Cp, nullptr, 0, x + off, y + off, C, gamma, true, true);
+    FVK_PGEMM_DP<1>(oh, Ce, np, C, wp, Ce / 2, C, bp, scratch, Cp, nullptr, 0, x + off, y + off, C, gamma, true, true);
   }
 }
 
@@ -388,3 +397,4 @@ static float dp_chains(int64_t iters, float seed) {
   }
   return sum_chains<NCH_DP>(a);
 }
+#undef FVK_PGEMM_DP

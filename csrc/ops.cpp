@@ -69,7 +69,7 @@ TORCH_LIBRARY_IMPL(fastvlm_C, CompositeExplicitAutograd, m) { m.impl("peak_gflop
 // `import fastvlm_kernels._C` loads this library, which runs the registrations above.
 static PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu_isa().c_str()); }
 static PyMethodDef fvk_methods[] = {
-    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The vector ISA the CPU kernels use now: avx512_bf16, avx512, avx2 or sse."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The vector ISA the CPU kernels use now: amx_bf16, avx512_bf16, avx512, avx2 or sse."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef fvk_module = {PyModuleDef_HEAD_INIT, "_C", "fastvlm-kernels CPU kernels", -1, fvk_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fvk_module); }

@@ -81,11 +81,12 @@ def packed(w: torch.Tensor, pairs: bool = False) -> torch.Tensor:
 
 def uses_bf16_pairs(dtype: torch.dtype) -> bool:
     """Whether the GEMMs of ``dtype`` activations (the ConvFFN's, attention's and patch_embed's)
-    run the AVX512_BF16 kernels now (bf16 pair products, fp32 accumulation; csrc/ffn_dp_impl.h):
-    bfloat16 on a CPU with AVX512_BF16, unless FASTVLM_CPU_ISA caps the ISA below ``avx512_bf16``.
+    run the bf16-pair kernels now (bf16 pair products, fp32 accumulation; csrc/ffn_dp_impl.h, on AMX
+    tiles where the ISA is ``amx_bf16``: csrc/ffn_amx_impl.h): bfloat16 on a CPU with AVX512_BF16,
+    unless FASTVLM_CPU_ISA caps the ISA below ``avx512_bf16``.
     Their fc1 / fc2, qkv / proj and pw weights are then packed by ``pack_linear_bf16``; the other
     bf16 kernels (the stem, the depthwise convs, the softmax) compute in fp32 on bf16 storage."""
-    return dtype == torch.bfloat16 and cpu_isa() == "avx512_bf16"
+    return dtype == torch.bfloat16 and cpu_isa() in ("avx512_bf16", "amx_bf16")
 
 
 _PAIRS = ("fc1_w", "fc2_w", "qkv_w", "proj_w", "pw_w")  # the weights of the GEMMs with an AVX512_BF16 kernel
@@ -197,15 +198,17 @@ def _attention_mixer(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
 
 
 def cpu_isa() -> str:
-    """The vector ISA the C++ kernels use now ('avx512_bf16', 'avx512', 'avx2' or 'sse';
-    FASTVLM_CPU_ISA caps it). 'avx512_bf16' is 'avx512' plus the bf16-pair ConvFFN."""
+    """The vector ISA the C++ kernels use now ('amx_bf16', 'avx512_bf16', 'avx512', 'avx2' or 'sse';
+    FASTVLM_CPU_ISA caps it). 'avx512_bf16' is 'avx512' plus the bf16-pair GEMMs (ConvFFN,
+    attention, patch_embed's 1x1); 'amx_bf16' runs those GEMMs on AMX tiles."""
     return load_extension().cpu_isa()
 
 
 def peak_gflops(dtype: torch.dtype = torch.float32, seconds: float = 0.2, reps: int = 3) -> float:
     """The measured multiply-add peak, in GFLOP/s, of the C++ kernels' GEMMs for ``dtype`` activations
     on ``torch.get_num_threads()`` threads: FMA chains of the ISA in use (:func:`cpu_isa`), or
-    vdpbf16ps chains where :func:`uses_bf16_pairs` (bf16 on AVX512_BF16). Register-only loops, no
+    vdpbf16ps chains where :func:`uses_bf16_pairs` (bf16 on AVX512_BF16; TDPBF16PS tile chains on
+    ``amx_bf16``). Register-only loops, no
     memory traffic: the compute roofline that ``bench/`` divides FLOPs by (the best of ``reps`` runs
     of about ``seconds``). Not the rate of any GEMM (``torch.mm``'s is usually well below it)."""
     return float(_C.peak_gflops(uses_bf16_pairs(dtype), float(seconds), int(reps)))

@@ -207,15 +207,28 @@ def _patch_embed_c(x, a):
     return torch.ops.fastvlm_C.patch_embed_nhwc(x, a[0], a[1], pk(a[2]), a[3], 2)
 
 
+PAIR_ISAS = ("amx_bf16", "avx512_bf16")  # the ISAs whose bf16 GEMMs multiply bf16 pairs (ffn_dp_impl.h)
+
+
 def _isas(dp=False):
     """Every ISA path this CPU can run (the widest first): FASTVLM_CPU_ISA caps the choice.
-    avx512_bf16 is only listed with dp (for the ConvFFN, the one op it changes)."""
+    amx_bf16 and avx512_bf16 are only listed with dp (they change the bf16 GEMMs only)."""
     import fastvlm_kernels.cpu as cpu
     best = cpu.cpu_isa()
-    order = ["avx512_bf16", "avx512", "avx2", "sse"]
+    order = ["amx_bf16", "avx512_bf16", "avx512", "avx2", "sse"]
     if not dp:
-        order, best = order[1:], ("avx512" if best == "avx512_bf16" else best)
+        order, best = order[2:], ("avx512" if best in PAIR_ISAS else best)
     return order[order.index(best):]
+
+
+def _use_pair_isa(monkeypatch, isa):
+    """Runs the rest of the test on the bf16-pair ISA `isa` (FASTVLM_CPU_ISA), or skips it where this
+    CPU does not have it."""
+    import fastvlm_kernels.cpu as cpu
+    if isa not in _isas(dp=True):
+        pytest.skip(f"no {isa} here (scripts/asan.sh tests the avx512_bf16 kernels emulated on AVX2 CPUs)")
+    monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+    assert cpu.cpu_isa() == isa
 
 
 @needs_ext
@@ -255,15 +268,17 @@ def _convffn_bf16_rounded(x, a):
 
 
 @needs_ext
+@pytest.mark.parametrize("pair_isa", PAIR_ISAS)
+# odd C, odd chunks; then C multiples of 32 (the AMX tiles run: pixel counts 169, 99, 1 leave partial
+# blocks of rows; Hd 600's last chunk of 88 falls back to vdpbf16ps)
 @pytest.mark.parametrize("B,H,W,C,Hd", [(1, 7, 13, 19, 76), (3, 1, 1, 5, 21), (2, 33, 7, 40, 160),
-                                        (1, 5, 9, 20, 600), (1, 4, 6, 33, 515)])  # odd C, odd chunks
-def test_convffn_bf16_pair_kernel(monkeypatch, B, H, W, C, Hd):
-    """The AVX512_BF16 ConvFFN (real, or emulated in scripts/asan.sh's build) computes what it says:
-    bf16 operands, fp32 sums. It matches a float64 model of exactly that far more closely than the
-    fp32-compute bf16 path (avx512) does, which shows that it, not a fallback, ran."""
-    import fastvlm_kernels.cpu as cpu
-    if cpu.cpu_isa() != "avx512_bf16":
-        pytest.skip("no AVX512_BF16 here (scripts/asan.sh tests this kernel emulated on AVX2 CPUs)")
+                                        (1, 5, 9, 20, 600), (1, 4, 6, 33, 515), (1, 13, 13, 96, 384),
+                                        (2, 9, 11, 64, 600), (3, 1, 1, 32, 128)])
+def test_convffn_bf16_pair_kernel(monkeypatch, pair_isa, B, H, W, C, Hd):
+    """The bf16-pair ConvFFN (AVX512_BF16, real or emulated in scripts/asan.sh's build; AMX tiles)
+    computes what it says: bf16 operands, fp32 sums. It matches a float64 model of exactly that far
+    more closely than the fp32-compute bf16 path (avx512) does, which shows that it, not a fallback, ran."""
+    _use_pair_isa(monkeypatch, pair_isa)
     a = _ffn_args(C, Hd, seed=7)
     x = torch.randn(B, H, W, C, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     ab = [t.to(torch.bfloat16) for t in a]
@@ -276,6 +291,21 @@ def test_convffn_bf16_pair_kernel(monkeypatch, B, H, W, C, Hd):
     assert e <= 5e-4 and e < e32 / 4, (e, e32)  # measured: e 0 .. 1e-4, e32 0.9e-3 .. 2.6e-3
     from fastvlm_kernels import reference
     assert rel_l2(y, reference.convffn(x.to(torch.float64), *a)) <= 1e-2
+
+
+@needs_ext
+@pytest.mark.parametrize("B,H,W,C,Hd", [(1, 13, 13, 96, 384), (2, 9, 11, 64, 256)])
+def test_convffn_amx_tiles_run(monkeypatch, B, H, W, C, Hd):
+    """On amx_bf16 the ConvFFN's GEMMs run on the tile unit, not on the vdpbf16ps kernel it falls back
+    to: same operands, but the sums' roundings differ somewhere (TDPBF16PS's own; both match the
+    float64 model in test_convffn_bf16_pair_kernel), so the outputs are not bitwise equal."""
+    _use_pair_isa(monkeypatch, "amx_bf16")
+    a = [t.to(torch.bfloat16) for t in _ffn_args(C, Hd, seed=7)]
+    x = torch.randn(B, H, W, C, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    y = _convffn_c(x, a)
+    monkeypatch.setenv("FASTVLM_CPU_ISA", "avx512_bf16")
+    y_dp = _convffn_c(x, a)
+    assert rel_l2(y, y_dp) <= 1e-4 and not torch.equal(y, y_dp), rel_l2(y, y_dp)
 
 
 def _mix_args(C, seed=0):  # the RepMixer's dw3x3 (residual folded in): (3, 3, C) weight, (C) bias
@@ -328,7 +358,7 @@ def test_repmixer_nhwc_bf16_rounds_the_residual_stream_once(monkeypatch, B, H, W
     for isa in _isas(dp=True):
         monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
         y = _repmixer_c(x, mixb, ab)
-        if isa == "avx512_bf16":
+        if isa in PAIR_ISAS:
             h = F.conv2d(x.to(torch.float64).permute(0, 3, 1, 2), r64(mixb)[0].permute(2, 0, 1)[:, None],
                          r64(mixb)[1], padding=1, groups=C)
             want = _convffn_bf16_rounded(h.permute(0, 2, 3, 1), a)  # m exact, then the pair kernel's roundings
@@ -618,13 +648,13 @@ def test_patch_embed_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
 
 
 @needs_ext
+@pytest.mark.parametrize("pair_isa", PAIR_ISAS)
 @pytest.mark.parametrize("B,H,W,C", [(2, 15, 29, 16), (1, 9, 13, 19), (1, 32, 32, 48)])  # odd 2C-wide tails
-def test_patch_embed_bf16_pair_kernel(monkeypatch, B, H, W, C):
-    """The AVX512_BF16 patch_embed (the 1x1 on bf16 pairs, its input the dw + GELU output rounded to
-    bf16) matches a float64 model of exactly that far more closely than the fp32-compute path does."""
-    import fastvlm_kernels.cpu as cpu
-    if cpu.cpu_isa() != "avx512_bf16":
-        pytest.skip("no AVX512_BF16 here (scripts/asan.sh tests this kernel emulated on AVX2 CPUs)")
+def test_patch_embed_bf16_pair_kernel(monkeypatch, pair_isa, B, H, W, C):
+    """The bf16-pair patch_embed (the 1x1 on bf16 pairs, its input the dw + GELU output rounded to
+    bf16; AVX512_BF16 or AMX tiles) matches a float64 model of exactly that far more closely than the
+    fp32-compute path does."""
+    _use_pair_isa(monkeypatch, pair_isa)
     g = torch.Generator().manual_seed(C + 1)
     r64 = lambda *s, sc=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * sc  # noqa: E731
     a = [r64(7, 7, 2 * C, sc=0.2), r64(2 * C, sc=0.1), r64(2 * C, 2 * C, sc=(2 * C) ** -0.5), r64(2 * C, sc=0.1)]
@@ -669,9 +699,10 @@ def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, boun
             # the attention term itself, not only the residual, matches
             assert rel_l2(y.double() - x, ref - x) <= 10 * bound, (isa, rel_l2(y.double() - x, ref - x))
         outs[isa] = y
-    if dtype == torch.bfloat16 and "avx512_bf16" in outs and B * H * W * C >= 1000:
-        # qkv / proj on bf16 pairs round their operands: not the fp32-compute path's result
-        assert not torch.equal(outs["avx512_bf16"], outs["avx512"])
+    for isa in set(PAIR_ISAS) & set(outs):
+        if dtype == torch.bfloat16 and B * H * W * C >= 1000:
+            # qkv / proj on bf16 pairs round their operands: not the fp32-compute path's result
+            assert not torch.equal(outs[isa], outs["avx512"]), isa
     with pytest.raises(RuntimeError, match="multiple of head_dim"):
         _attn_c(torch.randn(1, 2, 2, C), [t.float() for t in a], C + 1)
     with pytest.raises(RuntimeError, match="qkv_wp must be pack_linear"):
@@ -712,14 +743,14 @@ def _attention_bf16_rounded(x, a, hd, BK=128):
 
 @needs_ext
 # N = 143 (two key blocks, an odd last one), 256 (two full), 35; head_dim 32, 16, and 9 (odd: a zero partner)
+@pytest.mark.parametrize("pair_isa", PAIR_ISAS)
 @pytest.mark.parametrize("B,H,W,C,hd", [(2, 11, 13, 64, 32), (1, 16, 16, 96, 16), (1, 5, 7, 27, 9)])
-def test_attention_bf16_pair_kernels(monkeypatch, B, H, W, C, hd):
-    """The AVX512_BF16 attention mixer (qkv, S = K Q^T, P V and proj on bf16 pairs) computes what it
-    says: it matches a float64 model of exactly its roundings far more closely than the
-    fp32-compute bf16 path (avx512) does, which shows that it, not a fallback, ran."""
-    import fastvlm_kernels.cpu as cpu
-    if cpu.cpu_isa() != "avx512_bf16":
-        pytest.skip("no AVX512_BF16 here (scripts/asan.sh tests these kernels emulated on AVX2 CPUs)")
+def test_attention_bf16_pair_kernels(monkeypatch, pair_isa, B, H, W, C, hd):
+    """The bf16-pair attention mixer (qkv, S = K Q^T, P V and proj on bf16 pairs: AVX512_BF16, or
+    AMX tiles where K is a multiple of 32) computes what it says: it matches a float64 model of
+    exactly its roundings far more closely than the fp32-compute bf16 path (avx512) does, which
+    shows that it, not a fallback, ran."""
+    _use_pair_isa(monkeypatch, pair_isa)
     a = _attn_args(C, seed=hd)
     x = (torch.randn(B, H, W, C, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2).bfloat16()
     ab = [t.to(torch.bfloat16) for t in a]
@@ -871,7 +902,7 @@ def test_peak_gflops_every_isa(monkeypatch):
                 torch.set_num_threads(n)
                 p = cpu.peak_gflops(torch.float32, 0.005, 1)
                 assert math.isfinite(p) and p > 0, (isa, n, p)
-            if isa == "avx512_bf16":
+            if isa in PAIR_ISAS:
                 assert cpu.uses_bf16_pairs(torch.bfloat16) and cpu.peak_gflops(torch.bfloat16, 0.005, 1) > 0
             else:  # bf16 runs on the fp32 FMA there; the pair-dot peak is refused, not faked
                 assert not cpu.uses_bf16_pairs(torch.bfloat16)
