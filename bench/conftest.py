@@ -41,7 +41,7 @@ def machine():
     else:  # PyTorch's scalar bf16 fallback: not a rate worth showing
         mm16 = mm
     # the compute roofline: the multiply-add peak of the C++ kernels' ISA (bench.report.peak_rates:
-    # register-only FMA chains, or vdpbf16ps chains for bf16 on AVX512_BF16), on THREADS threads;
+    # register-only FMA chains; for bf16 AMX tile chains or vdpbf16ps chains), on THREADS threads;
     # torch.mm's rate is kept for context only (MKL reaches well under the peak, so a floor from it
     # would be too low). Without the C++ extension the best measured GEMM rate stands in, and says so.
     from bench.report import peak_rates

@@ -8,8 +8,8 @@ torch.compile (inductor, freezing), ONNX Runtime and the accelerated model, in o
 Method (design.md §7): for each configuration (resolution, batch, dtype) every system is built and
 called once (the first-call cost is recorded), then timed in interleaved rounds; the median is
 reported, with ratios to each peer, GFLOP/s and the share of this machine's measured multiply-add
-peak (``fastvlm_kernels.cpu.peak_gflops``: register-only FMA chains, or vdpbf16ps chains for bf16 on
-AVX512_BF16; torch.mm's rate is recorded beside it for context).
+peak (``fastvlm_kernels.cpu.peak_gflops``: register-only FMA chains; for bf16, TDPBF16PS tile chains
+on AMX, vdpbf16ps chains on AVX512_BF16; torch.mm's rate is recorded beside it for context).
 Parity is rel-L2 of the first image's tokens against the float64 eager model on the same weights.
 
 Configurations run in priority order inside a time budget (``--budget-min``): what would not fit
@@ -95,7 +95,9 @@ def peak_rates(secs: float = 0.2) -> Dict[str, object]:
     pairs = fk_cpu.uses_bf16_pairs(torch.bfloat16)
     return {"bf16_pairs": pairs, "peak_fp32_gflops": fk_cpu.peak_gflops(torch.float32, secs),
             "peak_bf16_gflops": fk_cpu.peak_gflops(torch.bfloat16, secs),
-            "peak_source": f"FMA chains, {fk_cpu.cpu_isa()}" + (", vdpbf16ps chains for bf16" if pairs else "")}
+            "peak_source": f"FMA chains, {fk_cpu.cpu_isa()}" + (
+                (", TDPBF16PS (AMX) tile chains for bf16" if fk_cpu.cpu_isa() == "amx_bf16"
+                 else ", vdpbf16ps chains for bf16") if pairs else "")}
 
 
 def gemm_rate(dtype: torch.dtype, n: int, max_s: float = 5.0) -> float:

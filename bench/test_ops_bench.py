@@ -9,8 +9,9 @@ vs torch.compile of the composition, with the op's roofline floor beside it.
 
 The floor is max(FLOPs / the measured multiply-add peak, bytes / the measured copy bandwidth): the
 peak of register-only FMA chains of the C++ kernels' ISA on the benchmark's threads
-(``fastvlm_kernels.cpu.peak_gflops``), not a GEMM's rate. In bf16 it uses the vdpbf16ps peak where the
-CPU has AVX512_BF16 (else the fp32 FMA peak: the kernels compute in fp32 there) and 2-byte elements;
+(``fastvlm_kernels.cpu.peak_gflops``), not a GEMM's rate. In bf16 it uses the AMX TDPBF16PS peak where
+the kernels run on AMX tiles, the vdpbf16ps peak where the CPU has AVX512_BF16 (else the fp32 FMA
+peak: the kernels compute in fp32 there) and 2-byte elements;
 eager and torch.compile are skipped on CPUs without AVX512_BF16 (PyTorch's bf16 GEMMs run a scalar
 fallback there).
 """
