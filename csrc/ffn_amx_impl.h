@@ -43,6 +43,35 @@ static inline void amx_configure(int r1) {
 // keeps every store before it (A rows, the partial sums in buf) ahead of the loads that follow.
 #define FVK_AMX_BARRIER() __asm__ volatile("" ::: "memory")
 
+// A finished 32 x 32 C block (fp32, row stride 32) waiting for pgemm_dp_part's epilogue: rows
+// [done, rows) of the output block at (m0, n0) still to write.
+struct AmxPending {
+  const float* blk;
+  int64_t m0, n0, rows, done;
+};
+template <int EPI>
+static inline void amx_epilogue(AmxPending& p, int64_t upto, int64_t N, uint16_t* h, int64_t ldh, const uint16_t* x,
+                                uint16_t* y, int64_t ldy, const float* gamma) {
+  const int64_t end = upto < p.rows ? upto : p.rows, n0 = p.n0;
+  for (int64_t r = p.done; r < end; ++r) {  // one pixel row at a time
+    vf acc0[1] = {vload(p.blk + r * 32)}, acc1[1] = {vload(p.blk + r * 32 + VL)};
+    const int64_t t = p.m0 + r;
+    if (EPI == 0) {
+      vst(h + t * ldh + n0, vgelu(acc0[0]));
+      vst(h + t * ldh + n0 + VL, vgelu(acc1[0]));
+    } else if (EPI == 2) {
+      gelu_out<1>(acc0, acc1, n0, N, y + t * ldy, ldy);
+    } else {
+      residual_out<1>(acc0, acc1, n0, N, x + t * ldy, y + t * ldy, ldy, gamma);
+    }
+  }
+  if (end > p.done) p.done = end;
+}
+
+// Software pipelining of the epilogue: the vector work of block j's epilogue (GELU, bf16 rounding,
+// the residual) runs interleaved with block j + 1's tile loop, a share of its rows after each K step,
+// so the vector units and the tile unit work at the same time (the tile instructions' results are
+// not needed by it, and in order retirement would otherwise hold the epilogue behind the whole loop).
 template <int EPI>
 static void pgemm_amx_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K, const uint16_t* Wp, int64_t ldp,
                            int64_t N, const float* bias, float* buf, int64_t ldb, uint16_t* h, int64_t ldh,
@@ -54,7 +83,10 @@ static void pgemm_amx_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K
   FVK_AMX_BARRIER();
   const int64_t kb_end = K / 32, sa = lda * 2, sb = ldb * 4;  // K blocks of 16 pairs; byte strides
   const bool to_buf = !last_part || EPI == 3;
-  alignas(64) float blk[32 * 32];  // a finished C block, for the epilogue
+  alignas(64) float blks[2][32 * 32];  // finished C blocks: the one being written out, the next
+  AmxPending pend{blks[1], 0, 0, 0, 0};  // nothing pending yet (rows 0)
+  int64_t step = 0;                       // pending rows written after each K step
+  int cur = 0;                            // the blks entry the next block goes to
   int configured = 0;
   for (int64_t m0 = 0; m0 < np; m0 += 32) {
     const int64_t rows = np - m0 < 32 ? np - m0 : 32;
@@ -91,6 +123,7 @@ static void pgemm_amx_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K
           _tile_loadd(5, a1 + kb * 32, sa);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
+          if (!to_buf) amx_epilogue<EPI>(pend, (kb + 1) * step, N, h, ldh, x, y, ldy, gamma);
         }
       } else {
         for (int64_t kb = 0; kb < kb_end; ++kb) {
@@ -99,6 +132,7 @@ static void pgemm_amx_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K
           _tile_loadd(5, a1 + kb * 32, sa);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
+          if (!to_buf) amx_epilogue<EPI>(pend, (kb + 1) * step, N, h, ldh, x, y, ldy, gamma);
         }
       }
       if (to_buf) {
@@ -110,6 +144,8 @@ static void pgemm_amx_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K
         }
         continue;
       }
+      amx_epilogue<EPI>(pend, pend.rows, N, h, ldh, x, y, ldy, gamma);  // what the K steps left
+      float* blk = blks[cur];
       const int64_t o1 = two ? 16 * 32 : 0;  // the second half's rows in blk
       _tile_stored(2, blk + o1, 128);
       _tile_stored(3, blk + o1 + PW, 128);
@@ -117,20 +153,12 @@ static void pgemm_amx_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K
         _tile_stored(0, blk, 128);
         _tile_stored(1, blk + PW, 128);
       }
-      for (int64_t r = 0; r < rows; ++r) {  // pgemm_dp_part's epilogues, one pixel row at a time
-        vf acc0[1] = {vload(blk + r * 32)}, acc1[1] = {vload(blk + r * 32 + VL)};
-        const int64_t t = m0 + r;
-        if (EPI == 0) {
-          vst(h + t * ldh + n0, vgelu(acc0[0]));
-          vst(h + t * ldh + n0 + VL, vgelu(acc1[0]));
-        } else if (EPI == 2) {
-          gelu_out<1>(acc0, acc1, n0, N, y + t * ldy, ldy);
-        } else {
-          residual_out<1>(acc0, acc1, n0, N, x + t * ldy, y + t * ldy, ldy, gamma);
-        }
-      }
+      pend = AmxPending{blk, m0, n0, rows, 0};  // written out during the next block's K steps
+      step = (rows + kb_end - 1) / kb_end;
+      cur ^= 1;
     }
   }
+  if (!to_buf) amx_epilogue<EPI>(pend, pend.rows, N, h, ldh, x, y, ldy, gamma);
   _tile_release();  // the tile state back to its init state: not saved on context switches
 }
 
