@@ -264,7 +264,10 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
                          const float* pf) {
   vf acc0[M], acc1[M];
   acc_start<M>(acc0, acc1, first, bias, buf, ldb, n0);
+  // The K loops unrolled 8 times: on the Xeon of bench/results the loop's own counter, compare and
+  // branch per k cost 3% of the whole fp32 forward (0.968x with the unroll, bench.ab; 0.975x with 4).
   if (pf) {  // the last pixel group of a weight slice: pull the next slice into L1 meanwhile
+#pragma GCC unroll 8
     for (int64_t k = 0; k < kc; ++k) {
       __builtin_prefetch(pf + k * PW);
       const vf b0 = vload(w0 + k * PW), b1 = vload(w1 + k * PW);
@@ -275,7 +278,9 @@ static inline void ptile(const float* __restrict__ a, int64_t lda, int64_t kc, c
         acc1[r] += s * b1;
       }
     }
-  } else for (int64_t k = 0; k < kc; ++k) {
+  } else
+#pragma GCC unroll 8
+  for (int64_t k = 0; k < kc; ++k) {
     const vf b0 = vload(w0 + k * PW), b1 = vload(w1 + k * PW);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
