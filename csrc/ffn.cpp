@@ -139,9 +139,7 @@ namespace fastvlm { namespace ffn_amx {
 #define FVK_AMX 1
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
-static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
-  return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a2)), (__m512bh)w);
-}
+using ffn_avx512bf16::fvk_dpbf16;  // the vdpbf16ps fallback's (same vector type)
 #define FVK_CVT_BF16(v) _mm512_cvtneps_pbh((__m512)(v))
 #define FVK_LD_BF16(p) FVK_LD_BF16_AVX512(p)
 #include "ffn_impl.h"

@@ -113,27 +113,18 @@ static void pgemm_amx_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K
           _tile_loadd(1, buf + m0 * ldb + n0 + PW, sb);
         }
       }
-      if (two) {
-        for (int64_t kb = 0; kb < kb_end; ++kb) {
-          _tile_loadd(6, w0 + kb * 32 * PW, 64);
-          _tile_loadd(7, w1 + kb * 32 * PW, 64);
+      for (int64_t kb = 0; kb < kb_end; ++kb) {
+        _tile_loadd(6, w0 + kb * 32 * PW, 64);
+        _tile_loadd(7, w1 + kb * 32 * PW, 64);
+        if (two) {
           _tile_loadd(4, a0 + kb * 32, sa);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
-          _tile_loadd(5, a1 + kb * 32, sa);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-          if (!to_buf) amx_epilogue<EPI>(pend, (kb + 1) * step, N, h, ldh, x, y, ldy, gamma);
         }
-      } else {
-        for (int64_t kb = 0; kb < kb_end; ++kb) {
-          _tile_loadd(6, w0 + kb * 32 * PW, 64);
-          _tile_loadd(7, w1 + kb * 32 * PW, 64);
-          _tile_loadd(5, a1 + kb * 32, sa);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-          if (!to_buf) amx_epilogue<EPI>(pend, (kb + 1) * step, N, h, ldh, x, y, ldy, gamma);
-        }
+        _tile_loadd(5, a1 + kb * 32, sa);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        if (!to_buf) amx_epilogue<EPI>(pend, (kb + 1) * step, N, h, ldh, x, y, ldy, gamma);
       }
       if (to_buf) {
         _tile_stored(2, buf + m1 * ldb + n0, sb);
@@ -186,16 +177,15 @@ static float amx_chains(int64_t iters, float seed) {
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
-  float s = 0.f;
-  for (int t = 0; t < 4; ++t) {
-    switch (t) {  // tile numbers are immediates
-      case 0: _tile_stored(0, c, 64); break;
-      case 1: _tile_stored(1, c, 64); break;
-      case 2: _tile_stored(2, c, 64); break;
-      default: _tile_stored(3, c, 64);
-    }
-    s += c[0];
-  }
+  float s = 0.f;  // tile numbers are immediates: one store per tile
+  _tile_stored(0, c, 64);
+  s += c[0];
+  _tile_stored(1, c, 64);
+  s += c[0];
+  _tile_stored(2, c, 64);
+  s += c[0];
+  _tile_stored(3, c, 64);
+  s += c[0];
   _tile_release();
   return s;
 }
