@@ -9,7 +9,8 @@ Method (design.md §7): for each configuration (resolution, batch, dtype) every 
 called once (the first-call cost is recorded), then timed in interleaved rounds; the median is
 reported, with ratios to each peer, GFLOP/s and the share of this machine's measured multiply-add
 peak (``fastvlm_kernels.cpu.peak_gflops``: register-only FMA chains; for bf16, TDPBF16PS tile chains
-on AMX, vdpbf16ps chains on AVX512_BF16; torch.mm's rate is recorded beside it for context).
+on AMX, vdpbf16ps chains on AVX512_BF16; the better of a run before and one after the timed calls;
+torch.mm's rate is recorded beside it for context).
 Parity is rel-L2 of the first image's tokens against the float64 eager model on the same weights.
 
 Configurations run in priority order inside a time budget (``--budget-min``): what would not fit
@@ -614,6 +615,18 @@ def main(argv=None) -> Dict:
             if "median_s" in d:
                 vs = f"  ({d['median_s'] / acc:.2f}x accelerated)" if acc and nm != "accelerated" else ""
                 log(f"    {LABELS[nm]:<26} {d['median_s']:8.3f} s  rel-L2 {d['rel_l2']:.1e}{vs}")
+    if peaks["peak_fp32_gflops"]:
+        # The peak once more, after the timed calls: on a shared VM one measurement can land in a slow
+        # stretch (a 68 GFLOP/s start on a machine whose per-call samples had a 76 median), which would
+        # overstate every "% of peak". The column divides by the better of the two runs; both are kept.
+        prog.step("measuring the multiply-add peak again (the column uses the better of the two runs)")
+        end = peak_rates(0.05 if a.quick else 0.2)
+        m = report["machine"]
+        m["peak_runs"] = {"start": {k: peaks[k] for k in ("peak_fp32_gflops", "peak_bf16_gflops")},
+                          "end": {k: end[k] for k in ("peak_fp32_gflops", "peak_bf16_gflops")}}
+        for k in ("peak_fp32_gflops", "peak_bf16_gflops"):
+            m[k] = max(peaks[k], end[k])
+        m["peak_source"] += "; the better of a run before and one after the timed calls"
     report["wall_s"] = prog.elapsed()
     report["one_time_note"] = ("setup_s = building the system (accelerate(): reparameterize + fold + pack, not "
                                "counting the report's own deepcopy of the model; "

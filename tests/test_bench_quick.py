@@ -17,6 +17,9 @@ def test_report_quick_runs_and_writes_results(tmp_path):
     import fastvlm_kernels
     if fastvlm_kernels.extension_available():  # the "% of peak" column divides by the measured FMA peak
         assert rep["machine"]["peak_fp32_gflops"] > 0 and rep["machine"]["peak_bf16_gflops"] > 0
+        runs = rep["machine"]["peak_runs"]  # the column's peak: the better of the runs before and after
+        for k in ("peak_fp32_gflops", "peak_bf16_gflops"):
+            assert rep["machine"][k] == max(runs["start"][k], runs["end"][k]) > 0
     sizes = {(c["size"], c["dtype"]) for c in rep["configs"]}
     assert (128, "fp32") in sizes
     for c in rep["configs"]:
