@@ -621,11 +621,9 @@ def main(argv=None) -> Dict:
         # overstate every "% of peak". The column divides by the better of the two runs; both are kept.
         prog.step("measuring the multiply-add peak again (the column uses the better of the two runs)")
         end = peak_rates(0.05 if a.quick else 0.2)
-        m = report["machine"]
-        m["peak_runs"] = {"start": {k: peaks[k] for k in ("peak_fp32_gflops", "peak_bf16_gflops")},
-                          "end": {k: end[k] for k in ("peak_fp32_gflops", "peak_bf16_gflops")}}
-        for k in ("peak_fp32_gflops", "peak_bf16_gflops"):
-            m[k] = max(peaks[k], end[k])
+        m, keys = report["machine"], ("peak_fp32_gflops", "peak_bf16_gflops")
+        m["peak_runs"] = {"start": {k: peaks[k] for k in keys}, "end": {k: end[k] for k in keys}}
+        m.update({k: max(peaks[k], end[k]) for k in keys})
         m["peak_source"] += "; the better of a run before and one after the timed calls"
     report["wall_s"] = prog.elapsed()
     report["one_time_note"] = ("setup_s = building the system (accelerate(): reparameterize + fold + pack, not "

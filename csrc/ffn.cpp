@@ -328,8 +328,9 @@ static void check_dp_call(at::ScalarType dtype, Isa isa, const char* op) {
 // threads (which take tiles from a counter, FVK_PARALLEL_TILES) end on a full last round. The count
 // is rounded down to that multiple where the tiles then stay within 1.5 T pixels, else up: every
 // tile reads the whole weight, and at FastViTHD's stage 4 (256 pixels, 75 MB of ConvFFN weights)
-// 2 tiles of 128 pixels on 2 threads took 0.85x the time of 4 of 64 (ConvFFN; attention_mixer
-// 0.95x; calls alternated in one process on the Xeon of bench/results). Tiling does not change
+// 2 tiles of 132 pixels on 2 threads took 0.85x the time of 4 of 66 (ConvFFN; attention_mixer
+// 0.95x; calls alternated in one process on the Xeon of bench/results; level, 1.00x / 0.98x, on
+// the Zen 1 of bench/results/zen1). Tiling does not change
 // results: each output is summed in the same order whatever tile computes it.
 struct Tiling {
   int64_t n, T;
