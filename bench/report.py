@@ -641,7 +641,8 @@ def main(argv=None) -> Dict:
     why_no_plot = plot(report, os.path.join(a.out, f"{name}.png"))
     log("")
     log(md)
-    log(f"wrote {a.out}/{name}.json, {name}.md" + ("" if why_no_plot else f", {name}.png") +
+    base = os.path.join(a.out, name)  # an absolute --name replaces a.out, as in the writes above
+    log(f"wrote {base}.json, {base}.md" + ("" if why_no_plot else f", {base}.png") +
         (f" ({why_no_plot})" if why_no_plot else ""))
     return report
 
