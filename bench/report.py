@@ -633,15 +633,15 @@ def main(argv=None) -> Dict:
     for f in os.listdir(a.out):
         if f.endswith(".onnx.tmp"):
             os.remove(os.path.join(a.out, f))
-    with open(os.path.join(a.out, f"{name}.json"), "w") as fh:
+    base = os.path.join(a.out, name)  # an absolute --name replaces a.out
+    with open(f"{base}.json", "w") as fh:
         json.dump(report, fh, indent=1)
     md = markdown(report)
-    with open(os.path.join(a.out, f"{name}.md"), "w") as fh:
+    with open(f"{base}.md", "w") as fh:
         fh.write(md)
-    why_no_plot = plot(report, os.path.join(a.out, f"{name}.png"))
+    why_no_plot = plot(report, f"{base}.png")
     log("")
     log(md)
-    base = os.path.join(a.out, name)  # an absolute --name replaces a.out, as in the writes above
     log(f"wrote {base}.json, {base}.md" + ("" if why_no_plot else f", {base}.png") +
         (f" ({why_no_plot})" if why_no_plot else ""))
     return report
