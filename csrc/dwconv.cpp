@@ -126,6 +126,7 @@ at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10:
   void* obase = out.data_ptr();
   const int64_t esz = xc.element_size();
   at::parallel_for(0, B * Ho, 1, [&](int64_t begin, int64_t end) {
+    const DenormalsFlushed ftz;  // common.h: per thread, restored on exit
     std::vector<float> acc(Cout);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bi = r / Ho, oh = r % Ho;

@@ -36,6 +36,7 @@
 #include <type_traits>  // std::true_type / false_type in ffn_impl.h
 #include <vector>
 
+#include "common.h"  // DenormalsFlushed
 #include "gelu.h"
 #include "isa.h"
 #ifndef FASTVLM_EMULATE_AVX512
@@ -212,6 +213,7 @@ static void parallel_tiles(int64_t ntiles, int64_t scratch, const F& run) {
   const int64_t chunk = std::max<int64_t>(1, ntiles / (16 * std::max<int64_t>(1, nth)));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+    const DenormalsFlushed ftz;  // common.h: per thread, restored on exit
     std::unique_ptr<float[]> raw(new float[scratch + 16]);  // not zeroed: kernels write before reading
     float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~uintptr_t(63));
     for (int64_t b; (b = next.fetch_add(chunk, std::memory_order_relaxed)) < ntiles;)

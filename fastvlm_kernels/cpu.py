@@ -24,6 +24,9 @@ nn.Linear layout, or already packed for this backend: ``accelerate()`` (:func:`p
 fused modules' 1x1 weight buffers by their packed form, so the model holds each weight once, and
 :func:`unprepack` restores the nn.Linear layout when the model moves to another backend. A packed
 module's ``state_dict()`` still has the nn.Linear layout, and ``load_state_dict()`` takes it.
+
+The kernels run with float32 denormals flushed (FTZ + DAZ on their threads, restored afterwards):
+values below 1.18e-38 in magnitude are read, and produced, as signed zeros (README, Usage).
 """
 from __future__ import annotations
 

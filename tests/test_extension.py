@@ -913,3 +913,43 @@ def test_peak_gflops_every_isa(monkeypatch):
     for bad in [(False, 0.0, 1), (False, 11.0, 1), (False, 0.005, 0)]:
         with pytest.raises(RuntimeError, match="peak_gflops: (seconds|reps)"):
             torch.ops.fastvlm_C.peak_gflops(*bad)
+
+
+@needs_ext
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64", "i686", "x86"),
+                    reason="MXCSR flush-to-zero is x86 only; elsewhere the kernels do not flush")
+def test_denormals_flushed_inside_ops_and_restored_after(monkeypatch):
+    """The kernels run with FTZ / DAZ (common.h's DenormalsFlushed): results that would be float32
+    denormals come out as zeros, on every ISA and in the fused conv_exp whose saturated SE gate makes
+    them; the callers' threads get their own MXCSR back, so torch's arithmetic afterwards still
+    produces denormals on the calling thread and on the pool's threads."""
+    tiny = torch.finfo(torch.float32).tiny  # FLT_MIN, the smallest normal float32
+
+    def denormal(t):
+        return (t != 0) & (t.abs() < tiny)
+    # dwconv: every output about 1e-40 (bias 0): denormal in exact arithmetic
+    x = torch.full((1, 9, 11, 40), 1e-20)
+    w, b = torch.full((7, 7, 40), 2e-22), torch.zeros(40)
+    exact = F.conv2d(x.double().permute(0, 3, 1, 2), w.double().permute(2, 0, 1).unsqueeze(1), padding=3, groups=40)
+    assert denormal(exact.float()).all()  # the case does what it says
+    for isa in _isas():
+        monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+        y = torch.ops.fastvlm_C.dwconv_nhwc(x, w, b, 1, 3, False)
+        assert not denormal(y).any() and (y == 0).all(), isa
+    monkeypatch.delenv("FASTVLM_CPU_ISA")
+    # conv_exp with its SE gate driven to sigmoid(-100) ~ 4e-44: gate * activation is denormal
+    g = torch.Generator().manual_seed(8)
+    Cin, Co, rd = 24, 48, 12
+    ce = [torch.randn(3, 3, Co, generator=g) * 0.3, torch.randn(Co, generator=g) * 0.1,
+          torch.randn(rd, Co, generator=g) * 0.1, torch.zeros(rd), torch.zeros(Co, rd), torch.full((Co,), -100.0)]
+    x = torch.randn(1, 5, 7, Cin, generator=g)
+    from fastvlm_kernels import reference
+    ref = reference.conv_exp(x.double(), *[t.double() for t in ce])
+    assert denormal(ref.float()).sum() > 100  # most outputs: GELU(z * 4e-44) is denormal
+    y = torch.ops.fastvlm_C.conv_exp_nhwc(x, *ce)
+    assert not denormal(y).any()
+    assert (y - ref).abs().max().item() < tiny  # the flushed values are all the difference
+    # the caller's and the pool's threads are back to unflushed arithmetic
+    big = torch.full((1 << 21,), 1e-39)  # several of torch's parallel chunks
+    assert denormal(big).all() and denormal(big * 1.0).all()
+    assert denormal(torch.tensor([1e-39]) * 1.0).all()
