@@ -558,7 +558,7 @@ void conv_exp_scale_gelu_fast(const float* z, const float* s, at::Tensor& y) {
 }
 
 // fastvlm_C::stem_nhwc -- GELU(conv3x3 s2) -> GELU(dw3x3 s2) -> GELU(1x1), fused (see stem_block in ffn_impl.h).
-//   x (B, H, W, Cin) float32/bf16; w0 (C, Cin, 3, 3), b0 (C); w1 (3, 3, C), b1 (C);
+//   x (B, H, W, Cin) float32/bf16, any strides; w0 (C, Cin, 3, 3), b0 (C); w1 (3, 3, C), b1 (C);
 //   w2p = pack_linear(w2 (C, C)), b2 (C)
 at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
                      const at::Tensor& b1, const at::Tensor& w2p, const at::Tensor& b2) {
@@ -579,8 +579,9 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   const at::Tensor fw1 = at::constant_pad_nd(as_f32(w1, "stem_nhwc: w1", {3, 3, C}), {0, Cp - C}).contiguous();
   const at::Tensor fb2 = padded_f32(b2, "stem_nhwc: b2", C, Cp);
   const int64_t H1 = (H - 1) / 2 + 1, W1 = (W - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({B, H2, W2, C}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
+  // x is read through its strides (the model passes the NCHW pixels' permuted view): no NHWC copy
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  at::Tensor y = at::empty({B, H2, W2, C}, x.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || C == 0) return y;
   const Isa isa = active_isa();
   // blocks of RB x SW final pixels (FASTVLM_STEM_BLOCK=RBxSW overrides the 4 x 32; any block shape
@@ -595,11 +596,11 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   const int64_t tiles = B * ((H2 + RB - 1) / RB) * ((W2 + SW - 1) / SW);
   const int64_t scratch = ffn_avx2::stem_scratch(RB, SW, Cin, Cp);  // the same on every ISA
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const void* xp = xc.data_ptr();
+  const void* xp = x.data_ptr();
   void* yp = y.data_ptr();
   const float *p0 = w0p.data_ptr<float>(), *pb0 = fb0.data_ptr<float>(), *p1 = fw1.data_ptr<float>(),
               *pb1 = fb1.data_ptr<float>(), *p2 = w2p.data_ptr<float>(), *pb2 = fb2.data_ptr<float>();
-  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, C, Cp, p0, pb0, p1, pb1, p2, pb2, RB,
+  FVK_PARALLEL_TILES(stem_tiles, tiles, scratch, isa, xp, xs, yp, bf16, H, W, Cin, C, Cp, p0, pb0, p1, pb1, p2, pb2, RB,
                      SW);
   return y;
 }

@@ -737,8 +737,11 @@ static inline int64_t stem_scratch(int64_t RB, int64_t SW, int64_t Cin, int64_t 
   return mid * (9 * Cin + Cp) + (RB + 1) * SW * Cp;
 }
 
+// x: one image, element (h, w, ci) at x[h * sH + w * sW + ci * sC] (any strides: the NCHW pixels'
+// permuted view is read in place, without a copy to NHWC).
 template <typename T_>
-static void stem_block(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t C, int64_t Cp,
+static void stem_block(const T_* x, int64_t sH, int64_t sW, int64_t sC, T_* y, int64_t H, int64_t Wd, int64_t Cin,
+                       int64_t C, int64_t Cp,
                        const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
                        const float* b2, int64_t H1, int64_t W1, int64_t W2, int64_t oh0, int64_t rb, int64_t ow0,
                        int64_t sw, int64_t RB, int64_t SW, float* scratch) {
@@ -746,31 +749,38 @@ static void stem_block(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, i
   const int64_t mr = 2 * rb + 1, mc = 2 * sw + 1, ih0 = 2 * oh0 - 1, iw0 = 2 * ow0 - 1;
   const int64_t nmid = (2 * RB + 1) * (2 * SW + 1);
   float *im = scratch, *mid = im + nmid * K0, *d = mid + nmid * Cp, *buf = d + RB * SW * Cp;
-  for (int64_t u = 0; u < mr; ++u)  // im2col of the block's intermediate pixels (ih1, iw1)
-    for (int64_t v = 0; v < mc; ++v) {
-      const int64_t ih1 = ih0 + u, iw1 = iw0 + v;
-      float* r = im + (u * mc + v) * K0;
-      if (ih1 >= 1 && 2 * ih1 + 1 < H && iw1 >= 1 && 2 * iw1 + 1 < Wd) {  // the whole patch inside (so
-        // is the intermediate pixel): three runs of 3 Cin contiguous values
-        for (int64_t th = 0; th < 3; ++th) {
-          const T_* xp = x + ((2 * ih1 - 1 + th) * Wd + 2 * iw1 - 1) * Cin;
-          float* rr = r + th * 3 * Cin;
-          for (int64_t i = 0; i < 3 * Cin; ++i) rr[i] = ld(xp, i);
+  // im2col of the block's intermediate pixels (ih1, iw1) = (ih0 + u, iw0 + v): im row u * mc + v holds
+  // the 3 x 3 x Cin patch at (2 ih1 - 1 .., 2 iw1 - 1 ..), zero outside the image and for pixels
+  // outside the intermediate grid. Filled one input row segment at a time (fixed th and ci, all v):
+  // the loads walk along w, which is contiguous in the NCHW pixels' permuted view.
+  for (int64_t u = 0; u < mr; ++u) {
+    const int64_t ih1 = ih0 + u;
+    for (int64_t th = 0; th < 3; ++th) {
+      const int64_t ih = 2 * ih1 - 1 + th;
+      const bool row_ok = ih1 >= 0 && ih1 < H1 && ih >= 0 && ih < H;
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        float* o = im + u * mc * K0 + th * 3 * Cin + ci;
+        if (!row_ok) {
+          for (int64_t v = 0; v < mc; ++v)
+            for (int64_t tw = 0; tw < 3; ++tw) o[v * K0 + tw * Cin] = 0.f;
+          continue;
         }
-        continue;
-      }
-      for (int64_t th = 0; th < 3; ++th)
-        for (int64_t tw = 0; tw < 3; ++tw) {
-          const int64_t ih = 2 * ih1 - 1 + th, iw = 2 * iw1 - 1 + tw;
-          float* rr = r + (th * 3 + tw) * Cin;
-          if (ih1 < 0 || ih1 >= H1 || iw1 < 0 || iw1 >= W1 || ih < 0 || ih >= H || iw < 0 || iw >= Wd) {
-            for (int64_t ci = 0; ci < Cin; ++ci) rr[ci] = 0.f;
-          } else {
-            const T_* xp = x + (ih * Wd + iw) * Cin;
-            for (int64_t ci = 0; ci < Cin; ++ci) rr[ci] = ld(xp, ci);
+        const T_* seg = x + ih * sH + ci * sC;
+        for (int64_t v = 0; v < mc; ++v) {
+          const int64_t iw1 = iw0 + v, iw = 2 * iw1 - 1;
+          if (iw1 >= 1 && iw + 2 < Wd) {  // the patch's three columns inside (so is the pixel)
+            o[v * K0] = ld(seg, iw * sW);
+            o[v * K0 + Cin] = ld(seg, (iw + 1) * sW);
+            o[v * K0 + 2 * Cin] = ld(seg, (iw + 2) * sW);
+            continue;
           }
+          const bool col_ok = iw1 >= 0 && iw1 < W1;
+          for (int64_t tw = 0; tw < 3; ++tw)
+            o[v * K0 + tw * Cin] = col_ok && iw + tw >= 0 && iw + tw < Wd ? ld(seg, (iw + tw) * sW) : 0.f;
         }
+      }
     }
+  }
   pgemm<0, T_>(im, K0, mr * mc, K0, w0p, C, b0, mid, Cp, nullptr, nullptr, 0, nullptr);
   for (int64_t u = 0; u < mr; ++u)  // intermediate pixels outside the grid: the dw's zero padding
     for (int64_t v = 0; v < mc; ++v) {
@@ -792,9 +802,11 @@ static void stem_block(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, i
   }
 }
 
-// Blocks [t_begin, t_end) of a batch of images (H x Wd x Cin) -> (H2 x W2 x C): per image, ceil(H2 /
-// RB) x ceil(W2 / SW) blocks in row-major order. b0, w1, b1 and b2 zero padded to Cp floats per tap.
-static void stem_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t C,
+// Blocks [t_begin, t_end) of a batch of images (H x Wd x Cin; element (b, h, w, ci) at b * xs[0] + h *
+// xs[1] + w * xs[2] + ci * xs[3]) -> y (H2 x W2 x C, contiguous): per image, ceil(H2 / RB) x ceil(W2 /
+// SW) blocks in row-major order. b0, w1, b1 and b2 zero padded to Cp floats per tap.
+static void stem_tiles(const void* x, const int64_t* xs, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin,
+                       int64_t C,
                        int64_t Cp, const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
                        const float* b2, int64_t RB, int64_t SW, int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t H1 = (H - 1) / 2 + 1, W1 = (Wd - 1) / 2 + 1, H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1;
@@ -804,11 +816,12 @@ static void stem_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd,
     const int64_t oh0 = bh * RB, ow0 = bw * SW;
     const int64_t rb = H2 - oh0 < RB ? H2 - oh0 : RB, sw = W2 - ow0 < SW ? W2 - ow0 : SW;
     if (bf16) {
-      stem_block(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * H2 * W2 * C, H,
-                 Wd, Cin, C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, oh0, rb, ow0, sw, RB, SW, scratch);
+      stem_block(static_cast<const uint16_t*>(x) + b * xs[0], xs[1], xs[2], xs[3],
+                 static_cast<uint16_t*>(y) + b * H2 * W2 * C, H, Wd, Cin, C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2,
+                 oh0, rb, ow0, sw, RB, SW, scratch);
     } else {
-      stem_block(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * H2 * W2 * C, H, Wd,
-                 Cin, C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, oh0, rb, ow0, sw, RB, SW, scratch);
+      stem_block(static_cast<const float*>(x) + b * xs[0], xs[1], xs[2], xs[3], static_cast<float*>(y) + b * H2 * W2 * C,
+                 H, Wd, Cin, C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, oh0, rb, ow0, sw, RB, SW, scratch);
     }
   }
 }

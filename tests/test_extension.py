@@ -604,12 +604,21 @@ def test_stem_nhwc_every_isa(monkeypatch, B, H, W, C, dtype, bound):
     a = [r(C, 3, 3, 3, sc=0.5), r(C, sc=0.1), r(3, 3, C, sc=0.4), r(C, sc=0.1), r(C, C, sc=C ** -0.5), r(C, sc=0.1)]
     x = torch.rand(B, H, W, 3, dtype=torch.float64, generator=g)
     ref = reference.stem(x, *a)
+    # the same pixels through other strides: the NCHW tensor's permuted view (what FusedStem passes)
+    # and a strided slice of a wider, NaN-filled buffer (an offset, no stride of 1); read in place
+    xd = x.to(dtype)
+    wide = torch.full((B, H + 2, 2 * W + 3, 7), float("nan"), dtype=dtype)
+    wide[:, 1:H + 1, 1:2 * W + 1:2, 2:7:2] = xd
+    views = [xd.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1), wide[:, 1:H + 1, 1:2 * W + 1:2, 2:7:2]]
     for isa in _isas():
         monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
-        y = _stem_c(x.to(dtype), [t.to(dtype) for t in a])
+        y = _stem_c(xd, [t.to(dtype) for t in a])
         assert y.shape == ref.shape and y.dtype == dtype
         if B:
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
+        for v in views:
+            assert torch.equal(v, xd) and (v.stride() != xd.stride() or B == 0 or H * W == 1)
+            assert torch.equal(_stem_c(v, [t.to(dtype) for t in a]), y), isa
     with pytest.raises(RuntimeError, match="input channels"):
         _stem_c(torch.rand(1, 8, 8, 4), [t.float() for t in a])
     with pytest.raises(RuntimeError, match=r"w2p must be pack_linear\(\)"):  # an unpacked 1x1 weight
