@@ -235,6 +235,24 @@ static void parallel_tiles(int64_t ntiles, int64_t scratch, const F& run) {
 // The packed panel count for n output channels (ffn_impl.h: panels of 16, an even count).
 static int64_t packed_panels(int64_t n) { return ffn_avx2::packed_panels(n); }
 constexpr int64_t kPanel = 16;
+
+// A depthwise weight (lead x Co floats) or bias (lead = 1), in dw_slide_pair's layout (ffn_impl.h,
+// the AVX-512 M = 2 kernels): each whole block of 32 channels re-ordered to its 16 even channels,
+// then its 16 odd ones; the channels past the last whole block as they are. Undefined (no tensor)
+// where the ISA has no such kernel (below AVX-512), Co < 32, or the caller's `used` is false.
+static at::Tensor pair_layout(const float* w, int64_t lead, int64_t Co, Isa isa, bool used) {
+  const int64_t nb = Co / 32;
+  if (!used || nb == 0 || lead == 0 || !(isa == Isa::avx512 || isa == Isa::avx512_bf16 || isa == Isa::amx_bf16)) return {};
+  at::Tensor out = at::empty({lead * Co}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t l = 0; l < lead; ++l, w += Co, o += Co) {  // a plain loop: at::'s permute + copy cost 8% of conv_exp
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t i = 0; i < 16; ++i) o[32 * b + i] = w[32 * b + 2 * i], o[32 * b + 16 + i] = w[32 * b + 2 * i + 1];
+    for (int64_t c = 32 * nb; c < Co; ++c) o[c] = w[c];
+  }
+  return out;
+}
+static const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 // n rounded up to whole pairs of panels (32): the padded width of biases, gamma and GEMM output rows,
 // enough for the widest micro-tile of every ISA.
 static int64_t padded_width(int64_t n) { return packed_panels(n) * kPanel; }
@@ -633,6 +651,10 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
   const int64_t Cop = padded_width(Co);
   const at::Tensor fw = as_f32(dw_w, "patch_embed_nhwc: dw_w", {K, K, Co}), fb = as_f32(dw_b, "patch_embed_nhwc: dw_b", {Co});
   const at::Tensor pb = padded_f32(pw_b, "patch_embed_nhwc: pw_b", Co, Cop);
+  const bool pairs = K == 7 && stride == 2 && Co == 2 * Cin;  // dwm_rows' sliding window
+  const at::Tensor w2 = pair_layout(fw.data_ptr<float>(), K * K, Co, isa, pairs),
+                   b2 = pair_layout(fb.data_ptr<float>(), 1, Co, isa, pairs);
+  const float *pw2 = data_or_null(w2), *pb2 = data_or_null(b2);
   const int64_t pad = K / 2, Ho = (H + 2 * pad - K) / stride + 1, Wo = (W + 2 * pad - K) / stride + 1;
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({B, Ho, Wo, Co}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
@@ -648,13 +670,13 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
     const auto* wp = reinterpret_cast<const uint16_t*>(pw_p.data_ptr());
     parallel_tiles(tiles, ffn_avx512bf16::dwpw_dp_scratch(T, Co, Cop), [&](int64_t b, int64_t e, float* buf) {
       FVK_DP(isa, dwpw_dp_tiles, static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), H, W, Cin, Co, K,
-                                    stride, pfw, pfb, wp, ppb, tl.n, T, b, e, buf);
+                                    stride, pfw, pfb, pw2, pb2, wp, ppb, tl.n, T, b, e, buf);
     });
     return y;
   }
   const float* ppw = pw_p.data_ptr<float>();
-  FVK_PARALLEL_TILES(dwpw_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, ppw, ppb, tl.n,
-                     T);
+  FVK_PARALLEL_TILES(dwpw_tiles, tiles, scratch, isa, xp, yp, bf16, H, W, Cin, Co, K, stride, pfw, pfb, pw2, pb2, ppw,
+                     ppb, tl.n, T);
   return y;
 }
 

@@ -232,7 +232,8 @@ static inline int64_t dwpw_dp_scratch(int64_t T, int64_t Co, int64_t Cop) {
   return T * (Co + Cop) + (T * ((Co + 1) / 2 * 2) + 1) / 2;
 }
 static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
-                          int64_t s, const float* dw_w, const float* dw_b, const uint16_t* pw_p, const float* pw_b,
+                          int64_t s, const float* dw_w, const float* dw_b, const float* w2, const float* b2,
+                          const uint16_t* pw_p, const float* pw_b,
                           int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t pad = Kk / 2, Ho = (H + 2 * pad - Kk) / s + 1, Wo = (Wd + 2 * pad - Kk) / s + 1, HWo = Ho * Wo;
   const int64_t Cop = (Co + NR - 1) / NR * NR, Ce = (Co + 1) / 2 * 2;
@@ -241,7 +242,7 @@ static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd,
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t b = t / per_image, p0 = tile_start(HWo, per_image, t % per_image);
     const int64_t np = tile_start(HWo, per_image, t % per_image + 1) - p0;
-    dwm_rows(x + b * H * Wd * Cin, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, Wo, p0, np, d);
+    dwm_rows(x + b * H * Wd * Cin, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, w2, b2, Wo, p0, np, d);
     to_bf16_rows(d, np, Co, dh);
     FVK_PGEMM_DP<2>(dh, Ce, np, Co, pw_p, Ce / 2, Co, pw_b, buf, Cop, nullptr, 0, nullptr,
                      y + (b * HWo + p0) * Co, Co, nullptr, true, true);

@@ -459,19 +459,84 @@ static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int
     if (r < nst) vstore(out + r * ldo, GELU ? vgelu(acc[r]) : acc[r]);
 }
 
+#if FVK_VL == 16
+// dw_slide for M = 2 on two output vectors at once, channels [c, c + 2 VL) (c a multiple of 2 VL):
+// their inputs are the VL channels from c / 2, so one plain vector load per input column feeds
+// both, with no duplicating shuffle (dw_slide's dup2 put one vpermps, a port-5 operation beside the
+// FMAs, on every half-vector load). The even output channels c + 2i and the odd ones c + 2i + 1
+// accumulate apart, with w2 / b2: the weights / bias with each block of 2 VL channels re-ordered
+// to its VL even channels, then its VL odd ones (pair_layout in ffn.cpp); the two are interleaved
+// back to channel order on the store. Registers: 2R accumulators, 2KK weights, one input (27 of
+// the 32 for KK = 7, R = 6). Same products, summed in the same order as dw_slide: bitwise equal.
+template <int KK, int R, int ST, bool GELU, typename T_>
+static inline void dw_slide_pair(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* w2,
+                                 const float* b2, int64_t oh, int64_t ow0, int64_t c, float* out, int64_t ldo,
+                                 int64_t nst) {
+  constexpr int pad = KK / 2, S = ST * (R - 1) + KK;
+  vf ae[R], ao[R];
+  const vf be = vload(b2 + c), bo = vload(b2 + c + VL);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) ae[r] = be, ao[r] = bo;
+  const int64_t ih0 = ST * oh - pad, u0 = ST * ow0 - pad;
+  const int64_t kh0 = -ih0 > 0 ? -ih0 : 0, kh1 = H - ih0 < KK ? H - ih0 : KK;
+  const bool inside = u0 >= 0 && u0 + S <= Wd;
+  auto row = [&](auto check, int64_t kh) {
+    const T_* xp = x + ((ih0 + kh) * Wd + u0) * Cin + c / 2;
+    const float* wr = w2 + kh * KK * Co + c;
+    vf we[KK], wo[KK];
+#pragma GCC unroll 16
+    for (int kw = 0; kw < KK; ++kw) we[kw] = vload(wr + kw * Co), wo[kw] = vload(wr + kw * Co + VL);
+#pragma GCC unroll 32
+    for (int j = 0; j < S; ++j, xp += Cin) {
+      if (decltype(check)::value && (u0 + j < 0 || u0 + j >= Wd)) continue;
+      const vf v = vld(xp);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        if (j - ST * r >= 0 && j - ST * r < KK) ae[r] += v * we[j - ST * r], ao[r] += v * wo[j - ST * r];
+    }
+  };
+  if (inside)
+    for (int64_t kh = kh0; kh < kh1; ++kh) row(std::false_type{}, kh);
+  else
+    for (int64_t kh = kh0; kh < kh1; ++kh) row(std::true_type{}, kh);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    if (r < nst) {
+      const vf e = GELU ? vgelu(ae[r]) : ae[r], o = GELU ? vgelu(ao[r]) : ao[r];
+      vstore(out + r * ldo, __builtin_shufflevector(e, o, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+      vstore(out + r * ldo + VL,
+             __builtin_shufflevector(e, o, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+    }
+}
+#endif
+
 // Output pixels [p0, p0 + np) of an output grid Wo wide, pixel-major into d (np x Co): per segment
 // along one output row, runs of R outputs x channel vectors through dw_slide (the row ends
 // included); the channels past a multiple of VL go to tail(oh, ow, first channel, out pixel).
+// M = 2 with w2 / b2 (dw_slide_pair's layout; AVX-512 only, else null): whole blocks of 2 VL
+// channels through dw_slide_pair, the rest through dw_slide.
 template <int KK, int R, int ST, int M, bool GELU, typename T_, typename Tail>
 static void dw_slide_rows(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* dw_w,
-                          const float* dw_b, int64_t Wo, int64_t p0, int64_t np, float* d, Tail tail) {
+                          const float* dw_b, const float* w2, const float* b2, int64_t Wo, int64_t p0, int64_t np,
+                          float* d, Tail tail) {
   const int64_t Cv = Co / VL * VL;
+  int64_t Cpair = 0;  // channels [0, Cpair) in pairs of vectors
+#if FVK_VL == 16
+  if (M == 2 && w2) Cpair = Co / (2 * VL) * (2 * VL);
+#else
+  (void)w2, (void)b2;
+#endif
   for (int64_t j = 0; j < np;) {
     const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo, n = np - j < Wo - ow ? np - j : Wo - ow;
-    for (int64_t r0 = 0; r0 < n; r0 += R)
-      for (int64_t c = 0; c < Cv; c += VL)
+    for (int64_t r0 = 0; r0 < n; r0 += R) {
+#if FVK_VL == 16
+      for (int64_t c = 0; c < Cpair; c += 2 * VL)
+        dw_slide_pair<KK, R, ST, GELU>(x, H, Wd, Cin, Co, w2, b2, oh, ow + r0, c, d + (j + r0) * Co + c, Co, n - r0);
+#endif
+      for (int64_t c = Cpair; c < Cv; c += VL)
         dw_slide<KK, R, ST, M, GELU>(x, H, Wd, Cin, Co, dw_w, dw_b, oh, ow + r0, c, d + (j + r0) * Co + c, Co,
                                      n - r0);
+    }
     if (Cv < Co)
       for (int64_t i = 0; i < n; ++i) tail(oh, ow + i, Cv, d + (j + i) * Co);
     j += n;
@@ -487,7 +552,7 @@ template <typename T_>
 static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, const float* dw_w, const float* dw_b,
                     int64_t p0, int64_t np, float* d) {
   if (Kk == 7)  // R = 8 accumulators + 7 weights + 1 input: the 16 vector registers of AVX2
-    return dw_slide_rows<7, 8, 1, 1, false>(x, H, Wd, C, C, dw_w, dw_b, Wd, p0, np, d,
+    return dw_slide_rows<7, 8, 1, 1, false>(x, H, Wd, C, C, dw_w, dw_b, nullptr, nullptr, Wd, p0, np, d,
                                            [&](int64_t h, int64_t w, int64_t c0, float* out) {
                                              dw_pixel(x, H, Wd, C, Kk, dw_w, dw_b, h, w, c0, out);
                                            });
@@ -868,11 +933,13 @@ static inline void dwm_pixel(const T_* x, int64_t H, int64_t Wd, int64_t Cin, in
 }
 
 // The grouped dw + GELU of output pixels [p0, p0 + np) (output grid Wo wide), pixel-major into d (np x Co).
+// w2 / b2: dw_w / dw_b in dw_slide_pair's layout (M = 2 on AVX-512), or null.
 template <typename T_>
 static void dwm_rows(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
-                     const float* dw_w, const float* dw_b, int64_t Wo, int64_t p0, int64_t np, float* d) {
+                     const float* dw_w, const float* dw_b, const float* w2, const float* b2, int64_t Wo, int64_t p0,
+                     int64_t np, float* d) {
   if (Kk == 7 && s == 2 && Co == 2 * Cin) {  // FastViTHD's patch_embed: the sliding window, 6 outputs
-    dw_slide_rows<7, 6, 2, 2, true>(x, H, Wd, Cin, Co, dw_w, dw_b, Wo, p0, np, d,
+    dw_slide_rows<7, 6, 2, 2, true>(x, H, Wd, Cin, Co, dw_w, dw_b, w2, b2, Wo, p0, np, d,
                                     [&](int64_t oh, int64_t ow, int64_t c0, float* out) {
                                       dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, oh, ow, true, out, c0);
                                     });
@@ -886,16 +953,17 @@ static void dwm_rows(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co
 
 template <typename T_>
 static void dwpw_tile(const T_* x, T_* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
-                      const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b, int64_t Wo,
-                      int64_t p0, int64_t np, float* d, float* buf) {
+                      const float* dw_w, const float* dw_b, const float* w2, const float* b2, const float* pw_p,
+                      const float* pw_b, int64_t Wo, int64_t p0, int64_t np, float* d, float* buf) {
   const int64_t Cop = (Co + NR - 1) / NR * NR;
-  dwm_rows(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, Wo, p0, np, d);
+  dwm_rows(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, w2, b2, Wo, p0, np, d);
   pgemm<2, T_>(d, Co, np, Co, pw_p, Co, pw_b, buf, Cop, nullptr, y + p0 * Co, Co, nullptr);
 }
 
 // Tiles [t_begin, t_end) of a batch; pw_b padded to Cop floats. `scratch`: T * (Co + Cop) floats.
 static void dwpw_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
-                       int64_t s, const float* dw_w, const float* dw_b, const float* pw_p, const float* pw_b,
+                       int64_t s, const float* dw_w, const float* dw_b, const float* w2, const float* b2,
+                       const float* pw_p, const float* pw_b,
                        int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t pad = Kk / 2, Ho = (H + 2 * pad - Kk) / s + 1, Wo = (Wd + 2 * pad - Kk) / s + 1;
   const int64_t HWo = Ho * Wo;
@@ -905,10 +973,10 @@ static void dwpw_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd,
     const int64_t np = tile_start(HWo, per_image, t % per_image + 1) - p0;
     if (bf16) {
       dwpw_tile(static_cast<const uint16_t*>(x) + b * H * Wd * Cin, static_cast<uint16_t*>(y) + b * HWo * Co, H, Wd,
-                Cin, Co, Kk, s, dw_w, dw_b, pw_p, pw_b, Wo, p0, np, d, buf);
+                Cin, Co, Kk, s, dw_w, dw_b, w2, b2, pw_p, pw_b, Wo, p0, np, d, buf);
     } else {
       dwpw_tile(static_cast<const float*>(x) + b * H * Wd * Cin, static_cast<float*>(y) + b * HWo * Co, H, Wd, Cin,
-                Co, Kk, s, dw_w, dw_b, pw_p, pw_b, Wo, p0, np, d, buf);
+                Co, Kk, s, dw_w, dw_b, w2, b2, pw_p, pw_b, Wo, p0, np, d, buf);
     }
   }
 }
@@ -926,7 +994,8 @@ static void convexp_rows(const void* x, bool bf16, int64_t H, int64_t Wd, int64_
     float* zr = z + r * Wd * Co;
     auto row = [&](auto xi) {
       if (Kk == 3 && Co == 2 * Cin) {  // FastViTHD's conv_exp: the sliding window, 8 outputs per run
-        dw_slide_rows<3, 8, 1, 2, false>(xi, H, Wd, Cin, Co, w, b, Wd, oh * Wd, Wd, zr,
+        // (dw_slide_pair measured 1.03x slower here, 3x3 stride 1: not used)
+        dw_slide_rows<3, 8, 1, 2, false>(xi, H, Wd, Cin, Co, w, b, nullptr, nullptr, Wd, oh * Wd, Wd, zr,
                                          [&](int64_t h, int64_t ow, int64_t c0, float* out) {
                                            dwm_pixel(xi, H, Wd, Cin, Co, Kk, 1, w, b, h, ow, false, out, c0);
                                          });
