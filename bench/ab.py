@@ -20,6 +20,10 @@ minutes) prefer more pairs over more forwards per process.
 
     python -m bench.ab old=/tmp/old/_C.so new=fastvlm_kernels/_C.cpython-311-x86_64-linux-gnu.so \
         --op "conv_exp 16x16x1536" --pairs 8 --calls 300
+
+For ops whose output or scratch is megabytes, ``--steady-malloc`` keeps glibc from handing pages
+back to the OS between calls (see STEADY_MALLOC): what is compared is then the kernels, not where
+the allocator's heap top happened to fall in each process.
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ def timed(fn, x, n, keep_all):
             times.append(time.perf_counter() - t)
     times = times if keep_all else [sorted(times)[n // 2]]  # all forwards, or the median call
     digest = hashlib.sha256(y.float().contiguous().numpy().tobytes()).hexdigest()
-    print(json.dumps({"times": times, "sha256": digest, "isa": fastvlm_kernels.cpu.cpu_isa()}))
+    print(json.dumps({"times": times, "sha256": digest, "isa": fastvlm_kernels.cpu.cpu_isa(),
+                      "steady_malloc": "MALLOC_TRIM_THRESHOLD_" in __import__("os").environ}))
 """
 
 _CHILD = r"""
@@ -89,8 +94,17 @@ def _parse_build(spec: str, i: int) -> Tuple[str, str]:
     return label, os.path.abspath(path)
 
 
+# --steady-malloc: glibc's malloc with its heap never trimmed and nothing mmapped per block, so every
+# call reuses pages already mapped. Without it, whether an op's output or scratch comes back on fresh
+# pages (minor faults, zeroed by the kernel) changes from process to process: one build of
+# patch_embed 1 measured 1.17x in one bench.ab run and 1.01x in the next against the same base, with
+# 0 to 1681 page faults per call in processes of the same build.
+STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "2000000000", "MALLOC_MMAP_THRESHOLD_": "1000000000",
+                 "MALLOC_TOP_PAD_": "100000000"}
+
+
 def run_one(path: str, args) -> Dict:
-    env = dict(os.environ, FASTVLM_EXT=path)
+    env = dict(os.environ, FASTVLM_EXT=path, **(STEADY_MALLOC if args.steady_malloc else {}))
     if args.op:
         cmd = [sys.executable, "-c", _CHILD_OP, args.op, str(args.calls), str(args.threads), args.dtype]
     else:
@@ -113,6 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="FastViTHDConfig.tiny() instead of the released shapes")
     p.add_argument("--op", help='one per-op microbenchmark case instead of the model, e.g. "conv_exp 16x16x1536"')
     p.add_argument("--calls", type=int, default=100, help="with --op: timed calls per process (default 100)")
+    p.add_argument("--steady-malloc", action="store_true",
+                   help="run the processes with glibc malloc's trimming and per-block mmap off (MALLOC_* "
+                        "variables), so fresh-page faults do not swing the small ops' times between processes")
     p.add_argument("--json", help="also write everything to this file")
     args = p.parse_args(argv)
     if len(args.builds) < 2:
@@ -135,7 +152,7 @@ def main(argv=None) -> int:
 
     times: Dict[str, List[float]] = {label: [] for label, _ in builds}
     digests: Dict[str, set] = {label: set() for label, _ in builds}
-    isas = {}
+    isas, steady = {}, {}
     t0 = time.perf_counter()
     if args.op:
         what, unit, scale = f"op {args.op!r} (cpu backend), median of {args.calls} calls per process", "ms", 1e3
@@ -150,6 +167,7 @@ def main(argv=None) -> int:
             times[label] += res["times"]
             digests[label].add(res["sha256"])
             isas[label] = res["isa"]
+            steady[label] = res["steady_malloc"]
             print(f"[ab] pair {r + 1}/{args.pairs} {label}: " + " ".join(f"{t * scale:.3f}" for t in res["times"])
                   + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
@@ -172,6 +190,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "builds": dict(builds), "times": times, "isa": isas,
+                       "steady_malloc": steady,
                        "sha256": {k: sorted(v) for k, v in digests.items()}, "bitwise_identical": same}, f, indent=1)
     return 0
 

@@ -71,12 +71,13 @@ def test_ab_op_mode(tmp_path):
         pytest.skip("the C++ extension is not built")
     so = os.environ.get("FASTVLM_EXT") or fastvlm_kernels.load_extension().__file__
     cmd = [sys.executable, "-m", "bench.ab", f"one={so}", f"two={so}", "--op", "dwconv cpe4 16x16x1536",
-           "--pairs", "1", "--calls", "3", "--json", str(tmp_path / "ab.json")]
+           "--pairs", "1", "--calls", "3", "--steady-malloc", "--json", str(tmp_path / "ab.json")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "outputs: bitwise identical across builds" in out.stdout and "| median ms |" in out.stdout
     rep = json.loads((tmp_path / "ab.json").read_text())
     assert rep["bitwise_identical"] and all(len(v) == 1 and v[0] > 0 for v in rep["times"].values())
+    assert rep["steady_malloc"] == {"one": True, "two": True}  # the children ran with the MALLOC_* settings
     mixed = subprocess.run([sys.executable, "-m", "bench.ab", so, so, "--op", "conv_exp 16x16x1536", "--tiny"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert mixed.returncode != 0 and "whole-model" in mixed.stderr
