@@ -13,6 +13,29 @@ from fastvlm.testing import cpu_flags  # noqa: E402
 
 THREADS = int(os.environ.get("FASTVLM_BENCH_THREADS", os.cpu_count() or 1))
 torch.set_num_threads(THREADS)
+
+
+def _steady_malloc() -> str:
+    """glibc's heap trimming and per-block mmap off for this process (mallopt), as bench.ab
+    --steady-malloc does for its children: otherwise whether an op's megabyte output lands on fresh
+    pages (minor faults, zeroed by the kernel) changes from call to call and process to process,
+    which moved the stem's and patch_embed 1's medians by 25-40% between runs (2 vCPU Xeon,
+    2026-12-04). Every system of a case runs under the same setting. FASTVLM_BENCH_MALLOC=default
+    leaves glibc as it is. Returns what the summary says about it."""
+    if os.environ.get("FASTVLM_BENCH_MALLOC", "steady") == "default":
+        return "malloc: glibc defaults (FASTVLM_BENCH_MALLOC=default)"
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(param, value) == 1 for param, value in
+                 ((-1, 2_000_000_000), (-2, 100_000_000), (-3, 1_000_000_000)))  # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    return ("malloc: glibc heap trimming and per-block mmap off (mallopt; FASTVLM_BENCH_MALLOC=default for the "
+            "defaults), so calls reuse mapped pages" if ok else "malloc: not glibc, left as it is")
+
+
+MALLOC = _steady_malloc()
 ROWS = []
 MACHINE = []  # the session's machine figures, for the summary
 
@@ -77,3 +100,4 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line("ms: the median of the timed calls; min ms: the fastest. The peak is the best of a few "
                       "short runs, so 'min x floor' compares like with like where the machine's throughput drifts "
                       "(on 2-vCPU VMs the two threads can drop to about one core's FMA rate for stretches).")
+        tr.write_line(MALLOC)
