@@ -23,13 +23,14 @@ namespace fastvlm {
 
 // Flush-to-zero and denormals-are-zero on the calling thread for the guard's lifetime; the thread's
 // MXCSR is restored on exit (also when a check throws), so torch's own kernels run on the caller's
-// and the pool threads' settings afterwards. Every parallel region of the CPU kernels opens one per
-// thread. Why: a float32 denormal operand or result costs a microcode assist of about a hundred
-// cycles on x86 cores; FastViTHD's SE gate saturates (sigmoid of a large negative input is about
-// 1e-38) on the random-weight tower, and conv_exp then spent 7.3 ms instead of 1.2 ms on the
-// denormal products of its gate and GELU (2 threads, the Xeon of bench/results). The results
-// differ from unflushed arithmetic only where a value below 1.18e-38 in magnitude (FLT_MIN) is
-// read or produced: it is taken as, or becomes, a signed zero. AMX and vdpbf16ps flush anyway.
+// and the pool threads' settings afterwards. Every parallel region that computes opens one per
+// thread (ffn.cpp's parallel_tiles, dwconv.cpp's generic loop; not the weight packing's copies).
+// Why: a float32 denormal operand or result costs a microcode assist of about a hundred cycles on
+// x86 cores; FastViTHD's SE gate saturates (sigmoid of a large negative input is about 1e-38) on
+// the random-weight tower, and conv_exp then spent 7.1 ms instead of 0.6-1.1 ms on the denormal
+// products of its gate and GELU (2 threads, the Xeon of bench/results). The results differ from
+// unflushed arithmetic only where a value below 1.18e-38 in magnitude (FLT_MIN) is read or
+// produced: it is taken as, or becomes, a signed zero. AMX and vdpbf16ps flush anyway.
 class DenormalsFlushed {
  public:
 #if defined(__x86_64__) || defined(__i386__)
