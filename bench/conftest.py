@@ -27,8 +27,9 @@ def _steady_malloc() -> str:
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        ok = all(libc.mallopt(param, value) == 1 for param, value in
-                 ((-1, 2_000_000_000), (-2, 100_000_000), (-3, 1_000_000_000)))  # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
+        from bench.ab import STEADY_MALLOC  # the same settings, as environment variables for child processes
+        param = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2, "MALLOC_MMAP_THRESHOLD_": -3}  # mallopt's M_*
+        ok = all(libc.mallopt(param[k], int(v)) == 1 for k, v in STEADY_MALLOC.items())
     except (OSError, AttributeError):
         ok = False
     return ("malloc: glibc heap trimming and per-block mmap off (mallopt; FASTVLM_BENCH_MALLOC=default for the "

@@ -236,13 +236,13 @@ static void parallel_tiles(int64_t ntiles, int64_t scratch, const F& run) {
 static int64_t packed_panels(int64_t n) { return ffn_avx2::packed_panels(n); }
 constexpr int64_t kPanel = 16;
 
-// A depthwise weight (lead x Co floats) or bias (lead = 1), in dw_slide_pair's layout (ffn_impl.h,
-// the AVX-512 M = 2 kernels): each whole block of 32 channels re-ordered to its 16 even channels,
+// A depthwise weight (lead x Co floats) or bias (lead = 1), in pair layout (ffn_impl.h's dw_slide,
+// its AVX-512 M = 2 form): each whole block of 32 channels re-ordered to its 16 even channels,
 // then its 16 odd ones; the channels past the last whole block as they are. Undefined (no tensor)
 // where the ISA has no such kernel (below AVX-512), Co < 32, or the caller's `used` is false.
 static at::Tensor pair_layout(const float* w, int64_t lead, int64_t Co, Isa isa, bool used) {
   const int64_t nb = Co / 32;
-  if (!used || nb == 0 || lead == 0 || !(isa == Isa::avx512 || isa == Isa::avx512_bf16 || isa == Isa::amx_bf16)) return {};
+  if (!used || nb == 0 || lead == 0 || isa < Isa::avx512) return {};
   at::Tensor out = at::empty({lead * Co}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   for (int64_t l = 0; l < lead; ++l, w += Co, o += Co) {  // a plain loop: at::'s permute + copy cost 8% of conv_exp
@@ -651,7 +651,7 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
   const int64_t Cop = padded_width(Co);
   const at::Tensor fw = as_f32(dw_w, "patch_embed_nhwc: dw_w", {K, K, Co}), fb = as_f32(dw_b, "patch_embed_nhwc: dw_b", {Co});
   const at::Tensor pb = padded_f32(pw_b, "patch_embed_nhwc: pw_b", Co, Cop);
-  const bool pairs = K == 7 && stride == 2 && Co == 2 * Cin;  // dwm_rows' sliding window
+  const bool pairs = ffn_avx2::dwm_slides(K, stride, Cin, Co);  // the same on every ISA
   const at::Tensor w2 = pair_layout(fw.data_ptr<float>(), K * K, Co, isa, pairs),
                    b2 = pair_layout(fb.data_ptr<float>(), 1, Co, isa, pairs);
   const float *pw2 = data_or_null(w2), *pb2 = data_or_null(b2);

@@ -409,6 +409,16 @@ static inline vf dup2(const uint16_t* p) {
   return dup2(f);
 }
 
+// out[2i] = e[i], out[2i + 1] = o[i], i < VL: two vectors of even / odd channels back in channel order.
+static inline void zip_store(float* out, vf e, vf o) {
+#if FVK_VL == 16
+  vstore(out, __builtin_shufflevector(e, o, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+  vstore(out + VL, __builtin_shufflevector(e, o, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+#else  // (dw_slide_rows uses PAIR on AVX-512 only)
+  for (int i = 0; i < VL; ++i) out[2 * i] = e[i], out[2 * i + 1] = o[i];
+#endif
+}
+
 // Sliding-window depthwise KK x KK (stride ST, padding KK / 2, channel multiplier M = 1 or 2; BN
 // folded) of R outputs along one output row, (oh, ow0 .. ow0 + R - 1), output channels [c, c + VL)
 // (input channels from c / M): per kernel row the KK weights sit in registers and each of the
@@ -418,15 +428,28 @@ static inline vf dup2(const uint16_t* p) {
 // M = 2, R = 6 (patch_embed): 0.6 per FMA instead of dwm_pixel's 2. Input columns outside the image
 // are skipped (the zero padding); outputs past the row are computed from what lies inside and not
 // stored: the first `nst` outputs go to out (row stride ldo), GELU'd if GELU.
-template <int KK, int R, int ST, int M, bool GELU, typename T_>
+// PAIR (M = 2; AVX-512, dw_slide_rows): two output vectors at once, channels [c, c + 2 VL), c a
+// multiple of 2 VL. Their inputs are the VL channels from c / 2, so one plain vector load per input
+// column feeds both, with no duplicating shuffle (dup2 put one vpermps, a port-5 operation beside
+// the FMAs, on every half-vector load). The even output channels c + 2i and the odd ones c + 2i + 1
+// accumulate apart; dw_w / dw_b are then in pair layout (each block of 2 VL channels re-ordered to
+// its VL even channels, then its VL odd ones: pair_layout in ffn.cpp) and zip_store interleaves the
+// two back. Registers: 2R accumulators, 2KK weights, one input (27 of the 32 for KK = 7, R = 6).
+// Same products, summed in the same order as without PAIR: bitwise equal.
+template <int KK, int R, int ST, int M, bool GELU, bool PAIR, typename T_>
 static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* dw_w,
                             const float* dw_b, int64_t oh, int64_t ow0, int64_t c, float* out, int64_t ldo,
                             int64_t nst) {
+  static_assert(!PAIR || M == 2, "PAIR is the multiplier-2 form");
+  constexpr int NV = PAIR ? 2 : 1;                    // output vectors per input vector
   constexpr int pad = KK / 2, S = ST * (R - 1) + KK;  // S input columns feed R outputs
-  vf acc[R];
-  const vf b = vload(dw_b + c);
+  vf acc[NV][R];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+    const vf b = vload(dw_b + c + v * VL);
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r] = b;
+    for (int r = 0; r < R; ++r) acc[v][r] = b;
+  }
   const int64_t ih0 = ST * oh - pad, u0 = ST * ow0 - pad;  // the window's first input row and column
   const int64_t kh0 = -ih0 > 0 ? -ih0 : 0, kh1 = H - ih0 < KK ? H - ih0 : KK;
   const bool inside = u0 >= 0 && u0 + S <= Wd;
@@ -436,18 +459,22 @@ static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int
   auto row = [&](auto check, int64_t kh) {
     const T_* xp = x + ((ih0 + kh) * Wd + u0) * Cin + c / M;
     const float* wr = dw_w + kh * KK * Co + c;
-    vf wk[KK];
+    vf wk[NV][KK];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 16
-    for (int kw = 0; kw < KK; ++kw) wk[kw] = vload(wr + kw * Co);
+      for (int kw = 0; kw < KK; ++kw) wk[v][kw] = vload(wr + kw * Co + v * VL);
 #pragma GCC unroll 32
     for (int j = 0; j < S; ++j, xp += Cin) {
       if (decltype(check)::value && (u0 + j < 0 || u0 + j >= Wd)) continue;
-      vf v;
-      if constexpr (M == 2) v = dup2(xp);
-      else v = vld(xp);
+      vf in;
+      if constexpr (M == 2 && !PAIR) in = dup2(xp);
+      else in = vld(xp);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
-        if (j - ST * r >= 0 && j - ST * r < KK) acc[r] += v * wk[j - ST * r];
+        if (j - ST * r >= 0 && j - ST * r < KK)
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) acc[v][r] += in * wk[v][j - ST * r];
     }
   };
   if (inside)
@@ -455,87 +482,38 @@ static inline void dw_slide(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int
   else
     for (int64_t kh = kh0; kh < kh1; ++kh) row(std::true_type{}, kh);
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    if (r < nst) vstore(out + r * ldo, GELU ? vgelu(acc[r]) : acc[r]);
-}
-
-#if FVK_VL == 16
-// dw_slide for M = 2 on two output vectors at once, channels [c, c + 2 VL) (c a multiple of 2 VL):
-// their inputs are the VL channels from c / 2, so one plain vector load per input column feeds
-// both, with no duplicating shuffle (dw_slide's dup2 put one vpermps, a port-5 operation beside the
-// FMAs, on every half-vector load). The even output channels c + 2i and the odd ones c + 2i + 1
-// accumulate apart, with w2 / b2: the weights / bias with each block of 2 VL channels re-ordered
-// to its VL even channels, then its VL odd ones (pair_layout in ffn.cpp); the two are interleaved
-// back to channel order on the store. Registers: 2R accumulators, 2KK weights, one input (27 of
-// the 32 for KK = 7, R = 6). Same products, summed in the same order as dw_slide: bitwise equal.
-template <int KK, int R, int ST, bool GELU, typename T_>
-static inline void dw_slide_pair(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* w2,
-                                 const float* b2, int64_t oh, int64_t ow0, int64_t c, float* out, int64_t ldo,
-                                 int64_t nst) {
-  constexpr int pad = KK / 2, S = ST * (R - 1) + KK;
-  vf ae[R], ao[R];
-  const vf be = vload(b2 + c), bo = vload(b2 + c + VL);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) ae[r] = be, ao[r] = bo;
-  const int64_t ih0 = ST * oh - pad, u0 = ST * ow0 - pad;
-  const int64_t kh0 = -ih0 > 0 ? -ih0 : 0, kh1 = H - ih0 < KK ? H - ih0 : KK;
-  const bool inside = u0 >= 0 && u0 + S <= Wd;
-  auto row = [&](auto check, int64_t kh) {
-    const T_* xp = x + ((ih0 + kh) * Wd + u0) * Cin + c / 2;
-    const float* wr = w2 + kh * KK * Co + c;
-    vf we[KK], wo[KK];
-#pragma GCC unroll 16
-    for (int kw = 0; kw < KK; ++kw) we[kw] = vload(wr + kw * Co), wo[kw] = vload(wr + kw * Co + VL);
-#pragma GCC unroll 32
-    for (int j = 0; j < S; ++j, xp += Cin) {
-      if (decltype(check)::value && (u0 + j < 0 || u0 + j >= Wd)) continue;
-      const vf v = vld(xp);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        if (j - ST * r >= 0 && j - ST * r < KK) ae[r] += v * we[j - ST * r], ao[r] += v * wo[j - ST * r];
+  for (int r = 0; r < R; ++r) {
+    if (r >= nst) continue;
+    if constexpr (PAIR) {
+      zip_store(out + r * ldo, GELU ? vgelu(acc[0][r]) : acc[0][r], GELU ? vgelu(acc[1][r]) : acc[1][r]);
+    } else {
+      vstore(out + r * ldo, GELU ? vgelu(acc[0][r]) : acc[0][r]);
     }
-  };
-  if (inside)
-    for (int64_t kh = kh0; kh < kh1; ++kh) row(std::false_type{}, kh);
-  else
-    for (int64_t kh = kh0; kh < kh1; ++kh) row(std::true_type{}, kh);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    if (r < nst) {
-      const vf e = GELU ? vgelu(ae[r]) : ae[r], o = GELU ? vgelu(ao[r]) : ao[r];
-      vstore(out + r * ldo, __builtin_shufflevector(e, o, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
-      vstore(out + r * ldo + VL,
-             __builtin_shufflevector(e, o, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
-    }
+  }
 }
-#endif
 
 // Output pixels [p0, p0 + np) of an output grid Wo wide, pixel-major into d (np x Co): per segment
 // along one output row, runs of R outputs x channel vectors through dw_slide (the row ends
 // included); the channels past a multiple of VL go to tail(oh, ow, first channel, out pixel).
-// M = 2 with w2 / b2 (dw_slide_pair's layout; AVX-512 only, else null): whole blocks of 2 VL
-// channels through dw_slide_pair, the rest through dw_slide.
+// M = 2 with w2 / b2 (dw_w / dw_b in pair layout; AVX-512 only, else null): whole blocks of 2 VL
+// channels through dw_slide's PAIR form, the rest through its one-vector form.
 template <int KK, int R, int ST, int M, bool GELU, typename T_, typename Tail>
 static void dw_slide_rows(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, const float* dw_w,
                           const float* dw_b, const float* w2, const float* b2, int64_t Wo, int64_t p0, int64_t np,
                           float* d, Tail tail) {
   const int64_t Cv = Co / VL * VL;
-  int64_t Cpair = 0;  // channels [0, Cpair) in pairs of vectors
-#if FVK_VL == 16
-  if (M == 2 && w2) Cpair = Co / (2 * VL) * (2 * VL);
-#else
-  (void)w2, (void)b2;
-#endif
+  // channels [0, Cpair) in pairs of vectors (pair_layout's blocks are 32 channels: AVX-512's 2 VL)
+  const int64_t Cpair = M == 2 && w2 && VL == 16 ? Co / (2 * VL) * (2 * VL) : 0;
   for (int64_t j = 0; j < np;) {
     const int64_t p = p0 + j, oh = p / Wo, ow = p % Wo, n = np - j < Wo - ow ? np - j : Wo - ow;
     for (int64_t r0 = 0; r0 < n; r0 += R) {
-#if FVK_VL == 16
-      for (int64_t c = 0; c < Cpair; c += 2 * VL)
-        dw_slide_pair<KK, R, ST, GELU>(x, H, Wd, Cin, Co, w2, b2, oh, ow + r0, c, d + (j + r0) * Co + c, Co, n - r0);
-#endif
+      if constexpr (M == 2)
+        for (int64_t c = 0; c < Cpair; c += 2 * VL)
+          dw_slide<KK, R, ST, M, GELU, true>(x, H, Wd, Cin, Co, w2, b2, oh, ow + r0, c, d + (j + r0) * Co + c, Co,
+                                             n - r0);
       for (int64_t c = Cpair; c < Cv; c += VL)
-        dw_slide<KK, R, ST, M, GELU>(x, H, Wd, Cin, Co, dw_w, dw_b, oh, ow + r0, c, d + (j + r0) * Co + c, Co,
-                                     n - r0);
+        dw_slide<KK, R, ST, M, GELU, false>(x, H, Wd, Cin, Co, dw_w, dw_b, oh, ow + r0, c, d + (j + r0) * Co + c, Co,
+                                            n - r0);
     }
     if (Cv < Co)
       for (int64_t i = 0; i < n; ++i) tail(oh, ow + i, Cv, d + (j + i) * Co);
@@ -932,13 +910,16 @@ static inline void dwm_pixel(const T_* x, int64_t H, int64_t Wd, int64_t Cin, in
   }
 }
 
+// Whether dwm_rows runs a shape on the sliding window (so patch_embed_nhwc makes the pair layout).
+static inline bool dwm_slides(int64_t Kk, int64_t s, int64_t Cin, int64_t Co) { return Kk == 7 && s == 2 && Co == 2 * Cin; }
+
 // The grouped dw + GELU of output pixels [p0, p0 + np) (output grid Wo wide), pixel-major into d (np x Co).
-// w2 / b2: dw_w / dw_b in dw_slide_pair's layout (M = 2 on AVX-512), or null.
+// w2 / b2: dw_w / dw_b in pair layout (dw_slide's PAIR form, M = 2 on AVX-512), or null.
 template <typename T_>
 static void dwm_rows(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk, int64_t s,
                      const float* dw_w, const float* dw_b, const float* w2, const float* b2, int64_t Wo, int64_t p0,
                      int64_t np, float* d) {
-  if (Kk == 7 && s == 2 && Co == 2 * Cin) {  // FastViTHD's patch_embed: the sliding window, 6 outputs
+  if (dwm_slides(Kk, s, Cin, Co)) {  // FastViTHD's patch_embed: the sliding window, 6 outputs
     dw_slide_rows<7, 6, 2, 2, true>(x, H, Wd, Cin, Co, dw_w, dw_b, w2, b2, Wo, p0, np, d,
                                     [&](int64_t oh, int64_t ow, int64_t c0, float* out) {
                                       dwm_pixel(x, H, Wd, Cin, Co, Kk, s, dw_w, dw_b, oh, ow, true, out, c0);
@@ -994,7 +975,7 @@ static void convexp_rows(const void* x, bool bf16, int64_t H, int64_t Wd, int64_
     float* zr = z + r * Wd * Co;
     auto row = [&](auto xi) {
       if (Kk == 3 && Co == 2 * Cin) {  // FastViTHD's conv_exp: the sliding window, 8 outputs per run
-        // (dw_slide_pair measured 1.03x slower here, 3x3 stride 1: not used)
+        // (dw_slide's PAIR form measured 1.03x slower here, 3x3 stride 1: not used)
         dw_slide_rows<3, 8, 1, 2, false>(xi, H, Wd, Cin, Co, w, b, nullptr, nullptr, Wd, oh * Wd, Wd, zr,
                                          [&](int64_t h, int64_t ow, int64_t c0, float* out) {
                                            dwm_pixel(xi, H, Wd, Cin, Co, Kk, 1, w, b, h, ow, false, out, c0);
