@@ -50,6 +50,11 @@
 #define FVK_LD_BF16_AVX512(p) \
   ((vf)((vu)_mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))) << 16))
 
+// The ISA's minps / maxps for ffn_impl.h's clamp_sym (the GELU's clamp): a < b ? a : b (a > b ? a : b),
+// the second operand when either is NaN, as the portable selects give.
+#define FVK_VMIN_AVX512(a, b) ((vf)_mm512_min_ps((__m512)(a), (__m512)(b)))
+#define FVK_VMAX_AVX512(a, b) ((vf)_mm512_max_ps((__m512)(a), (__m512)(b)))
+
 #pragma GCC push_options
 #ifdef FASTVLM_EMULATE_AVX512
 // A test build (scripts/asan.sh on CPUs without AVX-512): the 16-float code below compiled for AVX2,
@@ -66,11 +71,15 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 #ifndef FASTVLM_EMULATE_AVX512
 #define FVK_LD_BF16(p) FVK_LD_BF16_AVX512(p)
+#define FVK_VMIN FVK_VMIN_AVX512
+#define FVK_VMAX FVK_VMAX_AVX512
 #endif
 #include "ffn_impl.h"
 #include "attn_impl.h"
 #undef FVK_VL
 #undef FVK_LD_BF16
+#undef FVK_VMIN
+#undef FVK_VMAX
 }}  // namespace fastvlm::ffn_avx512
 #pragma GCC pop_options
 
@@ -116,6 +125,8 @@ static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
 // payload's top bits (quiet) instead of becoming 0x7FC0.
 #define FVK_CVT_BF16(v) _mm512_cvtneps_pbh((__m512)(v))
 #define FVK_LD_BF16(p) FVK_LD_BF16_AVX512(p)
+#define FVK_VMIN FVK_VMIN_AVX512
+#define FVK_VMAX FVK_VMAX_AVX512
 #endif
 #include "ffn_impl.h"
 #include "attn_impl.h"
@@ -123,6 +134,8 @@ static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
 #undef FVK_VL
 #undef FVK_CVT_BF16
 #undef FVK_LD_BF16
+#undef FVK_VMIN
+#undef FVK_VMAX
 }}  // namespace fastvlm::ffn_avx512bf16
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
@@ -143,9 +156,13 @@ typedef int32_t vi __attribute__((vector_size(64)));
 using ffn_avx512bf16::fvk_dpbf16;  // the vdpbf16ps fallback's (same vector type)
 #define FVK_CVT_BF16(v) _mm512_cvtneps_pbh((__m512)(v))
 #define FVK_LD_BF16(p) FVK_LD_BF16_AVX512(p)
+#define FVK_VMIN FVK_VMIN_AVX512
+#define FVK_VMAX FVK_VMAX_AVX512
 #include "ffn_impl.h"
 #include "attn_impl.h"
 #include "ffn_dp_impl.h"
+#undef FVK_VMIN
+#undef FVK_VMAX
 #undef FVK_VL
 #undef FVK_AMX
 #undef FVK_CVT_BF16
@@ -166,9 +183,13 @@ namespace fastvlm { namespace ffn_avx2 {
 #define FVK_VL 8
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
+#define FVK_VMIN(a, b) __builtin_ia32_minps256((a), (b))
+#define FVK_VMAX(a, b) __builtin_ia32_maxps256((a), (b))
 #include "ffn_impl.h"
 #include "attn_impl.h"
 #undef FVK_VL
+#undef FVK_VMIN
+#undef FVK_VMAX
 }}  // namespace fastvlm::ffn_avx2
 #pragma GCC pop_options
 
@@ -176,8 +197,14 @@ namespace fastvlm { namespace ffn_sse {
 #define FVK_VL 4
 typedef float vf __attribute__((vector_size(16)));
 typedef int32_t vi __attribute__((vector_size(16)));
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FVK_VMIN(a, b) __builtin_ia32_minps((a), (b))
+#define FVK_VMAX(a, b) __builtin_ia32_maxps((a), (b))
+#endif
 #include "ffn_impl.h"
 #include "attn_impl.h"
+#undef FVK_VMIN
+#undef FVK_VMAX
 #undef FVK_VL
 }}  // namespace fastvlm::ffn_sse
 

@@ -2,7 +2,7 @@
 // (erf rounds to +-1 in float32 beyond): a rational approximation fitted (weighted least squares
 // on 20000 points of [0, 3.925]) for this project. |error| 1.7e-8 in exact arithmetic, 3.7e-7
 // evaluated in float32 (A&S 7.1.26, used before, has 1.5e-7 plus evaluation error and needs an exp).
-// About 19 vector operations and one division, no exp. NaN propagates.
+// About 17 vector operations and one division, no exp. NaN propagates.
 #pragma once
 
 namespace fastvlm { namespace gelu_coef {
@@ -14,13 +14,15 @@ constexpr float Q1 = 0.5043461771171013f, Q2 = 0.11516609335979094f, Q3 = 0.0151
 }}  // namespace fastvlm::gelu_coef
 
 // The same formula for a scalar float or a GCC vector of floats (`one` = 1 of that type).
-#define FVK_GELU_BODY(V, x, one)                                                     \
+// CLAMP(z, hi) must give z clamped to [-hi, hi] with a NaN z kept, exactly
+// `z > hi ? hi : z` then `z < -hi ? -hi : z` (ffn_impl.h's clamp_sym: one min and one max
+// instruction where the ISA has them; GCC lowers these selects against a constant bound as a
+// compare and a blend each).
+#define FVK_GELU_BODY(V, x, one, CLAMP)                                              \
   do {                                                                               \
     using namespace ::fastvlm::gelu_coef;                                            \
     const V hi = (one) * kClamp;                                                     \
-    V z = (x) * 0.70710678118654752f;                                                \
-    z = z > hi ? hi : z;                                                             \
-    z = z < -hi ? -hi : z;                                                           \
+    const V z = CLAMP((x) * 0.70710678118654752f, hi);                               \
     const V z2 = z * z;                                                              \
     V p = z2 * P5 + P4;                                                              \
     p = p * z2 + P3;                                                                 \
@@ -37,10 +39,14 @@ constexpr float Q1 = 0.5043461771171013f, Q2 = 0.11516609335979094f, Q3 = 0.0151
   } while (0)
 
 namespace fastvlm {
+inline float clamp_sym_scalar(float z, float hi) {
+  z = z > hi ? hi : z;
+  return z < -hi ? -hi : z;
+}
 // The scalar form, for channel tails and the scalar kernels (dwconv.cpp, ffn_impl.h).
 inline float gelu_scalar(float x) {
   float fvk_gelu_out;
-  FVK_GELU_BODY(float, x, 1.f);
+  FVK_GELU_BODY(float, x, 1.f, clamp_sym_scalar);
   return fvk_gelu_out;
 }
 }  // namespace fastvlm

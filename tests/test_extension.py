@@ -68,6 +68,37 @@ def test_dwconv_nhwc_same_padding_path_every_isa(monkeypatch, B, H, W, C, K, gel
 
 
 @needs_ext
+@pytest.mark.parametrize("C", [37, 48])
+def test_gelu_clamp_edges_nan_and_inf_every_isa(monkeypatch, C):
+    """The vector GELU (ffn_impl.h's vgelu, its clamp on the ISA's min / max instructions) and the
+    scalar one of the tail, through dwconv's GELU with a 1x1 identity kernel: values around
+    erf's clamp at |x| = 3.925 * sqrt(2) = 5.5508, far beyond it, zeros of both signs and random
+    ones against float64 GELU; a NaN stays NaN, +inf stays +inf and -inf gives NaN as torch's
+    GELU does (-inf * 0)."""
+    g = torch.Generator().manual_seed(C)
+    edge = [5.5508, 5.54, 5.56, 6.0, 9.5, 1e3, 3e38, 0.0, -0.0, 1e-30]
+    edge = torch.tensor(edge + [-v for v in edge], dtype=torch.float64)
+    x = torch.randn(1, 4, 6, C, dtype=torch.float64, generator=g) * 3
+    flat = x.view(-1)
+    pos = torch.randperm(flat.numel(), generator=g)
+    flat[pos[:edge.numel()]] = edge
+    nan_at, pinf_at, ninf_at = pos[edge.numel()], pos[edge.numel() + 1], pos[edge.numel() + 2]
+    flat[nan_at], flat[pinf_at], flat[ninf_at] = float("nan"), float("inf"), float("-inf")
+    w = torch.ones(1, 1, C)  # out = GELU(x * 1 + 0)
+    ref = F.gelu(x)
+    finite = torch.isfinite(x)
+    for isa in _isas():
+        monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+        out = torch.ops.fastvlm_C.dwconv_nhwc(x.float(), w, torch.zeros(C), 1, 0, True).double()
+        err = (out - ref).abs()[finite]
+        tol = 1e-6 * torch.clamp(x.abs()[finite], min=1.0)
+        assert (err <= tol).all(), (isa, err.max().item())
+        o = out.view(-1)
+        assert o[nan_at].isnan() and o[ninf_at].isnan(), isa
+        assert o[pinf_at].item() == float("inf"), isa
+
+
+@needs_ext
 def test_dwconv_nhwc_thread_count_does_not_change_results():
     x = torch.randn(2, 29, 31, 40)
     w, b = torch.randn(7, 7, 40), torch.randn(40)
