@@ -197,7 +197,7 @@ namespace fastvlm { namespace ffn_sse {
 #define FVK_VL 4
 typedef float vf __attribute__((vector_size(16)));
 typedef int32_t vi __attribute__((vector_size(16)));
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__)  // SSE is part of x86-64
 #define FVK_VMIN(a, b) __builtin_ia32_minps((a), (b))
 #define FVK_VMAX(a, b) __builtin_ia32_maxps((a), (b))
 #endif
