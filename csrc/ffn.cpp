@@ -573,6 +573,12 @@ void dwconv_same_fast(const at::Tensor& x, const float* w, const float* b, int64
   TORCH_CHECK(y.scalar_type() == x.scalar_type(), "dwconv_same_fast: y must have x's dtype");
   const void* xp = x.data_ptr();
   void* yp = y.data_ptr();
+  if (K == 7) {  // RepCPE: packed channel blocks (dwb_tiles)
+    const int64_t RB = ffn_avx2::dwb_band(H), DB = ffn_avx2::DB;
+    const int64_t tiles = B * ((C + DB - 1) / DB) * ((H + RB - 1) / RB);
+    FVK_PARALLEL_TILES(dwb_tiles, tiles, ffn_avx2::dwb_scratch(H, W), isa, xp, yp, bf16, H, W, C, w, b, gelu);
+    return;
+  }
   FVK_PARALLEL_TILES(dw_same_rows, B * H, W * C, isa, xp, yp, bf16, H, W, C, K, w, b, gelu);
 }
 

@@ -218,9 +218,9 @@ static void mix_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, 
     const Rect r = mix_rect(H, Wd, gh, gw, t);
     const Win w = mix_window(r, H, Wd, Kk / 2);
     const int64_t np = (r.h1 - r.h0) * (r.w1 - r.w0), img = r.b * H * Wd * C;
-    mix_dw(x + img, H, Wd, C, Km, mix_w, mix_b, Kk, dw_w, dw_b, r, w, mw, d);
+    const MView mv = mix_dw(x + img, H, Wd, C, Km, mix_w, mix_b, Kk, dw_w, dw_b, r, w, mw, d);
     ffn_gemms_dp(d, np, C, Hd, w1p, b1, w2p, b2, gamma, nullptr, nullptr, hacc, acc, dh, hid);
-    mix_residual(mw, w, r, acc, C, gamma, y + img, Wd);
+    mix_residual(mv, r, acc, C, gamma, y + img, Wd);
   }
 }
 

@@ -538,10 +538,12 @@ static void dw_slide_rows(const T_* x, int64_t H, int64_t Wd, int64_t Cin, int64
 }
 
 // Depthwise KxK (BN folded) of pixels [p0, p0 + np) of one image x (H x Wd x C), pixel-major into
-// d (np x C). K = 7: dw_slide_rows. Other K (for K = 3, the RepMixer, the sliding window measured
-// slower at 256x256x96, memory-bound there): runs of 4 pixels of one
-// image row whose windows lie inside the row share each weight load (2 channel vectors x 4 pixels
-// of accumulators); other pixels and the channels past a multiple of 2 vectors take dw_pixel.
+// d (np x C), reading NHWC rows in place (the ConvFFN's tiles, and the RepMixer / dwconv shapes that
+// the packed-block kernels below, dwb_row, do not take). K = 7: dw_slide_rows. Other K: runs of 4
+// pixels of one image row whose windows lie inside the row share each weight load (2 channel
+// vectors x 4 pixels of accumulators; for the RepMixer's 3x3 a sliding window on the NHWC rows
+// measured slower at 256x256x96, memory-bound there, before the packed blocks); other pixels and the
+// channels past a multiple of 2 vectors take dw_pixel.
 template <typename T_>
 static void dw_rows(const T_* x, int64_t H, int64_t Wd, int64_t C, int64_t Kk, const float* dw_w, const float* dw_b,
                     int64_t p0, int64_t np, float* d) {
@@ -609,6 +611,129 @@ static void dw_same_rows(const void* x, void* y, bool bf16, int64_t H, int64_t W
       uint16_t* out = static_cast<uint16_t*>(y) + r * n;
       for (int64_t i = 0; i < nv; i += VL) vst(out + i, vload(row + i));
       for (int64_t i = nv; i < n; ++i) st(out, i, row[i]);
+    }
+  }
+}
+
+// ---- Depthwise convs on packed channel blocks (RepCPE's 7x7; the RepMixer's 3x3 and 7x7, mix_dw) ---
+// dw_rows reads NHWC rows in place: each input pixel's C channels lie C floats apart, so at
+// FastViTHD's RepCPE shapes (32x32x768, 16x16x1536) the 7 input rows one output row needs (0.7 MB)
+// and the 49 x C weights (0.15-0.3 MB) outrun a 512 KB L2, and the input columns, 3-6 KB apart, fall
+// into a few L1 sets. dwb_tiles instead copies one block of DB = 16 channels (one 64-byte line per
+// pixel) of a band of rows into a zero-bordered buffer (rows of Wp pixels of DB floats, contiguous),
+// with that block's weights (49 x DB), and slides dw_slide's R = 8 window over it: the 7-row
+// window is 7 x Wp x 64 bytes (17 KB at a 32-pixel row), in L1 with the weights, and the kernel needs
+// no border tests. Standalone, one Zen 3 thread: 67-72 GFLOP/s at 32x32x768 and 16x16x1536 against
+// dw_rows' 25-31 (84 / 79 without the copy). The same products summed in the same order as dw_slide
+// (bias, then kernel rows, then columns), the zero border adding exact zeros (outputs bitwise equal
+// to dw_rows' up to the sign of a zero). Per op on the Zen 3 (python -m bench.ab, 4 process pairs x
+// 100 calls, against dw_rows): RepCPE 32x32x768 0.71x, 16x16x1536 0.70x; in mix_dw (the RepMixer,
+// 15 calls): stage 0 0.92x, stage 1 0.90x, stage 2 (GEMM-bound) 0.97x.
+constexpr int64_t DB = 16;   // channels per packed block
+constexpr int DWB_R = 8;     // outputs per run: 8 accumulators + 7 weights + 1 input (AVX2's 16 registers)
+static inline int64_t dwb_wp(int64_t Wd) { return (Wd + DWB_R - 1) / DWB_R * DWB_R + 6; }
+// Output rows per band: the whole image up to 64 rows, else bands of 32 (6 rows of halo copied twice).
+static inline int64_t dwb_band(int64_t H) { return H <= 64 ? H : 32; }
+static inline int64_t dwb_scratch(int64_t H, int64_t Wd) { return (dwb_band(H) + 6) * dwb_wp(Wd) * DB + 50 * DB; }
+
+// Output row `oh` of a KK x KK depthwise over the packed rows in buf (Wp pixels of DB floats each;
+// output (oh, ow) reads buf rows oh .. oh + KK - 1, columns ow .. ow + KK - 1), Wd outputs of DB
+// channels (the first nc valid), GELU'd if gelu, to out + ow * ldo. Reads columns up to
+// ceil(Wd / R) R + KK - 2. wb: KK x KK x DB weights, bb: DB.
+template <int KK, typename T_>
+static void dwb_row(const float* buf, int64_t Wp, int64_t Wd, const float* wb, const float* bb, bool gelu,
+                    int64_t oh, T_* out, int64_t ldo, int64_t nc) {
+  constexpr int R = DWB_R, S = R + KK - 1, NV = DB / VL;
+  for (int64_t ow0 = 0; ow0 < Wd; ow0 += R) {
+    const int64_t nst = Wd - ow0 < R ? Wd - ow0 : R;
+#pragma GCC unroll 1
+    for (int v = 0; v < NV; ++v) {
+      vf acc[R];
+      const vf b = vload(bb + v * VL);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r] = b;
+#pragma GCC unroll 1
+      for (int kh = 0; kh < KK; ++kh) {
+        const float* xr = buf + ((oh + kh) * Wp + ow0) * DB + v * VL;
+        vf wk[KK];
+#pragma GCC unroll 8
+        for (int kw = 0; kw < KK; ++kw) wk[kw] = vload(wb + (kh * KK + kw) * DB + v * VL);
+#pragma GCC unroll 32
+        for (int j = 0; j < S; ++j) {
+          const vf in = vload(xr + j * DB);
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r)
+            if (j - r >= 0 && j - r < KK) acc[r] += in * wk[j - r];
+        }
+      }
+      for (int r = 0; r < nst; ++r) {
+        const vf o = gelu ? vgelu(acc[r]) : acc[r];
+        T_* op = out + (ow0 + r) * ldo + v * VL;
+        if (nc == DB) {
+          vst(op, o);
+        } else {  // the last, partial block: its first nc channels
+          float t[VL];
+          vstore(t, o);
+          for (int i = 0; i < VL && v * VL + i < nc; ++i) st(op, i, t[i]);
+        }
+      }
+    }
+  }
+}
+
+// Channels [c0, c0 + nc) of a KxK depthwise weight w (K, K, C) and its bias b (C) into wb (K K x DB)
+// and bb (DB), zero padded; taps = K K.
+static inline void dwb_weights(const float* w, const float* b, int64_t C, int64_t c0, int64_t nc, float* wb, float* bb,
+                               int64_t taps = 49) {
+  for (int64_t k = 0; k < taps; ++k)
+    for (int64_t i = 0; i < DB; ++i) wb[k * DB + i] = i < nc ? w[k * C + c0 + i] : 0.f;
+  for (int64_t i = 0; i < DB; ++i) bb[i] = i < nc ? b[c0 + i] : 0.f;
+}
+
+// Tiles [t_begin, t_end) of B x ceil(C / DB) x ceil(H / band): (image, channel block, band of output
+// rows). x, y (B, H, Wd, C), both fp32 or both bf16; w (7, 7, C), b (C) fp32. scratch: dwb_scratch.
+static void dwb_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, const float* w,
+                      const float* b, bool gelu, int64_t t_begin, int64_t t_end, float* scratch) {
+  const int64_t RB = dwb_band(H), nband = (H + RB - 1) / RB, ncb = (C + DB - 1) / DB, Wp = dwb_wp(Wd);
+  float* buf = scratch;
+  float* wb = scratch + (RB + 6) * Wp * DB;
+  float* bb = wb + 49 * DB;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t bi = t / (ncb * nband), cb = t / nband % ncb, band = t % nband;
+    const int64_t c0 = cb * DB, nc = C - c0 < DB ? C - c0 : DB, oh0 = band * RB, nr = H - oh0 < RB ? H - oh0 : RB;
+    dwb_weights(w, b, C, c0, nc, wb, bb);
+    // the band's input rows oh0 - 3 .. oh0 + nr + 2, zero outside the image and its columns
+    auto pack = [&](const auto* xi) {
+      for (int64_t r = 0; r < nr + 6; ++r) {
+        float* d = buf + r * Wp * DB;
+        const int64_t ih = oh0 + r - 3;
+        if (ih < 0 || ih >= H) {
+          for (int64_t i = 0; i < Wp * DB; i += VL) vstore(d + i, vf{});
+          continue;
+        }
+        for (int64_t i = 0; i < 3 * DB; i += VL) vstore(d + i, vf{});
+        for (int64_t i = (Wd + 3) * DB; i < Wp * DB; i += VL) vstore(d + i, vf{});
+        const auto* s = xi + ih * Wd * C + c0;
+        d += 3 * DB;
+        if (nc == DB) {
+          for (int64_t ww = 0; ww < Wd; ++ww, s += C, d += DB)
+#pragma GCC unroll 4
+            for (int64_t i = 0; i < DB; i += VL) vstore(d + i, vld(s + i));
+        } else {
+          for (int64_t ww = 0; ww < Wd; ++ww, s += C, d += DB)
+            for (int64_t i = 0; i < DB; ++i) d[i] = i < nc ? ld(s, i) : 0.f;
+        }
+      }
+    };
+    const int64_t img = bi * H * Wd * C, orow = Wd * C;
+    if (bf16) {
+      pack(static_cast<const uint16_t*>(x) + img);
+      uint16_t* yo = static_cast<uint16_t*>(y) + img + c0;
+      for (int64_t r = 0; r < nr; ++r) dwb_row<7>(buf, Wp, Wd, wb, bb, gelu, r, yo + (oh0 + r) * orow, C, nc);
+    } else {
+      pack(static_cast<const float*>(x) + img);
+      float* yo = static_cast<float*>(y) + img + c0;
+      for (int64_t r = 0; r < nr; ++r) dwb_row<7>(buf, Wp, Wd, wb, bb, gelu, r, yo + (oh0 + r) * orow, C, nc);
     }
   }
 }
@@ -713,35 +838,113 @@ static inline Win mix_window(const Rect& r, int64_t H, int64_t Wd, int64_t pad) 
   return {r.h0 - pad > 0 ? r.h0 - pad : 0, r.h1 + pad < H ? r.h1 + pad : H, r.w0 - pad > 0 ? r.w0 - pad : 0,
           r.w1 + pad < Wd ? r.w1 + pad : Wd};
 }
-// Floats of one tile's window for tiles of at most th x tw pixels.
+// mix_dw's packed rows for a tile tw wide: Wm pixels (whole runs of R, and the 7x7's reach).
+static inline int64_t mix_wm(int64_t tw) { return (tw + DWB_R - 1) / DWB_R * DWB_R + 8; }
+// Floats of one tile's window for tiles of at most th x tw pixels, then (pad 3: a 7x7) mix_dw's packed
+// channel block: x's rows (th + 8 of Wm + 2 pixels), m's rows (th + 6 of Wm), the weights and biases.
 static inline int64_t mix_window_floats(int64_t th, int64_t tw, int64_t C, int64_t pad) {
-  return (th + 2 * pad) * (tw + 2 * pad) * C;
+  return (th + 2 * pad) * (tw + 2 * pad) * C +
+         (pad == 3 ? ((th + 8) * (mix_wm(tw) + 2) + (th + 6) * mix_wm(tw) + 60) * DB + 16 : 0);
 }
 
-// Steps 1-2 of a tile: mw = the mixer output over the window (image x: H x Wd x C; mw: the window's
-// pixels row-major, fp32), then d (np x C) = the ConvFFN's depthwise of the rectangle's pixels.
-// mix_dw and mix_residual are kept out of line, so that profiles show them apart from the GEMMs.
+// Steps 1-2 of a tile: m = the mixer output over the window (image x: H x Wd x C), then d (np x C) =
+// the ConvFFN's depthwise of the rectangle's pixels; returns where m's rectangle pixels are for the
+// residual. mix_dw and mix_residual are kept out of line, so that profiles show them apart from the
+// GEMMs.
+struct MView {
+  const float* p;  // m at the rectangle's pixel (i, j): p + i * row + j * C
+  int64_t row;
+};
 template <typename TX>
-__attribute__((noinline)) static void mix_dw(const TX* x, int64_t H, int64_t Wd, int64_t C, int64_t Km,
-                                             const float* mix_w, const float* mix_b, int64_t Kk, const float* dw_w,
-                                             const float* dw_b, const Rect& r, const Win& w, float* mw, float* d) {
-  const int64_t ww = w.c1 - w.c0, wh = w.a1 - w.a0, tw = r.w1 - r.w0;
-  for (int64_t a = w.a0; a < w.a1; ++a)
-    dw_rows(x, H, Wd, C, Km, mix_w, mix_b, a * Wd + w.c0, ww, mw + (a - w.a0) * ww * C);
-  for (int64_t h = r.h0; h < r.h1; ++h)
-    dw_rows(static_cast<const float*>(mw), wh, ww, C, Kk, dw_w, dw_b, (h - w.a0) * ww + (r.w0 - w.c0), tw,
-            d + (h - r.h0) * tw * C);
+__attribute__((noinline)) static MView mix_dw(const TX* x, int64_t H, int64_t Wd, int64_t C, int64_t Km,
+                                              const float* mix_w, const float* mix_b, int64_t Kk, const float* dw_w,
+                                              const float* dw_b, const Rect& r, const Win& w, float* mw, float* d) {
+  const int64_t ww = w.c1 - w.c0, wh = w.a1 - w.a0, tw = r.w1 - r.w0, th = r.h1 - r.h0;
+  if (Km != 3 || Kk != 7) {  // the window's m pixel-major into mw (dw_rows), then the depthwise from it
+    for (int64_t a = w.a0; a < w.a1; ++a)
+      dw_rows(x, H, Wd, C, Km, mix_w, mix_b, a * Wd + w.c0, ww, mw + (a - w.a0) * ww * C);
+    for (int64_t h = r.h0; h < r.h1; ++h)
+      dw_rows(static_cast<const float*>(mw), wh, ww, C, Kk, dw_w, dw_b, (h - w.a0) * ww + (r.w0 - w.c0), tw,
+              d + (h - r.h0) * tw * C);
+    return {mw + ((r.h0 - w.a0) * ww + (r.w0 - w.c0)) * C, ww * C};
+  }
+  // Km = 3, Kk = 7 (FastViTHD's RepMixer): per block of DB channels (dwb_tiles' packed layout), x over
+  // the rectangle grown by 4 into xb (zero outside the image), the 3x3 of it over the rectangle
+  // grown by 3 into mb (rows and columns outside the image then zeroed: the 7x7's padding is zeros
+  // of m), the rectangle's m into mc (np x C, for the residual), and the 7x7 of mb into d. Each
+  // input pixel line is read once per tile and both convs slide over contiguous rows without
+  // border tests (the 3x3 on x in place, as dw_rows' runs of 4 pixels, and the copy of m measured
+  // 8.6% and 1.6% of the stage-0 op on the Zen 3, the GEMMs 82%). Same sums in the same order as
+  // the dw_rows path: bitwise equal up to the sign of zero.
+  const int64_t Wm = mix_wm(tw), Wx = Wm + 2;
+  float* mc = mw;  // np x C: the window's pixel-major m is not needed on this path
+  float* xb = mw + ((th + 6) * (tw + 6) * C + 15) / 16 * 16;  // after mix_window_floats' window part
+  float* mb = xb + (th + 8) * Wx * DB;
+  float* w3 = mb + (th + 6) * Wm * DB;
+  float* b3 = w3 + 9 * DB;
+  float* w7 = b3 + DB;
+  float* b7 = w7 + 49 * DB;
+  const int64_t ax = r.h0 - 4, ux = r.w0 - 4;  // xb's first row and column in the image
+  for (int64_t c0 = 0; c0 < C; c0 += DB) {
+    const int64_t nc = C - c0 < DB ? C - c0 : DB;
+    dwb_weights(mix_w, mix_b, C, c0, nc, w3, b3, 9);
+    dwb_weights(dw_w, dw_b, C, c0, nc, w7, b7, 49);
+    for (int64_t i = 0; i < th + 8; ++i) {
+      float* dst = xb + i * Wx * DB;
+      const int64_t a = ax + i;
+      const int64_t j0 = a < 0 || a >= H ? Wx : (-ux > 0 ? -ux : 0);  // columns [j0, j1) lie in the image
+      const int64_t j1 = a < 0 || a >= H ? Wx : (Wd - ux < Wx ? Wd - ux : Wx);
+      for (int64_t q = 0; q < j0 * DB; q += VL) vstore(dst + q, vf{});
+      for (int64_t q = j1 * DB; q < Wx * DB; q += VL) vstore(dst + q, vf{});
+      if (j0 >= j1) continue;
+      const TX* src = x + (a * Wd + ux + j0) * C + c0;
+      if (nc == DB) {
+        for (int64_t j = j0; j < j1; ++j, src += C)
+#pragma GCC unroll 4
+          for (int64_t q = 0; q < DB; q += VL) vstore(dst + j * DB + q, vld(src + q));
+      } else {
+        for (int64_t j = j0; j < j1; ++j, src += C)
+          for (int64_t q = 0; q < DB; ++q) dst[j * DB + q] = q < nc ? ld(src, q) : 0.f;
+      }
+    }
+    for (int64_t i = 0; i < th + 6; ++i) {
+      float* dst = mb + i * Wm * DB;
+      const int64_t a = ax + 1 + i;  // m's image row
+      if (a < 0 || a >= H) {
+        for (int64_t q = 0; q < Wm * DB; q += VL) vstore(dst + q, vf{});
+        continue;
+      }
+      dwb_row<3>(xb, Wx, Wm, w3, b3, false, i, dst, DB, DB);
+      const int64_t j0 = 3 - r.w0 > 0 ? 3 - r.w0 : 0, j1 = Wd - (r.w0 - 3) < Wm ? Wd - (r.w0 - 3) : Wm;
+      for (int64_t q = 0; q < j0 * DB; q += VL) vstore(dst + q, vf{});
+      for (int64_t q = j1 * DB; q < Wm * DB; q += VL) vstore(dst + q, vf{});
+      if (i >= 3 && i < th + 3) {
+        float* mrow = mc + (i - 3) * tw * C + c0;
+        const float* m = dst + 3 * DB;
+        if (nc == DB) {
+          for (int64_t j = 0; j < tw; ++j)
+#pragma GCC unroll 4
+            for (int64_t q = 0; q < DB; q += VL) vstore(mrow + j * C + q, vload(m + j * DB + q));
+        } else {
+          for (int64_t j = 0; j < tw; ++j)
+            for (int64_t q = 0; q < nc; ++q) mrow[j * C + q] = m[j * DB + q];
+        }
+      }
+    }
+    for (int64_t h = 0; h < th; ++h) dwb_row<7>(mb, Wm, tw, w7, b7, false, h, d + h * tw * C + c0, C, nc);
+  }
+  return {mc, tw * C};
 }
 
 // Step 4: y at the rectangle's pixels (image row stride Wd * C) = m + gamma * acc, residual_out's
 // arithmetic (whole 2-vector columns, then the product rounded before the add), m from the window.
 template <typename TY>
-__attribute__((noinline)) static void mix_residual(const float* mw, const Win& w, const Rect& r, const float* acc,
-                                                   int64_t C, const float* gamma, TY* y, int64_t Wd) {
-  const int64_t ww = w.c1 - w.c0, tw = r.w1 - r.w0, Cp = (C + NR - 1) / NR * NR, Cv = C / NR * NR;
+__attribute__((noinline)) static void mix_residual(MView mv, const Rect& r, const float* acc, int64_t C,
+                                                   const float* gamma, TY* y, int64_t Wd) {
+  const int64_t tw = r.w1 - r.w0, Cp = (C + NR - 1) / NR * NR, Cv = C / NR * NR;
   for (int64_t h = r.h0; h < r.h1; ++h)
     for (int64_t j = 0; j < tw; ++j) {
-      const float* m = mw + ((h - w.a0) * ww + (r.w0 + j - w.c0)) * C;
+      const float* m = mv.p + (h - r.h0) * mv.row + j * C;
       const float* s = acc + ((h - r.h0) * tw + j) * Cp;
       TY* o = y + (h * Wd + r.w0 + j) * C;
       for (int64_t c = 0; c < Cv; c += VL) vst(o + c, vld(m + c) + vload(gamma + c) * vload(s + c));
@@ -770,9 +973,9 @@ static void mix_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
     const Win w = mix_window(r, H, Wd, Kk / 2);
     const int64_t np = (r.h1 - r.h0) * (r.w1 - r.w0), img = r.b * H * Wd * C;
     const auto tile = [&](const auto* xi, auto* yi) {
-      mix_dw(xi + img, H, Wd, C, Km, mix_w, mix_b, Kk, dw_w, dw_b, r, w, mw, d);
+      const MView mv = mix_dw(xi + img, H, Wd, C, Km, mix_w, mix_b, Kk, dw_w, dw_b, r, w, mw, d);
       ffn_gemms<float>(d, np, C, Hd, w1p, b1, w2p, b2, gamma, nullptr, nullptr, hid, acc);
-      mix_residual(mw, w, r, acc, C, gamma, yi + img, Wd);
+      mix_residual(mv, r, acc, C, gamma, yi + img, Wd);
     };
     if (bf16) tile(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y));
     else tile(static_cast<const float*>(x), static_cast<float*>(y));

@@ -45,13 +45,15 @@ def test_dwconv_nhwc_matches_float64(C, M, K, stride, pad, gelu, H, W, B, dtype,
 @needs_ext
 @pytest.mark.parametrize("B,H,W,C,K,gelu", [(1, 13, 17, 19, 7, True), (2, 5, 9, 40, 3, False), (1, 1, 70, 33, 7, True),
                                             (3, 8, 4, 8, 3, True), (1, 3, 2, 24, 7, False), (2, 9, 15, 17, 7, False),
-                                            (1, 6, 23, 8, 7, True), (1, 4, 1, 40, 7, False)])
+                                            (1, 6, 23, 8, 7, True), (1, 4, 1, 40, 7, False),
+                                            (1, 70, 9, 48, 7, True), (2, 65, 3, 20, 7, False)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_dwconv_nhwc_same_padding_path_every_isa(monkeypatch, B, H, W, C, K, gelu, dtype, bound):
     """Multiplier 1, stride 1, 'same' padding (the RepMixer / RepCPE convs) runs the register-blocked
-    kernels of ffn_impl.h, compiled per ISA: for K = 7 the sliding window of 8 outputs (rows narrower
-    than, equal to and just past its 14-column span, runs ending past the row, channel tails); for
-    K = 3 runs of 4 pixels and the per-pixel edges."""
+    kernels of ffn_impl.h, compiled per ISA: for K = 7 dwb_tiles, the sliding window of 8 outputs over
+    packed blocks of 16 channels (rows narrower than, equal to and just past its 14-column span, runs
+    ending past the row, partial channel blocks, images taller than 64 rows in bands of 32 with a short
+    last band); for K = 3 runs of 4 pixels and the per-pixel edges."""
     g = torch.Generator().manual_seed(C * 10 + K)
     x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
     w = torch.randn(C, 1, K, K, dtype=torch.float64, generator=g)
