@@ -872,10 +872,11 @@ __attribute__((noinline)) static MView mix_dw(const TX* x, int64_t H, int64_t Wd
   // the rectangle grown by 4 into xb (zero outside the image), the 3x3 of it over the rectangle
   // grown by 3 into mb (rows and columns outside the image then zeroed: the 7x7's padding is zeros
   // of m), the rectangle's m into mc (np x C, for the residual), and the 7x7 of mb into d. Each
-  // input pixel line is read once per tile and both convs slide over contiguous rows without
-  // border tests (the 3x3 on x in place, as dw_rows' runs of 4 pixels, and the copy of m measured
-  // 8.6% and 1.6% of the stage-0 op on the Zen 3, the GEMMs 82%). Same sums in the same order as
-  // the dw_rows path: bitwise equal up to the sign of zero.
+  // input pixel line is read once per tile, and both convs slide over contiguous rows without
+  // border tests. On the dw_rows path the 3x3 runs on x in place (runs of 4 pixels) and the 7x7 on
+  // the pixel-major window: perf on the Zen 3's stage-0 op put 16% of the op's kernel samples in
+  // the two; here the copies, both convs and the zeroing take 13% (bench.ab: 0.92x on that op).
+  // Same sums in the same order as the dw_rows path: bitwise equal up to the sign of zero.
   const int64_t Wm = mix_wm(tw), Wx = Wm + 2;
   float* mc = mw;  // np x C: the window's pixel-major m is not needed on this path
   float* xb = mw + ((th + 6) * (tw + 6) * C + 15) / 16 * 16;  // after mix_window_floats' window part
