@@ -38,8 +38,13 @@ static inline vf vset(float s) { return vf{} + s; }  // for constants and per-ca
 
 // exp(x) for x in [-87, 88]: 2^n * p(r), Cody-Waite reduction, degree-6 polynomial (~2 ulp).
 static inline vf vexp(vf x) {
+#if defined(FVK_VMIN) && defined(FVK_VMAX)  // one maxps and one minps, bitwise the same (clamp_sym's note
+  // below): 3.0 -> 2.5 ns per AVX2 vector in a standalone loop on the Zen 3 of bench/results/zen3
+  x = FVK_VMIN(vset(88.f), FVK_VMAX(vset(-87.f), x));
+#else
   x = x < vset(-87.f) ? vset(-87.f) : x;
   x = x > vset(88.f) ? vset(88.f) : x;
+#endif
   const vf magic = vset(12582912.f);  // 1.5 * 2^23: adding it rounds to the nearest integer
   vf t = x * vset(1.44269504088896341f) + magic;
   vf n = t - magic;

@@ -101,6 +101,35 @@ def test_gelu_clamp_edges_nan_and_inf_every_isa(monkeypatch, C):
 
 
 @needs_ext
+def test_exp_clamps_in_sigmoid_and_softmax_every_isa(monkeypatch):
+    """ffn_impl.h's vexp clamps its argument to [-87, 88] (on the ISA's max / min instructions):
+    conv_exp's SE sigmoid with logits far past both ends (exp of +-200, +-95, +-88.5), and attention
+    with scores sharp enough that most exp(s - max) fall below -87, against float64."""
+    from fastvlm_kernels import reference
+    g = torch.Generator().manual_seed(9)
+    C, Co, rd = 8, 16, 4
+    x = torch.randn(1, 5, 6, C, dtype=torch.float64, generator=g)
+    w, b = torch.randn(3, 3, Co, dtype=torch.float64, generator=g), torch.randn(Co, dtype=torch.float64, generator=g)
+    se_r_w, se_r_b = torch.randn(rd, Co, dtype=torch.float64, generator=g) * 0.1, torch.zeros(rd, dtype=torch.float64)
+    se_e_w = torch.randn(Co, rd, dtype=torch.float64, generator=g) * 0.01
+    se_e_b = torch.tensor([-200, -95, -88.5, -87, -80, -1, 0, 1, 80, 87, 88.5, 95, 200, -150, 150, 3], dtype=torch.float64)
+    ce = [w, b, se_r_w, se_r_b, se_e_w, se_e_b]
+    ref_ce = reference.conv_exp(x, *ce)
+    a = _attn_args(32, seed=3)
+    a[2] = a[2] * 12  # qkv: scores of several hundred
+    xa = torch.randn(1, 6, 7, 32, dtype=torch.float64, generator=g)
+    ref_at = reference.attention_mixer(xa, *a, 8)
+    for isa in _isas():
+        monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+        y = torch.ops.fastvlm_C.conv_exp_nhwc(x.float(), *[t.float() for t in ce]).double()
+        assert torch.isfinite(y).all(), isa
+        assert (y - ref_ce).abs().max() <= 1e-5 * ref_ce.abs().max(), (isa, (y - ref_ce).abs().max().item())
+        ya = _attn_c(xa.float(), [t.float() for t in a], 8).double()
+        assert torch.isfinite(ya).all(), isa
+        assert rel_l2(ya - xa, ref_at - xa) <= 1e-4, (isa, rel_l2(ya - xa, ref_at - xa))
+
+
+@needs_ext
 def test_dwconv_nhwc_thread_count_does_not_change_results():
     x = torch.randn(2, 29, 31, 40)
     w, b = torch.randn(7, 7, 40), torch.randn(40)
