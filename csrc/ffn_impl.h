@@ -695,6 +695,25 @@ static inline void dwb_weights(const float* w, const float* b, int64_t C, int64_
   for (int64_t i = 0; i < DB; ++i) bb[i] = i < nc ? b[c0 + i] : 0.f;
 }
 
+// One packed row of Wp pixels of DB floats (dwb_row's layout) into dst: packed columns [j0, j1) take
+// channels [c0, c0 + nc) of consecutive image pixels, src pointing at the first one's channel c0
+// (pixel stride C); the other columns (all of them where j0 >= j1) are zero.
+template <typename T_>
+static inline void dwb_pack_row(const T_* src, int64_t C, int64_t nc, int64_t j0, int64_t j1, int64_t Wp, float* dst) {
+  if (j0 >= j1) j0 = j1 = Wp;
+  for (int64_t q = 0; q < j0 * DB; q += VL) vstore(dst + q, vf{});
+  for (int64_t q = j1 * DB; q < Wp * DB; q += VL) vstore(dst + q, vf{});
+  dst += j0 * DB;
+  if (nc == DB) {
+    for (int64_t j = j0; j < j1; ++j, src += C, dst += DB)
+#pragma GCC unroll 4
+      for (int64_t q = 0; q < DB; q += VL) vstore(dst + q, vld(src + q));
+  } else {
+    for (int64_t j = j0; j < j1; ++j, src += C, dst += DB)
+      for (int64_t q = 0; q < DB; ++q) dst[q] = q < nc ? ld(src, q) : 0.f;
+  }
+}
+
 // Tiles [t_begin, t_end) of B x ceil(C / DB) x ceil(H / band): (image, channel block, band of output
 // rows). x, y (B, H, Wd, C), both fp32 or both bf16; w (7, 7, C), b (C) fp32. scratch: dwb_scratch.
 static void dwb_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, int64_t C, const float* w,
@@ -710,24 +729,9 @@ static void dwb_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
     // the band's input rows oh0 - 3 .. oh0 + nr + 2, zero outside the image and its columns
     auto pack = [&](const auto* xi) {
       for (int64_t r = 0; r < nr + 6; ++r) {
-        float* d = buf + r * Wp * DB;
         const int64_t ih = oh0 + r - 3;
-        if (ih < 0 || ih >= H) {
-          for (int64_t i = 0; i < Wp * DB; i += VL) vstore(d + i, vf{});
-          continue;
-        }
-        for (int64_t i = 0; i < 3 * DB; i += VL) vstore(d + i, vf{});
-        for (int64_t i = (Wd + 3) * DB; i < Wp * DB; i += VL) vstore(d + i, vf{});
-        const auto* s = xi + ih * Wd * C + c0;
-        d += 3 * DB;
-        if (nc == DB) {
-          for (int64_t ww = 0; ww < Wd; ++ww, s += C, d += DB)
-#pragma GCC unroll 4
-            for (int64_t i = 0; i < DB; i += VL) vstore(d + i, vld(s + i));
-        } else {
-          for (int64_t ww = 0; ww < Wd; ++ww, s += C, d += DB)
-            for (int64_t i = 0; i < DB; ++i) d[i] = i < nc ? ld(s, i) : 0.f;
-        }
+        const bool in = ih >= 0 && ih < H;
+        dwb_pack_row(xi + (in ? ih : 0) * Wd * C + c0, C, nc, 3, in ? Wd + 3 : 0, Wp, buf + r * Wp * DB);
       }
     };
     const int64_t img = bi * H * Wd * C, orow = Wd * C;
@@ -895,23 +899,11 @@ __attribute__((noinline)) static MView mix_dw(const TX* x, int64_t H, int64_t Wd
     const int64_t nc = C - c0 < DB ? C - c0 : DB;
     dwb_weights(mix_w, mix_b, C, c0, nc, w3, b3, 9);
     dwb_weights(dw_w, dw_b, C, c0, nc, w7, b7, 49);
+    const int64_t j0 = -ux > 0 ? -ux : 0, j1 = Wd - ux < Wx ? Wd - ux : Wx;  // xb's columns in the image
     for (int64_t i = 0; i < th + 8; ++i) {
-      float* dst = xb + i * Wx * DB;
       const int64_t a = ax + i;
-      const int64_t j0 = a < 0 || a >= H ? Wx : (-ux > 0 ? -ux : 0);  // columns [j0, j1) lie in the image
-      const int64_t j1 = a < 0 || a >= H ? Wx : (Wd - ux < Wx ? Wd - ux : Wx);
-      for (int64_t q = 0; q < j0 * DB; q += VL) vstore(dst + q, vf{});
-      for (int64_t q = j1 * DB; q < Wx * DB; q += VL) vstore(dst + q, vf{});
-      if (j0 >= j1) continue;
-      const TX* src = x + (a * Wd + ux + j0) * C + c0;
-      if (nc == DB) {
-        for (int64_t j = j0; j < j1; ++j, src += C)
-#pragma GCC unroll 4
-          for (int64_t q = 0; q < DB; q += VL) vstore(dst + j * DB + q, vld(src + q));
-      } else {
-        for (int64_t j = j0; j < j1; ++j, src += C)
-          for (int64_t q = 0; q < DB; ++q) dst[j * DB + q] = q < nc ? ld(src, q) : 0.f;
-      }
+      const bool in = a >= 0 && a < H;
+      dwb_pack_row(x + ((in ? a : 0) * Wd + ux + j0) * C + c0, C, nc, j0, in ? j1 : 0, Wx, xb + i * Wx * DB);
     }
     for (int64_t i = 0; i < th + 6; ++i) {
       float* dst = mb + i * Wm * DB;
