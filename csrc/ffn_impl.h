@@ -895,11 +895,13 @@ __attribute__((noinline)) static MView mix_dw(const TX* x, int64_t H, int64_t Wd
   float* w7 = b3 + DB;
   float* b7 = w7 + 49 * DB;
   const int64_t ax = r.h0 - 4, ux = r.w0 - 4;  // xb's first row and column in the image
+  const int64_t j0 = -ux > 0 ? -ux : 0, j1 = Wd - ux < Wx ? Wd - ux : Wx;  // xb's columns in the image
+  // mb's columns in the image: mb column j is xb column j + 1
+  const int64_t m0 = j0 > 1 ? j0 - 1 : 0, m1 = j1 - 1 < Wm ? j1 - 1 : Wm;
   for (int64_t c0 = 0; c0 < C; c0 += DB) {
     const int64_t nc = C - c0 < DB ? C - c0 : DB;
     dwb_weights(mix_w, mix_b, C, c0, nc, w3, b3, 9);
     dwb_weights(dw_w, dw_b, C, c0, nc, w7, b7, 49);
-    const int64_t j0 = -ux > 0 ? -ux : 0, j1 = Wd - ux < Wx ? Wd - ux : Wx;  // xb's columns in the image
     for (int64_t i = 0; i < th + 8; ++i) {
       const int64_t a = ax + i;
       const bool in = a >= 0 && a < H;
@@ -913,9 +915,8 @@ __attribute__((noinline)) static MView mix_dw(const TX* x, int64_t H, int64_t Wd
         continue;
       }
       dwb_row<3>(xb, Wx, Wm, w3, b3, false, i, dst, DB, DB);
-      const int64_t j0 = 3 - r.w0 > 0 ? 3 - r.w0 : 0, j1 = Wd - (r.w0 - 3) < Wm ? Wd - (r.w0 - 3) : Wm;
-      for (int64_t q = 0; q < j0 * DB; q += VL) vstore(dst + q, vf{});
-      for (int64_t q = j1 * DB; q < Wm * DB; q += VL) vstore(dst + q, vf{});
+      for (int64_t q = 0; q < m0 * DB; q += VL) vstore(dst + q, vf{});
+      for (int64_t q = m1 * DB; q < Wm * DB; q += VL) vstore(dst + q, vf{});
       if (i >= 3 && i < th + 3) {
         float* mrow = mc + (i - 3) * tw * C + c0;
         const float* m = dst + 3 * DB;
