@@ -402,6 +402,28 @@ def test_repmixer_nhwc_every_isa(monkeypatch, B, H, W, C, Hd, dtype, bound):
 
 
 @needs_ext
+@pytest.mark.parametrize("Km,K", [(5, 7), (3, 5), (1, 3)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_repmixer_nhwc_other_kernel_sizes_every_isa(monkeypatch, Km, K, dtype, bound):
+    """Mixer / ConvFFN kernel sizes other than FastViTHD's 3 / 7 take mix_dw's dw_rows path (the
+    pixel-major window) instead of the packed channel blocks: the same op, checked the same way."""
+    from fastvlm_kernels import reference
+    g = torch.Generator().manual_seed(Km * 10 + K)
+    C, Hd = 21, 84
+    w = torch.randn(Km, Km, C, generator=g, dtype=torch.float64) * 0.2
+    w[Km // 2, Km // 2] += 1.0
+    mix = [w, torch.randn(C, generator=g, dtype=torch.float64) * 0.1]
+    a = _ffn_args(C, Hd, K=K, seed=5)
+    x = torch.randn(2, 11, 37, C, dtype=torch.float64, generator=g)
+    ref = reference.repmixer_block(x, *mix, *a)
+    for isa in _isas(dp=True):
+        monkeypatch.setenv("FASTVLM_CPU_ISA", isa)
+        y = _repmixer_c(x.to(dtype), [t.to(dtype) for t in mix], [t.to(dtype) for t in a])
+        assert y.dtype == dtype and y.shape == x.shape
+        assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
+
+
+@needs_ext
 @pytest.mark.parametrize("B,H,W,C,Hd", [(1, 9, 13, 40, 160), (2, 7, 5, 19, 300)])
 def test_repmixer_nhwc_bf16_rounds_the_residual_stream_once(monkeypatch, B, H, W, C, Hd):
     """bf16 storage, fp32 inside the block: the mixer output m stays fp32 between the dw3x3 and the
