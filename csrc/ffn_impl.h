@@ -76,7 +76,7 @@ static inline vf clamp_sym(vf z, vf hi) {
 #endif
 }
 
-// Exact-form GELU (gelu.h: erf by a rational approximation, |error| <= 3.7e-7 in float32).
+// Exact-form GELU (gelu.h: erf by a rational approximation; max error 9.5e-7 on [-10, 10] in float32).
 static inline vf vgelu(vf x) {
   vf fvk_gelu_out;
   FVK_GELU_BODY(vf, x, vset(1.f), clamp_sym);
