@@ -36,15 +36,24 @@ static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p)
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 static inline vf vset(float s) { return vf{} + s; }  // for constants and per-call values only
 
+// z clamped to [lo, hi] (lo < hi), a NaN z kept: exactly `z > hi ? hi : z`, then `z < lo ? lo : z`.
+// With FVK_VMIN / FVK_VMAX (ffn.cpp: the ISA's minps / maxps, which return their second operand when
+// either is NaN) that is one instruction each; GCC lowers the portable selects against a constant
+// bound as a compare and a blend each (in standalone loops on the Zen 3 of bench/results/zen3, bitwise
+// the same results: the GELU 12.6 -> 10.8 cycles per AVX2 vector, vexp 3.0 -> 2.5 ns).
+static inline vf vclamp(vf z, vf lo, vf hi) {
+#if defined(FVK_VMIN) && defined(FVK_VMAX)
+  return FVK_VMAX(lo, FVK_VMIN(hi, z));
+#else
+  z = z > hi ? hi : z;
+  return z < lo ? lo : z;
+#endif
+}
+static inline vf clamp_sym(vf z, vf hi) { return vclamp(z, -hi, hi); }  // gelu.h's CLAMP
+
 // exp(x) for x in [-87, 88]: 2^n * p(r), Cody-Waite reduction, degree-6 polynomial (~2 ulp).
 static inline vf vexp(vf x) {
-#if defined(FVK_VMIN) && defined(FVK_VMAX)  // one maxps and one minps, bitwise the same (clamp_sym's note
-  // below): 3.0 -> 2.5 ns per AVX2 vector in a standalone loop on the Zen 3 of bench/results/zen3
-  x = FVK_VMIN(vset(88.f), FVK_VMAX(vset(-87.f), x));
-#else
-  x = x < vset(-87.f) ? vset(-87.f) : x;
-  x = x > vset(88.f) ? vset(88.f) : x;
-#endif
+  x = vclamp(x, vset(-87.f), vset(88.f));
   const vf magic = vset(12582912.f);  // 1.5 * 2^23: adding it rounds to the nearest integer
   vf t = x * vset(1.44269504088896341f) + magic;
   vf n = t - magic;
@@ -60,20 +69,6 @@ static inline vf vexp(vf x) {
   vi ni = (vi)t - (vi)magic;  // vector casts of equal size reinterpret the bits
   vi bits = (vi)p + (ni << 23);
   return (vf)bits;
-}
-
-// z clamped to [-hi, hi] (hi > 0), a NaN z kept: exactly `z > hi ? hi : z`, then `z < -hi ? -hi : z`.
-// With FVK_VMIN / FVK_VMAX (ffn.cpp: the ISA's minps / maxps, which return their second operand when
-// either is NaN) that is one instruction each; GCC lowers the portable selects against a constant
-// bound as a compare and a blend each (the GELU below: 12.6 -> 10.8 cycles per AVX2 vector on the
-// Zen 3 of bench/results/zen3, a standalone loop; bitwise the same results).
-static inline vf clamp_sym(vf z, vf hi) {
-#if defined(FVK_VMIN) && defined(FVK_VMAX)
-  return FVK_VMAX(-hi, FVK_VMIN(hi, z));
-#else
-  z = z > hi ? hi : z;
-  return z < -hi ? -hi : z;
-#endif
 }
 
 // Exact-form GELU (gelu.h: erf by a rational approximation; max error 9.5e-7 on [-10, 10] in float32).

@@ -5,21 +5,24 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <type_traits>
 
 #include "gelu.h"
 
+namespace avx2 {  // the kernels' own AVX2 instantiation of ffn_impl.h (as csrc/ffn.cpp's ffn_avx2)
+#define FVK_VL 8
 typedef float vf __attribute__((vector_size(32)));
-typedef float vfu __attribute__((vector_size(32), aligned(4)));
-static inline vf vset(float s) { return vf{} + s; }
-static inline vf clamp_sym(vf z, vf hi) {
-  return __builtin_ia32_maxps256(-hi, __builtin_ia32_minps256(hi, z));  // ffn_impl.h's, with FVK_VMIN / VMAX
-}
-static inline vf gelu_now(vf x) {
-  vf fvk_gelu_out;
-  FVK_GELU_BODY(vf, x, vset(1.f), clamp_sym);
-  return fvk_gelu_out;
-}
+typedef int32_t vi __attribute__((vector_size(32)));
+#define FVK_VMIN(a, b) __builtin_ia32_minps256((a), (b))
+#define FVK_VMAX(a, b) __builtin_ia32_maxps256((a), (b))
+#include "ffn_impl.h"
+}  // namespace avx2
+using avx2::vf, avx2::vfu, avx2::vset, avx2::clamp_sym;
+
+static inline vf gelu_now(vf x) { return avx2::vgelu(x); }
 static inline vf gelu_before(vf x) {  // the previous evaluation of the same rational function
   using namespace fastvlm::gelu_coef;
   const float P[6] = {float(kP[0]), float(kP[1]), float(kP[2]), float(kP[3]), float(kP[4]), float(kP[5])};
