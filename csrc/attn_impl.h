@@ -1,11 +1,12 @@
 // The attention mixer y = x + gamma * proj(MHSA(LayerNormChannel(x))), included by ffn.cpp after
-// ffn_impl.h once per ISA (same vector type `vf`, `pgemm` / `gemm_s`, `ld`/`st`, `vexp`).
+// ffn_impl.h once per ISA (same vector type `vf`, `pgemm` / `gemm_s`, `ld`/`st`, `vexp2_neg`).
 //
 // Three phases per batch, each parallel over tiles and deterministic (one thread per tile, fixed order):
 //  1. qkv_tiles, per tile of tokens (the 1x1 ops' tiling): LayerNormChannel of each token (fp32
 //     statistics) into pixel rows, then qkv (T x 3C) = ln . Wqkv^T on pgemm with the packed weight
 //     (the LayerNorm is the GEMM's prologue: the normalised activation never leaves the tile). The
-//     tile is scattered per head into Qt (d x Np, pre-scaled by head_dim^-0.5), K (N x d), Vt (d x Np).
+//     tile is scattered per head into Qt (d x Np, pre-scaled by head_dim^-0.5 log2(e), so the
+//     scores are in base 2 and the softmax takes 2^x: vexp2_neg), K (N x d), Vt (d x Np).
 //  2. attn_tiles, per tile of Tq queries: for every head, flash attention over key blocks of BK:
 //     S^T (BK x Tq) = K_blk . Q^T, online softmax down each query column (running max / sum, the
 //     output rescaled when the max moves), O^T += Vt_blk . P^T; no N x N matrix exists. Queries are
@@ -56,7 +57,7 @@ static void qkv_tile(const T_* x, int64_t C, const float* ln_w, const float* ln_
 }
 
 // phase 2's fp32 layouts for tokens [p0, p0 + np) of the qkv rows (row stride ldq): Qt (C x Np,
-// pre-scaled by head_dim^-0.5), K per head (heads x N x hd), Vt (C x Np).
+// pre-scaled by head_dim^-0.5 log2(e)), K per head (heads x N x hd), Vt (C x Np).
 static void scatter_qkv(const float* qkv, int64_t ldq, int64_t N, int64_t C, int64_t hd, float scale, int64_t p0,
                         int64_t np, float* Qt, float* Kb, float* Vt, int64_t Np) {
   const int64_t heads = C / hd;
@@ -123,7 +124,7 @@ static void flash_head(int64_t N, int64_t C, int64_t hd, int64_t h, int64_t q0, 
         mb = s > mb ? s : mb;
       }
       const vf mn = mb > m ? mb : m;
-      const vf alpha = vexp(m - mn);  // 0 on the first block (m = -3e38, clamped to exp(-87))
+      const vf alpha = vexp2_neg(m - mn);  // 2^-125 on the first block (m = -3e38), times a zero sum and output
       vf l = vload(sm + j) * alpha;
       probs(j, nk, mn, l);
       vstore(sm + j, l);
@@ -152,7 +153,7 @@ static void attn_tile(int64_t N, int64_t C, int64_t hd, const float* Qt, const f
         [&](int64_t k0, int64_t nk) { gemm_s(kh + k0 * hd, hd, zeros, nk, hd, q, Np, Tq, S, Tq, false); },
         [&](int64_t j, int64_t nk, vf mn, vf& l) {  // p in place of S
           for (int64_t r = 0; r < nk; ++r) {
-            const vf p = vexp(vload(S + r * Tq + j) - mn);
+            const vf p = vexp2_neg(vload(S + r * Tq + j) - mn);
             vstore(S + r * Tq + j, p);
             l += p;
           }

@@ -718,7 +718,7 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
 // matrix), proj + bias + layer scale + residual in the epilogue.
 //   x (B, H, W, C) float32/bf16; ln_w, ln_b (C); qkv_wp = pack_linear(qkv_w (3C, C)) [q | k | v,
 //   heads of head_dim]; proj_wp = pack_linear(proj_w (C, C)), proj_b (C); gamma (C).
-//   Softmax scale head_dim^-0.5, LayerNorm eps 1e-5.
+//   Softmax scale head_dim^-0.5 (computed in base 2: log2(e) folded into q's scale), LayerNorm eps 1e-5.
 at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b,
                                 const at::Tensor& qkv_wp, const at::Tensor& proj_wp, const at::Tensor& proj_b,
                                 const at::Tensor& gamma, int64_t head_dim) {
@@ -761,7 +761,9 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   float* po = O.data_ptr<float>();
   const float *plw = lw.data_ptr<float>(), *plb = lb.data_ptr<float>(), *pbp = bp.data_ptr<float>(),
               *pg = g.data_ptr<float>(), *pz = zeros.data_ptr<float>();
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  // q's scale with log2(e) folded in: the scores come out in base 2 and the softmax takes 2^x (vexp2_neg),
+  // the same softmax with a cheaper exponential
+  const float scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t tiles = B * tl.n, T = tl.T, per_image = tl.n, tiles2 = B * ((N + Tq - 1) / Tq);
   if (dp) {  // q, k, v in bf16 pair layouts (ffn_dp_impl.h), zero where no token writes
     const int64_t heads = C / head_dim, hp = ffn_avx512bf16::attn_hp(head_dim);

@@ -251,10 +251,11 @@ static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd,
 
 // ---- the bf16 attention mixer on bf16 pairs (attn_impl.h's three phases) ------------------------
 // wq = pack_linear_bf16(qkv_w (3C, C)), wp = pack_linear_bf16(proj_w (C, C)). Rounded to bf16, as
-// eager bf16 rounds them (the operands of the pair products): the LayerNorm output, q (pre-scaled
-// by head_dim^-0.5), k and v, the softmax numerators p, and the attention output O. The scores S,
-// the running max and sum and the output accumulate in fp32; the running sum adds the rounded p, so
-// each output row is a convex combination of v rows.
+// eager bf16 rounds them (the operands of the pair products): the LayerNorm output, q (pre-scaled;
+// here by head_dim^-0.5 log2(e), eager's by head_dim^-0.5), k and v, the softmax numerators p, and
+// the attention output O. The scores S (base 2: the softmax takes 2^x, vexp2_neg), the running max
+// and sum and the output accumulate in fp32; the running sum adds the rounded p, so each output row
+// is a convex combination of v rows.
 //
 // Phase 2's operands, per image (bf16; hp = head_dim rounded up to even, an odd head_dim's partner
 // channel is 0), written by phase 1, zero where no token writes (padded queries and keys):
@@ -335,8 +336,8 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
         [&](int64_t j, int64_t nk, vf mn, vf& l) {  // p in bf16 pairs of keys, this query vector's panel
           uint16_t* pp = Pp + (j / PW) * kpb * 2 * PW;
           for (int64_t r = 0; r < nk; r += 2) {  // a pair of keys per 32-bit lane: (r, r + 1); p >= 0, finite
-            const vu e0 = vround_hi(vexp(vload(S + r * Tq + j) - mn));
-            const vu e1 = r + 1 < nk ? vround_hi(vexp(vload(S + (r + 1) * Tq + j) - mn)) : vu{};
+            const vu e0 = vround_hi(vexp2_neg(vload(S + r * Tq + j) - mn));
+            const vu e1 = r + 1 < nk ? vround_hi(vexp2_neg(vload(S + (r + 1) * Tq + j) - mn)) : vu{};
             l += (vf)e0 + (vf)e1;
             *reinterpret_cast<vfu*>(pp + (r / 2) * 2 * PW) = (vf)(e1 | (e0 >> 16));
           }

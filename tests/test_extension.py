@@ -1,4 +1,5 @@
 """The compiled extension: builds, registers its op, computes it right; the package works without it."""
+import math
 import os
 import subprocess
 import sys
@@ -102,9 +103,10 @@ def test_gelu_clamp_edges_nan_and_inf_every_isa(monkeypatch, C):
 
 @needs_ext
 def test_exp_clamps_in_sigmoid_and_softmax_every_isa(monkeypatch):
-    """ffn_impl.h's vexp clamps its argument to [-87, 88] (on the ISA's max / min instructions):
-    conv_exp's SE sigmoid with logits far past both ends (exp of +-200, +-95, +-88.5), and attention
-    with scores sharp enough that most exp(s - max) fall below -87, against float64."""
+    """ffn_impl.h's vexp clamps its argument to [-87, 88] and vexp2_neg (attention's softmax, in base
+    2) below at -125, on the ISA's max / min instructions: conv_exp's SE sigmoid with logits far past
+    both ends (exp of +-200, +-95, +-88.5), and attention with scores sharp enough that most
+    2^(s - max) fall below 2^-125, against float64."""
     from fastvlm_kernels import reference
     g = torch.Generator().manual_seed(9)
     C, Co, rd = 8, 16, 4
@@ -776,8 +778,10 @@ def _attn_args(C, seed=0):
 # N = 1, 91, 231 (two key blocks of 128), 400 (four): the online-softmax rescaling across blocks runs
 @pytest.mark.parametrize("B,H,W,C,hd", [(1, 1, 1, 64, 32), (3, 7, 13, 40, 8), (1, 33, 7, 64, 32),
                                         (2, 20, 20, 96, 32), (0, 4, 4, 32, 32), (1, 3, 5, 24, 12), (2, 5, 6, 21, 7)])
-@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, bound):
+# term_bound: the attention term alone (y - x); fp32 measured 2-7e-7, and 1.6-2.1e-5 with one of
+# vexp2_neg's polynomial coefficients 2% off
+@pytest.mark.parametrize("dtype,bound,term_bound", [(torch.float32, 1e-5, 5e-6), (torch.bfloat16, 1e-2, 1e-1)])
+def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, bound, term_bound):
     from fastvlm_kernels import reference
     a = _attn_args(C, seed=C + hd)
     x = torch.randn(B, H, W, C, dtype=torch.float64) * 2
@@ -790,7 +794,7 @@ def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, boun
         if B:
             assert rel_l2(y, ref) <= bound, (isa, rel_l2(y, ref))
             # the attention term itself, not only the residual, matches
-            assert rel_l2(y.double() - x, ref - x) <= 10 * bound, (isa, rel_l2(y.double() - x, ref - x))
+            assert rel_l2(y.double() - x, ref - x) <= term_bound, (isa, rel_l2(y.double() - x, ref - x))
         outs[isa] = y
     for isa in set(PAIR_ISAS) & set(outs):
         if dtype == torch.bfloat16 and B * H * W * C >= 1000:
@@ -811,9 +815,10 @@ def test_attention_mixer_nhwc_every_isa(monkeypatch, B, H, W, C, hd, dtype, boun
 
 def _attention_bf16_rounded(x, a, hd, BK=128):
     """The bf16 attention mixer as the AVX512_BF16 kernels compute it, in float64: bf16 weights; the
-    LayerNorm output, q (pre-scaled by head_dim^-0.5), k, v, the softmax numerators p and the attention
-    output rounded to bf16; per query the flash recurrence over key blocks of BK (p rounded against the
-    running max of its block, the running sum adding the rounded p); the result rounded to bf16."""
+    LayerNorm output, q (pre-scaled by head_dim^-0.5 log2(e): the kernels' scores are in base 2), k, v,
+    the softmax numerators p = 2^(s - max) and the attention output rounded to bf16; per query the
+    flash recurrence over key blocks of BK (p rounded against the running max of its block, the running
+    sum adding the rounded p); the result rounded to bf16."""
     r = lambda t: t.to(torch.bfloat16).to(torch.float64)  # noqa: E731
     ln_w, ln_b, qkv_w, proj_w, proj_b, gamma = [r(t) for t in a]
     B, H, W, C = x.shape
@@ -822,13 +827,13 @@ def _attention_bf16_rounded(x, a, hd, BK=128):
     u = t.mean(-1, keepdim=True)
     n = r((t - u) / torch.sqrt((t - u).pow(2).mean(-1, keepdim=True) + 1e-5) * ln_w + ln_b)
     qkv = (n @ qkv_w.T).reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
-    q, k, v = r(qkv[0] * hd ** -0.5), r(qkv[1]), r(qkv[2])
+    q, k, v = r(qkv[0] * (hd ** -0.5 * math.log2(math.e))), r(qkv[1]), r(qkv[2])
     m = torch.full((B, heads, N, 1), -torch.inf, dtype=torch.float64)
     l, o = torch.zeros_like(m), torch.zeros_like(q)
     for k0 in range(0, N, BK):
         s = q @ k[:, :, k0:k0 + BK].transpose(-2, -1)
         mn = torch.maximum(m, s.amax(-1, keepdim=True))
-        alpha, p = torch.exp(m - mn), r(torch.exp(s - mn))
+        alpha, p = torch.exp2(m - mn), r(torch.exp2(s - mn))
         l, o, m = l * alpha + p.sum(-1, keepdim=True), o * alpha + p @ v[:, :, k0:k0 + BK], mn
     o = r((o / l).transpose(1, 2).reshape(B, N, C))
     return (t + gamma * (o @ proj_w.T + proj_b)).reshape(B, H, W, C).to(torch.bfloat16)
