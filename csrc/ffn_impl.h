@@ -76,7 +76,7 @@ static inline vf vexp(vf x) {
 // 2^x is still a normal float; n = round(x), r = x - n in [-0.5, 0.5] exactly; 2^r by a degree-6
 // minimax polynomial, evaluated in two levels of r^2 (a chain of 4 multiply-adds instead of 6).
 // Against vexp: no upper clamp, no Cody-Waite multiply-adds; 2.6 -> 2.0 ns per AVX2 vector in the
-// softmax's load / exp / store / sum loop (standalone, Zen 3 of bench/results/zen3).
+// softmax's load / exp / store / sum loop (scripts/softmax_check.cpp, on the Zen 3 of bench/results/zen3).
 static inline vf vexp2_neg(vf x) {
 #if defined(FVK_VMAX)
   x = FVK_VMAX(vset(-125.f), x);  // a NaN x kept (maxps returns its second operand)
