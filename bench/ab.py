@@ -11,7 +11,10 @@ fixed seed), accelerates it with the ``cpu`` backend, runs one warm-up forward a
 other pair (AB BA AB ...), so a drift of the machine's speed over minutes hits both alike. It
 reports every time, each build's median and mean, the ratio of the medians, and whether the builds'
 outputs are bitwise identical (a SHA-256 of the output tokens) -- the check behind a "bitwise
-identical" claim. On a noisy shared machine (this project's 2-vCPU CI machine drifts by +-15% over
+identical" claim. Then, per build against the first, the ratios within each pair (one process of
+each, back to back, so a drift over minutes mostly cancels): their median and range, in how many
+pairs the build was faster, and a bootstrap 90% interval of the median ratio (pairs resampled, fixed
+seed). An interval that contains 1.000 means the run did not tell the builds apart. On a noisy shared machine (this project's 2-vCPU CI machine drifts by +-15% over
 minutes) prefer more pairs over more forwards per process.
 
 ``--op CASE`` compares one fused op instead of the whole model: a case of the per-op microbenchmarks
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -103,6 +107,19 @@ STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "2000000000", "MALLOC_MMAP_THRESHOLD_
                  "MALLOC_TOP_PAD_": "100000000"}
 
 
+def pair_stats(ratios: List[float], resamples: int = 2000, seed: int = 0) -> Dict[str, float]:
+    """Summary of per-pair time ratios (build / base): median, min, max, the count below 1 (build
+    faster), and a percentile-bootstrap 90% interval of the median (pairs drawn with replacement,
+    `resamples` times, a fixed seed so a report is reproducible from its JSON)."""
+    if not ratios:
+        raise ValueError("pair_stats: no ratios")
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "faster": sum(r < 1 for r in ratios), "pairs": len(ratios),
+            "lo90": meds[int(0.05 * (resamples - 1))], "hi90": meds[int(0.95 * (resamples - 1))]}
+
+
 def run_one(path: str, args) -> Dict:
     env = dict(os.environ, FASTVLM_EXT=path, **(STEADY_MALLOC if args.steady_malloc else {}))
     if args.op:
@@ -151,6 +168,7 @@ def main(argv=None) -> int:
         p.error("build labels must differ")
 
     times: Dict[str, List[float]] = {label: [] for label, _ in builds}
+    per_pair: Dict[str, List[float]] = {label: [] for label, _ in builds}  # each process's median time
     digests: Dict[str, set] = {label: set() for label, _ in builds}
     isas, steady = {}, {}
     t0 = time.perf_counter()
@@ -165,6 +183,7 @@ def main(argv=None) -> int:
         for label, path in order:
             res = run_one(path, args)
             times[label] += res["times"]
+            per_pair[label].append(statistics.median(res["times"]))
             digests[label].add(res["sha256"])
             isas[label] = res["isa"]
             steady[label] = res["steady_malloc"]
@@ -180,6 +199,14 @@ def main(argv=None) -> int:
         v = [t * scale for t in times[label]]
         print(f"| {label} | {isas[label]} | {len(v)} | {statistics.median(v):.3f} | {statistics.mean(v):.3f} | "
               f"{min(v):.3f} | {statistics.median(v) / (base_med * scale):.3f}x |")
+    stats = {}
+    if len(builds) > 1:
+        print(f"\nper pair (each process's median time over the {base} process of its pair):")
+    for label, _ in builds[1:]:
+        st = stats[label] = pair_stats([a / b for a, b in zip(per_pair[label], per_pair[base])])
+        print(f"  {label}: median {st['median']:.3f}x, range {st['min']:.3f}-{st['max']:.3f}x, faster in "
+              f"{st['faster']} of {st['pairs']} pairs; 90% interval of the median {st['lo90']:.3f}-{st['hi90']:.3f}x"
+              + (" (contains 1: not told apart)" if st["lo90"] <= 1 <= st["hi90"] else ""))
     deterministic = all(len(d) == 1 for d in digests.values())
     same = deterministic and len({next(iter(d)) for d in digests.values()}) == 1
     if not deterministic:
@@ -190,7 +217,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "builds": dict(builds), "times": times, "isa": isas,
-                       "steady_malloc": steady,
+                       "steady_malloc": steady, "per_pair": per_pair, "pair_stats": stats,
                        "sha256": {k: sorted(v) for k, v in digests.items()}, "bitwise_identical": same}, f, indent=1)
     return 0
 

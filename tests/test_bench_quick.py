@@ -53,12 +53,31 @@ def test_ab_runs_and_checks_outputs(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "outputs: bitwise identical across builds" in out.stdout
+    assert "per pair (each process's median time over the one process of its pair):" in out.stdout
+    assert "  two: median " in out.stdout and "faster in " in out.stdout
     rep = json.loads((tmp_path / "ab.json").read_text())
     assert rep["bitwise_identical"] and set(rep["times"]) == {"one", "two"}
     assert all(len(v) == 1 and v[0] > 0 for v in rep["times"].values())
+    st = rep["pair_stats"]["two"]  # one pair: the interval is that pair's ratio
+    assert st["pairs"] == 1 and st["lo90"] == st["hi90"] == st["median"] == rep["times"]["two"][0] / rep["times"]["one"][0]
     bad = subprocess.run([sys.executable, "-m", "bench.ab", so, str(tmp_path / "missing.so")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no such extension build" in bad.stderr
+
+
+def test_ab_pair_stats():
+    """bench.ab's per-pair summary: the median, range and faster-count of the ratios, and a bootstrap
+    interval of the median that is a point for identical ratios, excludes 1 when every pair favours
+    the build by a few percent, and contains 1 when the pairs disagree."""
+    from bench.ab import pair_stats
+    same = pair_stats([1.02] * 5)
+    assert same["lo90"] == same["hi90"] == same["median"] == 1.02 and same["faster"] == 0
+    win = pair_stats([0.95, 0.97, 0.96, 0.94, 0.98, 0.93])
+    assert (win["median"], win["min"], win["max"], win["faster"], win["pairs"]) == (0.955, 0.93, 0.98, 6, 6)
+    assert 0.93 <= win["lo90"] < win["median"] < win["hi90"] < 1
+    mixed = pair_stats([0.93, 1.10, 0.98, 1.02, 0.97, 1.05])
+    assert mixed["faster"] == 3 and mixed["lo90"] < 1 < mixed["hi90"]
+    assert pair_stats([0.9, 1.1, 1.0], seed=3) == pair_stats([0.9, 1.1, 1.0], seed=3)  # reproducible
 
 
 def test_ab_op_mode(tmp_path):
