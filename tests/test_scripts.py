@@ -1,0 +1,48 @@
+"""The standalone check programs in scripts/ (no torch: they include the kernels' own headers) build,
+run, and report the accuracy the kernels' comments claim: a change to gelu.h or to ffn_impl.h's
+exponentials that breaks either shows up here as well as in the op tests."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fastvlm.testing import cpu_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+needs_avx2_gxx = pytest.mark.skipif(not shutil.which("g++") or not {"avx2", "fma"} <= cpu_flags(),
+                                    reason="needs g++ and an AVX2 + FMA CPU (the programs use the kernels' AVX2 code)")
+
+
+def _build_and_run(tmp_path, name, *args):
+    exe = tmp_path / name
+    cc = subprocess.run(["g++", "-O3", "-std=c++17", "-mavx2", "-mfma", "-Icsrc", f"scripts/{name}.cpp", "-o", str(exe)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cc.returncode == 0, cc.stderr[-3000:]
+    out = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@needs_avx2_gxx
+def test_gelu_check(tmp_path):
+    out = _build_and_run(tmp_path, "gelu_check")
+    m = re.search(r"^gelu\.h\s+([\d.]+) ns per vector; max \|err\| on \[-10, 10\] ([\d.e+-]+)", out, re.M)
+    assert m, out
+    assert float(m.group(1)) > 0 and float(m.group(2)) < 1e-6, out  # gelu.h: 9.5e-7
+
+
+@needs_avx2_gxx
+def test_softmax_check(tmp_path):
+    out = _build_and_run(tmp_path, "softmax_check", "96", "64")  # a small phase 2: 96 tokens, 2 heads
+    errs = re.findall(r"max relative error, arguments e\^\[-86.6, 0\]: ([\d.e+-]+)|same: ([\d.e+-]+)", out)
+    vexp, vexp2 = float(errs[0][0]), float(errs[1][1])
+    assert vexp < 3e-7 and vexp2 < 1.5e-7, out  # measured 2.3e-7 and 1.2e-7
+    edges = re.search(r"2\^0 = (\S+), 2\^-125 = (\S+), 2\^-3e38 = (\S+), 2\^-inf = (\S+), 2\^NaN = (\S+)", out)
+    assert edges, out
+    one, lo, far, ninf, nan = edges.groups()
+    assert float(one) == 1.0 and nan == "nan", out
+    assert all(float(v) == pytest.approx(2.0 ** -125, rel=1e-5) for v in (lo, far, ninf)), out  # printed to 6 digits
+    assert re.search(r"phase 2 .*N = 96 tokens, C = 64, .*GFLOP/s", out), out
