@@ -1067,15 +1067,30 @@ static void stem_block(const T_* x, int64_t sH, int64_t sW, int64_t sC, T_* y, i
       if (ih1 < 0 || ih1 >= H1 || iw1 < 0 || iw1 >= W1)
         for (int64_t c = 0; c < Cv; c += VL) vstore(mid + (u * mc + v) * Cp + c, vset(0.f));
     }
-  for (int64_t i = 0; i < rb; ++i) {  // dw3x3 s2 + GELU: final (i, j) reads intermediate rows 2i .. 2i + 2,
-    for (int64_t j = 0; j < sw; ++j)  // columns 2j .. 2j + 2
-      for (int64_t c = 0; c < Cv; c += VL) {
-        vf acc = vload(b1 + c);
-        for (int64_t kh = 0; kh < 3; ++kh)
-          for (int64_t kw = 0; kw < 3; ++kw)
-            acc += vload(mid + ((2 * i + kh) * mc + 2 * j + kw) * Cp + c) * vload(w1 + (kh * 3 + kw) * Cp + c);
-        vstore(d + (i * sw + j) * Cp + c, vgelu(acc));
+  // dw3x3 s2 + GELU of final pixel (i, j), U channel vectors from c: it reads intermediate rows 2i .. 2i + 2,
+  // columns 2j .. 2j + 2. U independent chains (4, else 2: Cv is a multiple of 2 VL) keep the FMA and the
+  // GELU's division latencies overlapped; one vector at a time, perf put a quarter of this loop's samples
+  // on the division and the multiply waiting for it.
+  const auto dw = [&](auto u_, int64_t i, int64_t j, int64_t c) {
+    constexpr int U = decltype(u_)::value;
+    vf acc[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[u] = vload(b1 + c + u * VL);
+    for (int64_t kh = 0; kh < 3; ++kh)
+      for (int64_t kw = 0; kw < 3; ++kw) {
+        const float *m = mid + ((2 * i + kh) * mc + 2 * j + kw) * Cp + c, *w = w1 + (kh * 3 + kw) * Cp + c;
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u) acc[u] += vload(m + u * VL) * vload(w + u * VL);
       }
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) vstore(d + (i * sw + j) * Cp + c + u * VL, vgelu(acc[u]));
+  };
+  for (int64_t i = 0; i < rb; ++i) {
+    for (int64_t j = 0; j < sw; ++j) {
+      int64_t c = 0;
+      for (; c + 4 * VL <= Cv; c += 4 * VL) dw(std::integral_constant<int, 4>{}, i, j, c);
+      for (; c < Cv; c += 2 * VL) dw(std::integral_constant<int, 2>{}, i, j, c);
+    }
     pgemm<2, T_>(d + i * sw * Cp, Cp, sw, C, w2p, C, b2, buf, Cp, nullptr, y + ((oh0 + i) * W2 + ow0) * C, C,
                  nullptr);
   }
