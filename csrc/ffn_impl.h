@@ -41,14 +41,21 @@ static inline vf vset(float s) { return vf{} + s; }  // for constants and per-ca
 // either is NaN) that is one instruction each; GCC lowers the portable selects against a constant
 // bound as a compare and a blend each (in standalone loops on the Zen 3 of bench/results/zen3, bitwise
 // the same results: the GELU 12.6 -> 10.8 cycles per AVX2 vector, vexp 3.0 -> 2.5 ns).
-static inline vf vclamp(vf z, vf lo, vf hi) {
-#if defined(FVK_VMIN) && defined(FVK_VMAX)
-  return FVK_VMAX(lo, FVK_VMIN(hi, z));
+static inline vf vmin_hi(vf z, vf hi) {  // z > hi ? hi : z
+#if defined(FVK_VMIN)
+  return FVK_VMIN(hi, z);
 #else
-  z = z > hi ? hi : z;
+  return z > hi ? hi : z;
+#endif
+}
+static inline vf vmax_lo(vf z, vf lo) {  // z < lo ? lo : z
+#if defined(FVK_VMAX)
+  return FVK_VMAX(lo, z);
+#else
   return z < lo ? lo : z;
 #endif
 }
+static inline vf vclamp(vf z, vf lo, vf hi) { return vmax_lo(vmin_hi(z, hi), lo); }
 static inline vf clamp_sym(vf z, vf hi) { return vclamp(z, -hi, hi); }  // gelu.h's CLAMP
 
 // exp(x) for x in [-87, 88]: 2^n * p(r), Cody-Waite reduction, degree-6 polynomial (~2 ulp).
@@ -78,11 +85,7 @@ static inline vf vexp(vf x) {
 // Against vexp: no upper clamp, no Cody-Waite multiply-adds; 2.6 -> 2.0 ns per AVX2 vector in the
 // softmax's load / exp / store / sum loop (scripts/softmax_check.cpp, on the Zen 3 of bench/results/zen3).
 static inline vf vexp2_neg(vf x) {
-#if defined(FVK_VMAX)
-  x = FVK_VMAX(vset(-125.f), x);  // a NaN x kept (maxps returns its second operand)
-#else
-  x = x < vset(-125.f) ? vset(-125.f) : x;
-#endif
+  x = vmax_lo(x, vset(-125.f));  // a NaN x kept
   const vf magic = vset(12582912.f);  // 1.5 * 2^23: adding it rounds to the nearest integer
   const vf t = x + magic;
   const vf r = x - (t - magic), r2 = r * r;

@@ -10,16 +10,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "gelu.h"
-
-namespace avx2 {  // the kernels' own AVX2 instantiation of ffn_impl.h (as csrc/ffn.cpp's ffn_avx2)
-#define FVK_VL 8
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-#define FVK_VMIN(a, b) __builtin_ia32_minps256((a), (b))
-#define FVK_VMAX(a, b) __builtin_ia32_maxps256((a), (b))
-#include "ffn_impl.h"
-}  // namespace avx2
+#include "avx2_kernels.h"
 using avx2::vf, avx2::vfu, avx2::vset, avx2::clamp_sym;
 
 static inline vf gelu_now(vf x) { return avx2::vgelu(x); }

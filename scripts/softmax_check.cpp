@@ -17,17 +17,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "gelu.h"
-
-namespace avx2 {  // the kernels' own AVX2 instantiation (as csrc/ffn.cpp's ffn_avx2)
-#define FVK_VL 8
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-#define FVK_VMIN(a, b) __builtin_ia32_minps256((a), (b))
-#define FVK_VMAX(a, b) __builtin_ia32_maxps256((a), (b))
-#include "ffn_impl.h"
-#include "attn_impl.h"
-}  // namespace avx2
+#include "avx2_kernels.h"
 using namespace avx2;
 
 static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
