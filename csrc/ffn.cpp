@@ -635,17 +635,17 @@ at::Tensor stem_nhwc(const at::Tensor& x, const at::Tensor& w0, const at::Tensor
   at::Tensor y = at::empty({B, H2, W2, C}, x.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || C == 0) return y;
   const Isa isa = active_isa();
-  // blocks of RB x SW final pixels (FASTVLM_STEM_BLOCK=RBxSW overrides the 4 x 32; any block shape
+  // blocks of RB x SW final pixels (FASTVLM_STEM_BLOCK=RBxSW overrides the 32 x 32; any block shape
   // gives the same results: each value is summed in the same order whatever block computes it)
-  int64_t RB = 4, SW = 32;
+  int64_t RB = 32, SW = 32;
   if (const char* env = std::getenv("FASTVLM_STEM_BLOCK")) {
     long long rb = 0, sw = 0;
     TORCH_CHECK(std::sscanf(env, "%lldx%lld", &rb, &sw) == 2 && rb >= 1 && sw >= 1 && rb <= 256 && sw <= 1024,
-                "FASTVLM_STEM_BLOCK must read RBxSW (e.g. 4x32, 1 <= RB <= 256, 1 <= SW <= 1024), got '", env, "'");
+                "FASTVLM_STEM_BLOCK must read RBxSW (e.g. 32x32, 1 <= RB <= 256, 1 <= SW <= 1024), got '", env, "'");
     RB = rb, SW = sw;
   }
   const int64_t tiles = B * ((H2 + RB - 1) / RB) * ((W2 + SW - 1) / SW);
-  const int64_t scratch = ffn_avx2::stem_scratch(RB, SW, Cin, Cp);  // the same on every ISA
+  const int64_t scratch = ffn_avx2::stem_scratch(SW, Cin, Cp);  // the same on every ISA
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = x.data_ptr();
   void* yp = y.data_ptr();

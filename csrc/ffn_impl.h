@@ -1012,19 +1012,22 @@ static void mix_tiles(const void* x, void* y, bool bf16, int64_t H, int64_t Wd, 
 
 // ---- stem: GELU(conv3x3 s2, Cin -> C) -> GELU(dw3x3 s2) -> GELU(1x1 C -> C), fused --------------
 // A tile is a block of RB x SW final-grid pixels (rows oh0 .., columns ow0 ..; smaller at the grid's
-// edges). The (2 rb + 1) x (2 sw + 1) intermediate pixels its dw3x3 s2 windows cover are computed
-// once per block: their 3x3 x Cin input patches go into rows of K0 = 9 Cin floats (zero outside the
-// image) and the conv runs on pgemm (packed weight, GELU epilogue: fc1's). Neighbouring blocks share
-// one intermediate row / column, so each intermediate value is computed (2 RB + 1)(2 SW + 1) /
-// (4 RB SW) times on average (1.14 at 4 x 32; 1.5 for the one-row runs used before), and the
-// full-resolution intermediate (C x H/2 x W/2) never reaches memory. Then the dw3x3 s2 + GELU per
-// final pixel into the block's rows, and the 1x1 on pgemm per block row (GELU epilogue into y).
+// edges), walked one final row at a time. Final row oh reads intermediate rows 2 oh - 1 .. 2 oh + 1,
+// (2 sw + 1) intermediate pixels of each; the next final row shares the last of them, so a ring of
+// three intermediate rows holds them and each final row computes two new ones (the block's first,
+// three). An intermediate row: the 3 x 3 x Cin input patches of its pixels go into rows of K0 = 9 Cin
+// floats (zero outside the image) and the conv runs on pgemm (packed weight, GELU epilogue: fc1's).
+// Neighbouring blocks share one intermediate row / column, so each intermediate value is computed
+// (2 RB + 1)(2 SW + 1) / (4 RB SW) times on average (1.03 at 32 x 32; the 4 x 32 blocks used before,
+// which held all their intermediate rows at once, 1.14), and the full-resolution intermediate
+// (C x H/2 x W/2) never reaches memory. Then the dw3x3 s2 + GELU of the final row's pixels, and the
+// 1x1 on pgemm (GELU epilogue into y).
 //   w0p: pack_linear of w0 as (C, 3, 3, Cin); b0, w1 (3, 3, Cp), b1 zero padded to Cp (>= NR-rounded C).
-// scratch per block: stem_scratch(RB, SW, Cin, Cp) floats (im, mid, d, and the 1x1's accumulator
-// for one block row, used when C > KC_MAX).
-static inline int64_t stem_scratch(int64_t RB, int64_t SW, int64_t Cin, int64_t Cp) {
-  const int64_t mid = (2 * RB + 1) * (2 * SW + 1);
-  return mid * (9 * Cin + Cp) + (RB + 1) * SW * Cp;
+// scratch per block: stem_scratch(SW, Cin, Cp) floats (im, the ring, d, and the 1x1's accumulator
+// for one final row, used when C > KC_MAX).
+static inline int64_t stem_scratch(int64_t SW, int64_t Cin, int64_t Cp) {
+  const int64_t mc = 2 * SW + 1;
+  return mc * (9 * Cin + 3 * Cp) + 2 * SW * Cp;
 }
 
 // x: one image, element (h, w, ci) at x[h * sH + w * sW + ci * sC] (any strides: the NCHW pixels'
@@ -1034,22 +1037,27 @@ static void stem_block(const T_* x, int64_t sH, int64_t sW, int64_t sC, T_* y, i
                        int64_t C, int64_t Cp,
                        const float* w0p, const float* b0, const float* w1, const float* b1, const float* w2p,
                        const float* b2, int64_t H1, int64_t W1, int64_t W2, int64_t oh0, int64_t rb, int64_t ow0,
-                       int64_t sw, int64_t RB, int64_t SW, float* scratch) {
-  const int64_t K0 = 9 * Cin, Cv = (C + NR - 1) / NR * NR;  // mid's columns [0, Cv) are written by pgemm
-  const int64_t mr = 2 * rb + 1, mc = 2 * sw + 1, ih0 = 2 * oh0 - 1, iw0 = 2 * ow0 - 1;
-  const int64_t nmid = (2 * RB + 1) * (2 * SW + 1);
-  float *im = scratch, *mid = im + nmid * K0, *d = mid + nmid * Cp, *buf = d + RB * SW * Cp;
-  // im2col of the block's intermediate pixels (ih1, iw1) = (ih0 + u, iw0 + v): im row u * mc + v holds
-  // the 3 x 3 x Cin patch at (2 ih1 - 1 .., 2 iw1 - 1 ..), zero outside the image and for pixels
-  // outside the intermediate grid. Filled one input row segment at a time (fixed th and ci, all v):
-  // the loads walk along w, which is contiguous in the NCHW pixels' permuted view.
-  for (int64_t u = 0; u < mr; ++u) {
-    const int64_t ih1 = ih0 + u;
+                       int64_t sw, int64_t SW, float* scratch) {
+  const int64_t K0 = 9 * Cin, Cv = (C + NR - 1) / NR * NR;  // a ring row's columns [0, Cv) are written by pgemm
+  const int64_t mc = 2 * sw + 1, iw0 = 2 * ow0 - 1, mrow = (2 * SW + 1) * Cp;
+  float *im = scratch, *ring = im + (2 * SW + 1) * K0, *d = ring + 3 * mrow, *buf = d + SW * Cp;
+  const auto slot = [&](int64_t ih1) { return ring + (ih1 + 3) % 3 * mrow; };  // ih1 >= -1
+  // Intermediate row ih1 (pixels iw0 .. iw0 + mc - 1) into its ring slot, zero outside the
+  // intermediate grid (the dw's padding). im2col first: im row v holds the 3 x 3 x Cin patch at
+  // (2 ih1 - 1 .., 2 iw1 - 1 ..), iw1 = iw0 + v, zero outside the image; filled one input row segment
+  // at a time (fixed th and ci, all v): the loads walk along w, contiguous in the NCHW pixels' view.
+  const auto inter_row = [&](int64_t ih1) {
+    float* mid = slot(ih1);
+    if (ih1 < 0 || ih1 >= H1) {
+      for (int64_t v = 0; v < mc; ++v)
+        for (int64_t c = 0; c < Cv; c += VL) vstore(mid + v * Cp + c, vset(0.f));
+      return;
+    }
     for (int64_t th = 0; th < 3; ++th) {
       const int64_t ih = 2 * ih1 - 1 + th;
-      const bool row_ok = ih1 >= 0 && ih1 < H1 && ih >= 0 && ih < H;
+      const bool row_ok = ih >= 0 && ih < H;
       for (int64_t ci = 0; ci < Cin; ++ci) {
-        float* o = im + u * mc * K0 + th * 3 * Cin + ci;
+        float* o = im + th * 3 * Cin + ci;
         if (!row_ok) {
           for (int64_t v = 0; v < mc; ++v)
             for (int64_t tw = 0; tw < 3; ++tw) o[v * K0 + tw * Cin] = 0.f;
@@ -1070,40 +1078,43 @@ static void stem_block(const T_* x, int64_t sH, int64_t sW, int64_t sC, T_* y, i
         }
       }
     }
-  }
-  pgemm<0, T_>(im, K0, mr * mc, K0, w0p, C, b0, mid, Cp, nullptr, nullptr, 0, nullptr);
-  for (int64_t u = 0; u < mr; ++u)  // intermediate pixels outside the grid: the dw's zero padding
-    for (int64_t v = 0; v < mc; ++v) {
-      const int64_t ih1 = ih0 + u, iw1 = iw0 + v;
-      if (ih1 < 0 || ih1 >= H1 || iw1 < 0 || iw1 >= W1)
-        for (int64_t c = 0; c < Cv; c += VL) vstore(mid + (u * mc + v) * Cp + c, vset(0.f));
+    pgemm<0, T_>(im, K0, mc, K0, w0p, C, b0, mid, Cp, nullptr, nullptr, 0, nullptr);
+    for (int64_t v = 0; v < mc; ++v) {  // intermediate pixels left / right of the grid
+      const int64_t iw1 = iw0 + v;
+      if (iw1 < 0 || iw1 >= W1)
+        for (int64_t c = 0; c < Cv; c += VL) vstore(mid + v * Cp + c, vset(0.f));
     }
-  // dw3x3 s2 + GELU of final pixel (i, j), U channel vectors from c: it reads intermediate rows 2i .. 2i + 2,
-  // columns 2j .. 2j + 2. U independent chains (4, else 2: Cv is a multiple of 2 VL) keep the FMA and the
-  // GELU's division latencies overlapped; one vector at a time, perf put a quarter of this loop's samples
-  // on the division and the multiply waiting for it.
-  const auto dw = [&](auto u_, int64_t i, int64_t j, int64_t c) {
+  };
+  // dw3x3 s2 + GELU of final pixel j of the row whose intermediate rows are m[0 .. 2], U channel vectors
+  // from c: it reads their columns 2j .. 2j + 2. U independent chains (4, else 2: Cv is a multiple of
+  // 2 VL) keep the FMA and the GELU's division latencies overlapped; one vector at a time, perf put a
+  // quarter of this loop's samples on the division and the multiply waiting for it.
+  const auto dw = [&](auto u_, const float* const* m, int64_t j, int64_t c) {
     constexpr int U = decltype(u_)::value;
     vf acc[U];
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) acc[u] = vload(b1 + c + u * VL);
     for (int64_t kh = 0; kh < 3; ++kh)
       for (int64_t kw = 0; kw < 3; ++kw) {
-        const float *m = mid + ((2 * i + kh) * mc + 2 * j + kw) * Cp + c, *w = w1 + (kh * 3 + kw) * Cp + c;
+        const float *mp = m[kh] + (2 * j + kw) * Cp + c, *w = w1 + (kh * 3 + kw) * Cp + c;
 #pragma GCC unroll 4
-        for (int u = 0; u < U; ++u) acc[u] += vload(m + u * VL) * vload(w + u * VL);
+        for (int u = 0; u < U; ++u) acc[u] += vload(mp + u * VL) * vload(w + u * VL);
       }
 #pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) vstore(d + (i * sw + j) * Cp + c + u * VL, vgelu(acc[u]));
+    for (int u = 0; u < U; ++u) vstore(d + j * Cp + c + u * VL, vgelu(acc[u]));
   };
+  inter_row(2 * oh0 - 1);
   for (int64_t i = 0; i < rb; ++i) {
+    const int64_t r0 = 2 * (oh0 + i) - 1;  // the row's first intermediate row
+    inter_row(r0 + 1);
+    inter_row(r0 + 2);
+    const float* m[3] = {slot(r0), slot(r0 + 1), slot(r0 + 2)};
     for (int64_t j = 0; j < sw; ++j) {
       int64_t c = 0;
-      for (; c + 4 * VL <= Cv; c += 4 * VL) dw(std::integral_constant<int, 4>{}, i, j, c);
-      for (; c < Cv; c += 2 * VL) dw(std::integral_constant<int, 2>{}, i, j, c);
+      for (; c + 4 * VL <= Cv; c += 4 * VL) dw(std::integral_constant<int, 4>{}, m, j, c);
+      for (; c < Cv; c += 2 * VL) dw(std::integral_constant<int, 2>{}, m, j, c);
     }
-    pgemm<2, T_>(d + i * sw * Cp, Cp, sw, C, w2p, C, b2, buf, Cp, nullptr, y + ((oh0 + i) * W2 + ow0) * C, C,
-                 nullptr);
+    pgemm<2, T_>(d, Cp, sw, C, w2p, C, b2, buf, Cp, nullptr, y + ((oh0 + i) * W2 + ow0) * C, C, nullptr);
   }
 }
 
@@ -1123,10 +1134,10 @@ static void stem_tiles(const void* x, const int64_t* xs, void* y, bool bf16, int
     if (bf16) {
       stem_block(static_cast<const uint16_t*>(x) + b * xs[0], xs[1], xs[2], xs[3],
                  static_cast<uint16_t*>(y) + b * H2 * W2 * C, H, Wd, Cin, C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2,
-                 oh0, rb, ow0, sw, RB, SW, scratch);
+                 oh0, rb, ow0, sw, SW, scratch);
     } else {
       stem_block(static_cast<const float*>(x) + b * xs[0], xs[1], xs[2], xs[3], static_cast<float*>(y) + b * H2 * W2 * C,
-                 H, Wd, Cin, C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, oh0, rb, ow0, sw, RB, SW, scratch);
+                 H, Wd, Cin, C, Cp, w0p, b0, w1, b1, w2p, b2, H1, W1, W2, oh0, rb, ow0, sw, SW, scratch);
     }
   }
 }

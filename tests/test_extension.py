@@ -955,7 +955,7 @@ def test_tiling_does_not_change_results(monkeypatch, op):
         ref, fn = reference.attention_mixer(x, *a, 8), lambda: _attn_c(x.float(), [t.float() for t in a], 8)
     outs = []
     # the stem cuts its output grid into blocks of RB x SW pixels instead (FASTVLM_STEM_BLOCK)
-    var, tiles = ("FASTVLM_STEM_BLOCK", ("1x1", "2x5", "3x16", "4x32")) if op == "stem" else \
+    var, tiles = ("FASTVLM_STEM_BLOCK", ("1x1", "2x5", "3x16", "4x32", "32x32")) if op == "stem" else \
         ("FASTVLM_FFN_TILE", ("6", "12", "30", "96"))
     for tile in tiles:
         monkeypatch.setenv(var, tile)
