@@ -432,11 +432,9 @@ static inline void dw_pixel(const T_* x, int64_t H, int64_t Wd, int64_t C, int64
   }
 }
 
-#undef FVK_DUP2  // defined once per ISA namespace
+#undef FVK_DUP2  // defined once per ISA namespace (AVX2's dup2 below takes its own route)
 #if FVK_VL == 16
 #define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7
-#elif FVK_VL == 8
-#define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3
 #else
 #define FVK_DUP2 0, 0, 1, 1
 #endif
@@ -1042,6 +1040,9 @@ static void stem_block(const T_* x, int64_t sH, int64_t sW, int64_t sC, T_* y, i
   const int64_t mc = 2 * sw + 1, iw0 = 2 * ow0 - 1, mrow = (2 * SW + 1) * Cp;
   float *im = scratch, *ring = im + (2 * SW + 1) * K0, *d = ring + 3 * mrow, *buf = d + SW * Cp;
   const auto slot = [&](int64_t ih1) { return ring + (ih1 + 3) % 3 * mrow; };  // ih1 >= -1
+  const auto zero_px = [&](float* p) {  // an intermediate pixel outside the grid: the dw's zero padding
+    for (int64_t c = 0; c < Cv; c += VL) vstore(p + c, vset(0.f));
+  };
   // Intermediate row ih1 (pixels iw0 .. iw0 + mc - 1) into its ring slot, zero outside the
   // intermediate grid (the dw's padding). im2col first: im row v holds the 3 x 3 x Cin patch at
   // (2 ih1 - 1 .., 2 iw1 - 1 ..), iw1 = iw0 + v, zero outside the image; filled one input row segment
@@ -1049,8 +1050,7 @@ static void stem_block(const T_* x, int64_t sH, int64_t sW, int64_t sC, T_* y, i
   const auto inter_row = [&](int64_t ih1) {
     float* mid = slot(ih1);
     if (ih1 < 0 || ih1 >= H1) {
-      for (int64_t v = 0; v < mc; ++v)
-        for (int64_t c = 0; c < Cv; c += VL) vstore(mid + v * Cp + c, vset(0.f));
+      for (int64_t v = 0; v < mc; ++v) zero_px(mid + v * Cp);
       return;
     }
     for (int64_t th = 0; th < 3; ++th) {
@@ -1079,11 +1079,8 @@ static void stem_block(const T_* x, int64_t sH, int64_t sW, int64_t sC, T_* y, i
       }
     }
     pgemm<0, T_>(im, K0, mc, K0, w0p, C, b0, mid, Cp, nullptr, nullptr, 0, nullptr);
-    for (int64_t v = 0; v < mc; ++v) {  // intermediate pixels left / right of the grid
-      const int64_t iw1 = iw0 + v;
-      if (iw1 < 0 || iw1 >= W1)
-        for (int64_t c = 0; c < Cv; c += VL) vstore(mid + v * Cp + c, vset(0.f));
-    }
+    for (int64_t v = 0; v < mc; ++v)  // left / right of the grid
+      if (iw0 + v < 0 || iw0 + v >= W1) zero_px(mid + v * Cp);
   };
   // dw3x3 s2 + GELU of final pixel j of the row whose intermediate rows are m[0 .. 2], U channel vectors
   // from c: it reads their columns 2j .. 2j + 2. U independent chains (4, else 2: Cv is a multiple of
