@@ -435,7 +435,7 @@ static inline void dw_pixel(const T_* x, int64_t H, int64_t Wd, int64_t C, int64
 #undef FVK_DUP2  // defined once per ISA namespace (AVX2's dup2 below takes its own route)
 #if FVK_VL == 16
 #define FVK_DUP2 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7
-#else
+#elif FVK_VL == 4
 #define FVK_DUP2 0, 0, 1, 1
 #endif
 typedef float vfh __attribute__((vector_size(FVK_VL * 2), aligned(4)));  // half a vector, unaligned
