@@ -7,11 +7,12 @@ encoder keeps the ``fastvlm.FastViTHD`` API (``forward_features`` NCHW, ``forwar
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from fastvlm.checkpoint import convert_state_dict, load_vision_tower
 from fastvlm.fastvithd import AttentionBlock, FastViTHD, PatchEmbed, RepCPE, RepMixerBlock
 
 from . import backends
@@ -56,8 +57,12 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
     ``backend``: 'auto' (CUDA -> 'triton', CPU -> 'cpu', falling back to 'reference' with one warning
     saying why), 'reference', 'cpu' or 'triton'. ``dtype``: the compute/storage dtype of the packed
     weights and activations (default: the model's dtype). Calling it again switches the backend of
-    an accelerated model; changing its dtype needs a fresh model. In a ``fastvlm.FastVLM`` the
-    projector is cast to ``dtype`` too; the LLM is left to transformers.
+    an accelerated model; changing its dtype needs a fresh model. In a ``fastvlm.FastVLM`` (and in
+    transformers' FastVLM) the projector is cast to ``dtype`` too; the LLM is left to transformers.
+
+    The fused modules hold their weights as parameters that do not require grad, packed for one
+    backend, device and dtype: ``.to()``, ``.half()``, ``.cuda()`` and the like that would change
+    either raise :class:`~fastvlm_kernels.modules.FrozenDeviceDtypeError`; move or cast the model first.
     """
     if dtype is not None and dtype not in _DTYPES:
         raise TypeError(f"accelerate: dtype must be one of {_DTYPES} or None, got {dtype}")
@@ -92,16 +97,20 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
         # The projector after the tower (fastvlm.FastVLM) follows the tower's dtype, so its features
         # are not cast back up. It stays torch's Linear -> GELU -> Linear: at 256 tokens it is ~1.8 GFLOP,
         # under 1% of the encoder (see the TTFT breakdown), not worth a kernel of its own.
+        # transformers' FastVlmModel holds its projector as ``multi_modal_projector`` beside ``vision_tower``.
         from fastvlm.projector import Projector
         for m in model.modules():
             if isinstance(m, Projector):
                 m.to(dtype)
+            hf_proj = getattr(m, "multi_modal_projector", None)
+            if isinstance(hf_proj, nn.Module) and isinstance(getattr(m, "vision_tower", None), nn.Module):
+                hf_proj.to(dtype)
     return model
 
 
 def _prepack(enc: nn.Module, backend: str) -> None:
     """Weights in the layout the backend's kernels read, once: the cpu backend's 1x1 weights packed in
-    place of their nn.Linear-layout buffers; for any other backend, that layout (back) again."""
+    place of their nn.Linear-layout tensors; for any other backend, that layout (back) again."""
     with torch.no_grad():
         if backend == "cpu":
             from . import cpu
@@ -131,11 +140,19 @@ def _swap(enc: FastViTHD, backend: str, dtype: torch.dtype) -> None:
     enc.conv_exp = FusedConvExp(enc.conv_exp, backend, dtype)
 
 
+# timm's FastVit after the swap: parts that hold fused modules, and the fastvlm names of what they replaced.
+_TIMM_PARTS = {"stem": "patch_embed", "stages": "network", "final_conv": "conv_exp"}
+
+
 def _accelerate_timm(tm: nn.Module, backend: str, dtype: Optional[torch.dtype]) -> None:
     """Accelerate a timm FastVit in place: its weights go through this package's loader (timm key
     layout), and its ``stem`` / ``stages`` / ``final_conv`` become the fused modules. timm's own
     ``forward_features`` (stem -> each stage -> final_conv) then runs them unchanged: the fused
-    modules pass NHWC between each other and the last one returns an NCHW view."""
+    modules pass NHWC between each other and the last one returns an NCHW view.
+
+    ``state_dict()`` of the accelerated model keeps timm's inference-form layout (the one
+    transformers' FastVLM checkpoints hold), and ``load_state_dict()`` takes it: state-dict hooks on
+    the FastVit convert between that layout and the fused modules' weights."""
     if tm.training:
         raise RuntimeError("accelerate: the model is in training mode; the fused kernels are inference-only. "
                            "Call model.eval() first.")
@@ -149,8 +166,8 @@ def _accelerate_timm(tm: nn.Module, backend: str, dtype: Optional[torch.dtype]) 
             if isinstance(m, _Fused):
                 m.backend = name
         _prepack(tm, name)
+        tm.accelerated_backend = name
         return
-    from fastvlm.checkpoint import load_vision_tower
     t = next(t for t in tm.parameters() if t.is_floating_point())
     sd = {k: v for k, v in tm.state_dict().items() if not k.startswith("head.")}
     enc = load_vision_tower(sd, layout="timm", dtype=t.dtype, device=t.device)
@@ -159,3 +176,100 @@ def _accelerate_timm(tm: nn.Module, backend: str, dtype: Optional[torch.dtype]) 
     tm.stages = nn.Sequential(*enc.network)
     tm.final_conv = enc.conv_exp
     tm.accelerated_backend = enc.accelerated_backend
+    tm.__dict__["_fastvlm_config"] = enc.config
+    tm.__dict__["_fastvlm_key_rank"] = {k: i for i, k in enumerate(sd)}
+    tm.register_state_dict_post_hook(_timm_state_dict)
+    tm.register_load_state_dict_pre_hook(_timm_load_state_dict)
+
+
+def _timm_part(key: str) -> bool:
+    return key.split(".", 1)[0] in _TIMM_PARTS
+
+
+def _timm_state_dict(tm, state_dict, prefix, local_metadata) -> None:
+    """state_dict() of an accelerated timm FastVit: the fused modules' weights back in timm's
+    inference-form names and shapes (the ConvFFN BatchNorms, folded into the 7x7 weights, come back
+    as identity statistics with the fold's bias), in timm's key order."""
+    mine = {k[len(prefix):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    cfg = tm.__dict__["_fastvlm_config"]
+    shapes = _reference_shapes(cfg)
+    apple: Dict[str, torch.Tensor] = {}
+    for path, m in tm.named_modules():
+        if not isinstance(m, _Fused) or not _timm_part(path) or _inside_fused(tm, path):
+            continue
+        local = {k[len(path) + 1:]: v for k, v in mine.items() if k.startswith(path + ".")}
+        head, _, rest = path.partition(".")
+        ref_path = _TIMM_PARTS[head] + ("." + rest if rest else "")
+        for k, v in type(m).reference_state(local).items():
+            key = f"{ref_path}.{k}"
+            apple[key] = v.reshape(shapes[key]) if v.dim() else v
+    apple = {k: apple[k] for k in shapes if k in apple}  # the model's own key order
+    timm = convert_state_dict(apple, "apple", "timm", config=cfg)
+    rank = tm.__dict__["_fastvlm_key_rank"]  # the timm model's own key order, where its keys were these
+    for k in sorted(timm, key=lambda k: rank.get(k, len(rank))):
+        state_dict[prefix + k] = timm[k]
+    for k, v in mine.items():
+        if not _timm_part(k):
+            state_dict[prefix + k] = v
+
+
+def _timm_load_state_dict(tm, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """load_state_dict() into an accelerated timm FastVit: timm-layout weights (inference form) are
+    loaded into a fresh fastvlm encoder (which names any missing, unexpected or mis-shaped key) and
+    converted to the fused modules' weights; the fused modules' own load hooks pack them. A state
+    dict already in the fused modules' names is left as it is."""
+    mine = [k for k in state_dict if k.startswith(prefix) and _timm_part(k[len(prefix):])]
+    fused = {k for k, _ in tm.named_parameters() if _timm_part(k)}
+    if not mine or all(k[len(prefix):] in fused for k in mine):
+        return
+    cfg = tm.__dict__["_fastvlm_config"]
+    timm_sd = {k[len(prefix):]: state_dict.pop(k) for k in mine}
+    want = convert_state_dict(_reference_shapes(cfg), "apple", "timm", config=cfg)
+    lost = [prefix + k for k in want if k not in timm_sd and not k.endswith("num_batches_tracked")]
+    extra = [prefix + k for k in timm_sd if k not in want]
+    bad = [f"size mismatch for {prefix}{k}: copying a param with shape {tuple(v.shape)} from checkpoint, the shape "
+           f"in current model is {tuple(want[k])}." for k, v in timm_sd.items() if k in want
+           and tuple(v.shape) != tuple(want[k])]
+    # (torch hands every pre-hook strict=True and applies the caller's strict to these lists afterwards:
+    # unexpected keys are then reported under strict=True only, as for any module)
+    missing.extend(lost)
+    unexpected.extend(extra)
+    errors.extend(bad)
+    if lost or bad:
+        if lost:
+            errors.append(f"{prefix or 'the model'}: an accelerated FastViT loads its stem, stages and final_conv "
+                          "whole, not in part (with strict=False too)")
+        return
+    stem = tm.stem
+    timm_sd = {k: v for k, v in timm_sd.items() if k in want}
+    enc = load_vision_tower(timm_sd, layout="timm", config=cfg, dtype=stem.dtype, device=stem.w0.device)
+    with torch.no_grad():
+        _swap(enc, "reference", stem.dtype)
+    parts = {"stem": enc.patch_embed, "stages": nn.Sequential(*enc.network), "final_conv": enc.conv_exp}
+    for part, mod in parts.items():
+        for k, v in mod.state_dict().items():
+            state_dict[f"{prefix}{part}.{k}"] = v
+
+
+def _inside_fused(root: nn.Module, path: str) -> bool:
+    """Whether the module at ``path`` (dotted, below ``root``) sits inside another fused module."""
+    parts = path.split(".")
+    m = root
+    for p in parts[:-1]:
+        m = getattr(m, p)
+        if isinstance(m, _Fused):
+            return True
+    return False
+
+
+_SHAPES: Dict[str, Dict[str, torch.Size]] = {}
+
+
+def _reference_shapes(cfg) -> Dict[str, torch.Size]:
+    """Shapes of the inference-form fastvlm encoder's state, by key (built on the meta device, cached)."""
+    key = repr(sorted(cfg.to_dict().items()))
+    if key not in _SHAPES:
+        with torch.device("meta"):
+            ref = FastViTHD(cfg, inference_mode=True)
+        _SHAPES[key] = {k: v.shape for k, v in ref.state_dict().items()}
+    return _SHAPES[key]

@@ -21,7 +21,7 @@ The 1x1 weights of convffn / repmixer_block (fc1, fc2), stem (w2), patch_embed (
 attention_mixer (qkv, proj) are handed to the C++ ops in the panel layout their GEMMs read
 (``fastvlm_C::pack_linear``, see :func:`packed`). The op contract (``ops.py``) takes them in the
 nn.Linear layout, or already packed for this backend: ``accelerate()`` (:func:`prepack`) replaces the
-fused modules' 1x1 weight buffers by their packed form, so the model holds each weight once, and
+fused modules' 1x1 weights by their packed form, so the model holds each weight once, and
 :func:`unprepack` restores the nn.Linear layout when the model moves to another backend. A packed
 module's ``state_dict()`` still has the nn.Linear layout, and ``load_state_dict()`` takes it.
 
@@ -61,7 +61,7 @@ def packed(w: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     (``.to()``, a fresh module) packs anew. ``accelerate()`` calls :func:`prepack`, so a model's
     weights are packed before its first forward. Inference tensors have no version counter: they
     are packed on every call (correct, a few ms slower per block). An already packed weight (3-D: a
-    fused module's buffer after :func:`prepack`) is returned as it is."""
+    fused module's weight after :func:`prepack`) is returned as it is."""
     if w.dim() == 3:  # already packed (accelerate()'s prepack)
         if (w.dtype == torch.bfloat16) != pairs:
             have, need = ("float32 panels", "bf16 pairs") if pairs else ("bf16 pairs", "float32 panels")
@@ -122,10 +122,10 @@ def _state_dict_linear(m, state_dict, prefix, local_metadata) -> None:
 
 
 def _load_state_dict_packed(m, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    # load_state_dict() into a packed module: nn.Linear-layout weights are packed like the buffers they replace
+    # load_state_dict() into a packed module: nn.Linear-layout weights are packed like the ones they replace
     shapes = _packed_shapes(m)
     for name in list(shapes):
-        t, cur = state_dict.get(prefix + name), m._buffers.get(name)
+        t, cur = state_dict.get(prefix + name), m._parameters.get(name)
         # (another shape is left as it is: the loader then reports the size mismatch)
         if isinstance(t, torch.Tensor) and tuple(t.shape) == shapes[name] and cur is not None and cur.dim() == 3:
             pack = _C.pack_linear_bf16 if cur.dtype == torch.bfloat16 else _C.pack_linear
@@ -135,7 +135,7 @@ def _load_state_dict_packed(m, state_dict, prefix, local_metadata, strict, missi
 def prepack(model: torch.nn.Module) -> None:
     """Pack the 1x1 weights of every fused module in ``model`` (called by ``accelerate()``) in the
     layout their kernels read (the ConvFFN's fc1 / fc2, attention's qkv / proj and patch_embed's pw of a bf16 model:
-    bf16 pairs where the CPU has AVX512_BF16), in place of their nn.Linear-layout buffers: the model
+    bf16 pairs where the CPU has AVX512_BF16), in place of their nn.Linear-layout tensors: the model
     then holds each weight once. Weights packed before in the other form (the ISA changed since) are
     repacked."""
     from .modules import _Fused
@@ -147,7 +147,7 @@ def prepack(model: torch.nn.Module) -> None:
             m.register_load_state_dict_pre_hook(_load_state_dict_packed)
         shapes = m.__dict__.setdefault("_fastvlm_linear_shapes", {})
         for name in _LINEAR:
-            t = m._buffers.get(name)
+            t = m._parameters.get(name)
             if t is None or t.device.type != "cpu":
                 continue
             pairs = name in _PAIRS and uses_bf16_pairs(m.dtype)
@@ -156,7 +156,7 @@ def prepack(model: torch.nn.Module) -> None:
                     continue
                 t = unpack(t, *shapes[name], m.dtype)
             shapes[name] = tuple(t.shape)
-            m._buffers[name] = (_C.pack_linear_bf16 if pairs else _C.pack_linear)(t.contiguous())
+            m.set_weight(name, (_C.pack_linear_bf16 if pairs else _C.pack_linear)(t.detach().contiguous()))
 
 
 def unprepack(model: torch.nn.Module) -> None:
@@ -165,9 +165,9 @@ def unprepack(model: torch.nn.Module) -> None:
     for m in model.modules():
         shapes = _packed_shapes(m)
         for name, (n, k) in list(shapes.items()):
-            t = m._buffers.get(name)
+            t = m._parameters.get(name)
             if t is not None and t.dim() == 3:
-                m._buffers[name] = unpack(t, n, k, m.dtype)
+                m.set_weight(name, unpack(t.detach(), n, k, m.dtype))
         shapes.clear()
 
 

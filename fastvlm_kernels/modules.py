@@ -3,9 +3,15 @@ one fused op per forward. They take and return NHWC activations, except :class:`
 pixels in, converted once) and :class:`FusedConvExp` (returns an NCHW *view* of its NHWC output, so
 the encoder's ``forward_features`` keeps its NCHW contract and ``forward``'s tokens need no copy).
 
-Each is built from the corresponding inference-form ``fastvlm`` module (``from_module``).
+Each is built from the corresponding inference-form ``fastvlm`` module. The packed weights are
+parameters that never require grad (``requires_grad=False``), so code that asks a model for its
+device or dtype through ``parameters()`` (transformers' ``PreTrainedModel.device`` / ``.dtype``)
+sees them. :meth:`_Fused.reference_state` gives them back in the names and layout of the modules
+they replaced (``accelerate()`` uses it for the original-layout ``state_dict()`` of timm's FastVit).
 """
 from __future__ import annotations
+
+from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -15,7 +21,7 @@ from fastvlm.reparam import fold_convffn_bn
 
 from . import ops  # noqa: F401  (registers torch.ops.fastvlm.*)
 
-__all__ = ["FusedStem", "FusedRepMixerBlock", "FusedConvFFN", "FusedAttentionBlock", "FusedPatchEmbed",
+__all__ = ["FrozenDeviceDtypeError", "FusedStem", "FusedRepMixerBlock", "FusedConvFFN", "FusedAttentionBlock", "FusedPatchEmbed",
            "FusedDWConv", "FusedConvExp", "FUSED_TYPES"]
 
 
@@ -27,13 +33,23 @@ def pack_dw(weight: torch.Tensor) -> torch.Tensor:
     return weight[:, 0].permute(1, 2, 0)
 
 
+def unpack_dw(w: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_dw`'s inverse: (K, K, Cout) -> (Cout, 1, K, K)."""
+    return w.permute(2, 0, 1).unsqueeze(1).contiguous()
+
+
 def pack_pw(weight: torch.Tensor) -> torch.Tensor:
     """(Cout, Cin, 1, 1) pointwise conv weight or (Cout, Cin) linear weight -> (Cout, Cin)."""
     return weight.reshape(weight.shape[0], -1)
 
 
+class FrozenDeviceDtypeError(TypeError):
+    """``.to()`` / ``.half()`` / ``.cuda()`` ... on an accelerated module: its weights are packed for one
+    backend, device and dtype at ``accelerate()`` time and cannot be converted in place."""
+
+
 class _Fused(nn.Module):
-    """Packed buffers (not parameters: inference only) and the backend that runs the op."""
+    """Packed weights (parameters that never require grad: inference only) and the backend that runs the op."""
 
     def __init__(self, backend: str, dtype: torch.dtype):
         super().__init__()
@@ -41,8 +57,42 @@ class _Fused(nn.Module):
         self.dtype = dtype
         self.train(False)  # inference-only
 
+    #: packed name -> (name in the replaced module, whether it is a depthwise weight in pack_dw's layout)
+    _REFERENCE_NAMES: Dict[str, tuple] = {}
+
     def _pack(self, name: str, t: torch.Tensor) -> None:
-        self.register_buffer(name, t.detach().to(self.dtype).contiguous(), persistent=True)
+        self.set_weight(name, t.detach().to(self.dtype).contiguous())
+
+    def set_weight(self, name: str, t: torch.Tensor) -> None:
+        """Hold ``t`` as the weight ``name`` (a parameter that does not require grad)."""
+        self._parameters[name] = nn.Parameter(t, requires_grad=False)
+
+    @classmethod
+    def reference_state(cls, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """This module's ``state_dict()`` (keys relative to it, 1x1 weights in the nn.Linear layout)
+        -> the state of the inference-form ``fastvlm`` module it replaced, in that module's names.
+        1x1 weights come out 2-D and layer scales 1-D (the caller reshapes them to the model's
+        shapes); depthwise weights in the conv layout (Cout, 1, K, K)."""
+        out = {}
+        for name, (ref, dw) in cls._REFERENCE_NAMES.items():
+            out[ref] = unpack_dw(state[name]) if dw else state[name]
+        return out
+
+    def _apply(self, fn, recurse=True):
+        # The weights are packed for one backend on one device in one dtype: refuse conversions that
+        # would change either, before anything is converted, and let the others (a no-op .to(), a
+        # .share_memory()) through. What fn would do is read from a 0-element probe of each tensor.
+        for name, t in self._parameters.items():
+            if t is None:
+                continue
+            probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            if probe.dtype != t.dtype or probe.device != t.device:
+                raise FrozenDeviceDtypeError(
+                    f"fastvlm_kernels: the accelerated modules hold weights packed for the {self.backend!r} backend "
+                    f"in {t.dtype} on {t.device}; they cannot be converted to {probe.dtype} on {probe.device} in "
+                    "place. Move or cast the model before fastvlm_kernels.accelerate(), or accelerate a fresh copy "
+                    "(accelerate(model, dtype=...) picks the dtype).")
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, dtype={self.dtype}"
@@ -50,6 +100,10 @@ class _Fused(nn.Module):
 
 class FusedStem(_Fused):
     """``fastvlm`` stem (3 MobileOneBlocks) -> ``fastvlm::stem``; NCHW pixels in, NHWC out."""
+
+    _REFERENCE_NAMES = {"w0": ("0.reparam_conv.weight", False), "b0": ("0.reparam_conv.bias", False),
+                        "w1": ("1.reparam_conv.weight", True), "b1": ("1.reparam_conv.bias", False),
+                        "w2": ("2.reparam_conv.weight", False), "b2": ("2.reparam_conv.bias", False)}
 
     def __init__(self, stem: nn.Sequential, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)
@@ -71,6 +125,21 @@ class FusedStem(_Fused):
         return torch.ops.fastvlm.stem(x, self.w0, self.b0, self.w1, self.b1, self.w2, self.b2, self.backend)
 
 
+_FFN_NAMES = {"fc1_w": ("convffn.fc1.weight", False), "fc1_b": ("convffn.fc1.bias", False),
+              "fc2_w": ("convffn.fc2.weight", False), "fc2_b": ("convffn.fc2.bias", False)}
+
+
+def _ffn_reference(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The ConvFFN's dw7x7 + BatchNorm, whose fold the fused modules hold: the folded weight, and a
+    BatchNorm that is the identity up to its bias (weight 1, mean 0, variance 1 - eps)."""
+    b = state["ffn_b"]
+    eps = nn.BatchNorm2d(1).eps
+    return {"convffn.conv.conv.weight": unpack_dw(state["ffn_w"]), "convffn.conv.bn.weight": torch.ones_like(b),
+            "convffn.conv.bn.bias": b, "convffn.conv.bn.running_mean": torch.zeros_like(b),
+            "convffn.conv.bn.running_var": torch.full_like(b, 1.0 - eps),
+            "convffn.conv.bn.num_batches_tracked": torch.tensor(0, dtype=torch.long)}
+
+
 def _pack_ffn(mod: _Fused, ffn: fv.ConvFFN, gamma: torch.Tensor) -> None:
     w, b = fold_convffn_bn(ffn)
     mod._pack("ffn_w", pack_dw(w))
@@ -83,6 +152,14 @@ def _pack_ffn(mod: _Fused, ffn: fv.ConvFFN, gamma: torch.Tensor) -> None:
 
 
 class FusedRepMixerBlock(_Fused):
+    _REFERENCE_NAMES = {"mix_w": ("token_mixer.reparam_conv.weight", True),
+                        "mix_b": ("token_mixer.reparam_conv.bias", False), **_FFN_NAMES,
+                        "gamma": ("layer_scale", False)}
+
+    @classmethod
+    def reference_state(cls, state):
+        return {**super().reference_state(state), **_ffn_reference(state)}
+
     def __init__(self, block: fv.RepMixerBlock, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)
         mix = block.token_mixer.reparam_conv
@@ -96,6 +173,15 @@ class FusedRepMixerBlock(_Fused):
 
 
 class FusedConvFFN(_Fused):
+    """A ConvFFN and the layer scale after it (an attention block's second half). Its reference
+    state is in the names the block uses (``convffn.*``, ``layer_scale_2``)."""
+
+    _REFERENCE_NAMES = {**_FFN_NAMES, "gamma": ("layer_scale_2", False)}
+
+    @classmethod
+    def reference_state(cls, state):
+        return {**super().reference_state(state), **_ffn_reference(state)}
+
     def __init__(self, ffn: fv.ConvFFN, gamma: torch.Tensor, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)
         _pack_ffn(self, ffn, gamma)
@@ -107,6 +193,15 @@ class FusedConvFFN(_Fused):
 
 class FusedAttentionBlock(_Fused):
     """AttentionBlock -> ``fastvlm::attention_mixer`` then ``fastvlm::convffn``."""
+
+    _REFERENCE_NAMES = {"ln_w": ("norm.weight", False), "ln_b": ("norm.bias", False),
+                        "qkv_w": ("token_mixer.qkv.weight", False), "proj_w": ("token_mixer.proj.weight", False),
+                        "proj_b": ("token_mixer.proj.bias", False), "gamma": ("layer_scale_1", False)}
+
+    @classmethod
+    def reference_state(cls, state):
+        ffn = {k[4:]: v for k, v in state.items() if k.startswith("ffn.")}
+        return {**super().reference_state(state), **FusedConvFFN.reference_state(ffn)}
 
     def __init__(self, block: fv.AttentionBlock, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)
@@ -126,6 +221,9 @@ class FusedAttentionBlock(_Fused):
 
 
 class FusedPatchEmbed(_Fused):
+    _REFERENCE_NAMES = {"dw_w": ("proj.0.lkb_reparam.weight", True), "dw_b": ("proj.0.lkb_reparam.bias", False),
+                        "pw_w": ("proj.1.reparam_conv.weight", False), "pw_b": ("proj.1.reparam_conv.bias", False)}
+
     def __init__(self, pe: fv.PatchEmbed, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)
         lk, pw = pe.proj[0].lkb_reparam, pe.proj[1].reparam_conv
@@ -143,6 +241,8 @@ class FusedPatchEmbed(_Fused):
 class FusedDWConv(_Fused):
     """A depthwise conv (RepCPE's 7x7 with its residual folded in) -> ``fastvlm::dwconv``."""
 
+    _REFERENCE_NAMES = {"w": ("reparam_conv.weight", True), "b": ("reparam_conv.bias", False)}
+
     def __init__(self, conv: nn.Conv2d, backend: str, dtype: torch.dtype, gelu: bool = False):
         super().__init__(backend, dtype)
         if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1] or conv.groups != conv.in_channels:
@@ -157,6 +257,10 @@ class FusedDWConv(_Fused):
 
 class FusedConvExp(_Fused):
     """conv_exp (dw3x3 x2 + SE + GELU) -> ``fastvlm::conv_exp``; returns an NCHW view."""
+
+    _REFERENCE_NAMES = {"w": ("reparam_conv.weight", True), "b": ("reparam_conv.bias", False),
+                        "se_r_w": ("se.reduce.weight", False), "se_r_b": ("se.reduce.bias", False),
+                        "se_e_w": ("se.expand.weight", False), "se_e_b": ("se.expand.bias", False)}
 
     def __init__(self, block: fv.MobileOneBlock, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)

@@ -243,30 +243,7 @@ def test_timm_structured_model_is_accelerated_in_place(tiny64, train_form):
     assert tm.head.fc.weight.shape == (5, src.num_features)  # the head is left alone
 
 
-def test_real_timm_fastvit_mci3():
-    timm = pytest.importorskip("timm")
-    tm = timm.create_model("fastvit_mci3", pretrained=False, num_classes=0).eval()
-    x = torch.rand(1, 3, 128, 128)
-    with torch.no_grad():
-        ref = tm.forward_features(x)
-        fk.accelerate(tm, backend="reference")
-        assert rel_l2(tm.forward_features(x), ref) <= 1e-4
-
-
-def test_real_transformers_fastvlm():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("timm")
-    cls = getattr(transformers, "FastVlmForConditionalGeneration", None)
-    if cls is None:
-        pytest.skip("this transformers has no FastVlmForConditionalGeneration")
-    cfg = transformers.FastVlmConfig()
-    model = cls(cfg).eval()
-    tower = model.model.vision_tower
-    x = torch.rand(1, 3, 128, 128)
-    with torch.no_grad():
-        ref = tower.timm_model.forward_features(x)
-        fk.accelerate(model, backend="reference")
-        assert rel_l2(tower.timm_model.forward_features(x), ref) <= 1e-4
+# The real timm FastVit and transformers' FastVLM classes: tests/test_transformers_timm.py.
 
 
 _LINEAR = ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w")
@@ -274,7 +251,7 @@ _LINEAR = ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w")
 
 def _linear_buffers(m):
     return [(f"{type(mod).__name__}.{n}", mod, n) for mod in m.modules() for n in _LINEAR
-            if isinstance(mod._buffers.get(n) if hasattr(mod, "_buffers") else None, torch.Tensor)]
+            if isinstance(mod._parameters.get(n) if hasattr(mod, "_parameters") else None, torch.Tensor)]
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
@@ -291,18 +268,18 @@ def test_cpu_backend_holds_each_1x1_weight_once_packed(tiny64):
     want = dict((k, t) for k, t in ref.state_dict().items())
     names = {id(mod): prefix for prefix, mod in m.named_modules()}
     for label, mod, n in got:
-        p = mod._buffers[n]
+        p = mod._parameters[n]
         assert p.dim() == 3, f"{label} was not packed by accelerate()"
         canonical = want[f"{names[id(mod)]}.{n}"]
         assert torch.equal(p, torch.ops.fastvlm_C.pack_linear(canonical)), label
         assert getattr(p, "_fastvlm_packed", None) is None
-    nbytes = lambda mm: sum(b.numel() * b.element_size() for b in mm.buffers())  # noqa: E731
+    nbytes = lambda mm: sum(b.numel() * b.element_size() for b in mm.parameters())  # noqa: E731
     assert nbytes(m) <= 1.3 * nbytes(ref)  # tiny channel counts: panels padded to 32 channels
-    before = {(id(mod), n): mod._buffers[n] for _, mod, n in got}
+    before = {(id(mod), n): mod._parameters[n] for _, mod, n in got}
     with torch.no_grad():
         m(_pixels(1, 64, 64).float())
     for _, mod, n in got:
-        assert mod._buffers[n] is before[(id(mod), n)] and cpu.packed(mod._buffers[n]) is before[(id(mod), n)]
+        assert mod._parameters[n] is before[(id(mod), n)] and cpu.packed(mod._parameters[n]) is before[(id(mod), n)]
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
@@ -326,7 +303,7 @@ def test_cpu_packed_model_state_dict_and_backend_switch(tiny64, dtype):
     other64 = make_model(fastvlm.FastViTHDConfig.tiny(), seed=22)
     other = fk.accelerate(copy.deepcopy(other64).float(), backend="reference", dtype=dtype)
     m.load_state_dict(other.state_dict())
-    assert all(mod._buffers[n].dim() == 3 for _, mod, n in _linear_buffers(m))
+    assert all(mod._parameters[n].dim() == 3 for _, mod, n in _linear_buffers(m))
     with torch.no_grad():
         assert rel_l2(m(x).double(), other(x).double()) <= bound
     m.load_state_dict(sd_ref)
@@ -339,7 +316,7 @@ def test_cpu_packed_model_state_dict_and_backend_switch(tiny64, dtype):
         m.load_state_dict(wrong)
     assert all(torch.equal(v, sd_ref[k]) for k, v in m.state_dict().items())
     fk.accelerate(m, backend="reference")
-    assert all(mod._buffers[n].dim() == 2 for _, mod, n in _linear_buffers(m))
+    assert all(mod._parameters[n].dim() == 2 for _, mod, n in _linear_buffers(m))
     with torch.no_grad():
         assert torch.equal(m(x), y_ref)
     fk.accelerate(m, backend="cpu")

@@ -149,7 +149,7 @@ def test_perturbing_any_weight_fails_the_check(case_name):
         ref = case.ref(x)
     fused = case.factory("reference", torch.float64)
     assert rel_l2(case.run(fused, x, torch.float64), ref) <= 1e-12
-    for name, buf in list(fused.named_buffers()):
+    for name, buf in list(fused.named_parameters()):
         if name.startswith("f.ffn."):  # the attention case runs only the mixer half of the block
             continue
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -157,7 +157,7 @@ def test_perturbing_any_weight_fails_the_check(case_name):
         errs = []
         for sign in (1, -1):  # both directions: a ReLU'd SE unit may only wake up one way
             mutated = copy.deepcopy(fused)
-            t = dict(mutated.named_buffers())[name]
+            t = dict(mutated.named_parameters())[name]
             t.view(-1)[idx] += sign * (2 + 4 * t.view(-1)[idx].abs())
             errs.append(rel_l2(case.run(mutated, x, torch.float64), ref))
         assert max(errs) > 1e-5, f"{name}[{idx}] changed and the output did not notice ({errs})"
