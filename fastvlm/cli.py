@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 import torch
@@ -129,6 +130,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the qwen_2 template")
     sub.add_parser("bench", help="the end-to-end benchmark report (options: fastvlm bench --help)")
     a = ap.parse_args(argv)
+    # A command line's output is the answer and its timings: the libraries' notices to developers
+    # (deprecations in transformers, torch) are for code that calls them, not for this user.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         _dtype(a.dtype), _dtype(a.llm_dtype)
     except argparse.ArgumentTypeError as e:

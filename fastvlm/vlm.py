@@ -16,6 +16,7 @@ LLM with its KV cache and reports the time to first token with its breakdown
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -201,8 +202,12 @@ class FastVLM(nn.Module):
                              f"vocabulary of {fields['vocab_size']}")
         tiny = key == "tiny"
         vcfg = vision_config or (FastViTHDConfig.tiny() if tiny else FastViTHDConfig())
+        # The tower's train form is randomised and then folded (fastvlm.testing.random_tower), so its
+        # features, and the answers, depend on the image; the release's init (layer scales 1e-5) or a
+        # randomised inference form would give nearly the same features for every image.
+        from .testing import random_tower
+        tower = random_tower(vcfg, seed=seed, weight_gain=0.85 if tiny else 0.5).eval()
         torch.manual_seed(seed)
-        tower = FastViTHD(vcfg, inference_mode=True).eval()
         projector = Projector(tower.num_features, fields["hidden_size"]).eval()
         lm = tf.Qwen2ForCausalLM(_llm_config(fields)).eval()
         vlm = cls(tower, projector, lm, tokenizer, image_size=image_size or (128 if tiny else 1024))
@@ -345,8 +350,11 @@ class FastVLM(nn.Module):
             out.update({"model.language_model." + k[len("model."):]: v for k, v in lm_sd.items() if k.startswith("model.")})
             n = (self.image_size // DOWNSAMPLE) ** 2
             cfg = dict(architectures=["FastVlmForConditionalGeneration"], model_type="fast_vlm", text_config=text,
+                       # as transformers' FastVlmConfig builds the tower: timm's fastvit_mci3 in its
+                       # inference form (the layout written here), the given architecture's shape
                        vision_config={"architecture": "fastvit_mci3", "hidden_size": p.in_features,
-                                      "model_type": "timm_wrapper"},
+                                      "model_type": "timm_wrapper", "do_pooling": True, "global_pool": "avg",
+                                      "model_args": _timm_model_args(self.vision_tower.config)},
                        image_token_id=self.image_token_id, image_seq_length=n, projector_hidden_act="gelu",
                        fastvlm_image_size=self.image_size)
         if not tied:
@@ -557,6 +565,7 @@ class FastVLM(nn.Module):
         dev = inp["inputs_embeds"].device
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         t0 = _now(dev)
+        cache_kw = _cache_argument(lm)
         out = lm(**inp, use_cache=True, logits_to_keep=1)
         t1 = _now(dev)
         timing.prefill = t1 - t0
@@ -597,16 +606,15 @@ class FastVLM(nn.Module):
 
         push(nxt)
         timing.first_token = _now(dev) - t1
-        past, mask, pos = out.past_key_values, inp["attention_mask"], inp["position_ids"][:, -1:]
+        past, mask, pos = out[cache_kw], inp["attention_mask"], inp["position_ids"][:, -1:]
         n_new, t2 = 0, _now(dev)
         for _ in range(max_new_tokens - 1):
             if all(done):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             pos = pos + 1
-            out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
-                     use_cache=True)
-            past = out.past_key_values
+            out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
+            past = out[cache_kw]
             nxt = pick(out.logits[:, -1])
             n_new += sum(not d for d in done)
             push(nxt)
@@ -617,6 +625,28 @@ class FastVLM(nn.Module):
                 if len(t) > len(emitted[i]) and t.startswith(emitted[i]):
                     streamer(i, t[len(emitted[i]):])
         return GenerationOutput(texts, tokens, timing, decode, n_new, first_logits)
+
+
+def _timm_model_args(cfg: FastViTHDConfig) -> dict:
+    """timm ``create_model`` arguments that build ``cfg`` as a ``fastvit_mci3`` in inference form:
+    only the fields where ``cfg`` differs from the released architecture (none for it)."""
+    args: dict = {"inference_mode": True}
+    default = FastViTHDConfig()
+    if cfg.layers != default.layers:
+        args["layers"] = list(cfg.layers)
+    if cfg.embed_dims != default.embed_dims:
+        args["embed_dims"] = list(cfg.embed_dims)
+    if cfg != FastViTHDConfig(layers=cfg.layers, embed_dims=cfg.embed_dims):
+        raise ValueError(f"save_pretrained(layout='hf'): this vision tower's configuration {cfg.to_dict()} differs "
+                         "from fastvit_mci3 in more than its layers and widths; timm cannot build it from the HF config")
+    return args
+
+
+def _cache_argument(lm: nn.Module) -> str:
+    """The name under which this transformers' causal LM takes and returns its KV cache: ``cache``
+    from transformers 5.25 on (where ``past_key_values`` is deprecated, to be removed in 5.40),
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def _now(dev) -> float:
