@@ -43,7 +43,11 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "onnxruntime", "onnx", "matplotlib"],
-        "vlm": ["transformers>=4.50", "tokenizers"],
+        # transformers: 4.50 (Qwen2's logits_to_keep) up to the next major; tested with 5.25. Its FastVLM
+        # classes (accelerate() on FastVlmForConditionalGeneration) need a transformers that has them.
+        "vlm": ["transformers>=4.50,<6", "tokenizers"],
+        # timm's FastVit (fastvit_mci3), which transformers' FastVLM wraps
+        "timm": ["timm>=1.0"],
         "gpu": ["triton"],
     },
     entry_points={"console_scripts": ["fastvlm=fastvlm.cli:main"]},

@@ -18,7 +18,13 @@ fi
 say "installing Python dependencies"
 "$PY" -m pip install -q numpy pillow safetensors ninja pytest pytest-benchmark
 say "installing the VLM extra (transformers, tokenizers) and triton (CPU interpreter + AOT compile checks)"
-"$PY" -m pip install -q "transformers>=4.50" tokenizers triton
+"$PY" -m pip install -q "transformers>=4.50,<6" tokenizers triton
+# timm (fastvit_mci3, the vision tower transformers' FastVLM wraps) without its dependencies: they
+# include torchvision, whose PyPI build would bring its own torch. Its model code needs only torch and
+# pyyaml; the tests supply an import stand-in for torchvision where none imports (tests/conftest.py).
+say "installing timm (without dependencies)"
+"$PY" -m pip install -q pyyaml huggingface_hub
+"$PY" -m pip install -q --no-deps "timm>=1.0"
 if [ "${1:-}" = "bench" ]; then
   say "installing benchmark peers (onnxruntime, onnx, onnxscript, matplotlib)"
   "$PY" -m pip install -q onnxruntime onnx onnxscript matplotlib || say "WARNING: benchmark extras failed to install; the report will skip those peers"

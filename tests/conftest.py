@@ -13,6 +13,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# timm (and transformers' timm wrapper, FastVLM's vision tower) need torchvision importable, though the
+# FastViT model code never uses it. Where no real torchvision imports (PyPI's does not beside the CPU
+# build of torch these tests run on), a test-only stand-in takes its place: tests/torchvision_standin.
+try:
+    import torchvision  # noqa: F401
+except Exception:  # not installed, or built for another torch
+    for _name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[_name]
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_standin"))
+
 # Keep runs on the 2-core machines predictable; tests never depend on timing.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,0 +1,3 @@
+from .._placeholder import placeholder_module_getattr
+
+__getattr__ = placeholder_module_getattr(__name__)
