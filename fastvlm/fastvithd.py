@@ -298,7 +298,7 @@ class LayerNormChannel(nn.Module):
     def forward(self, x):
         # F.layer_norm over the last dim of the NHWC view, as timm's LayerNorm2d: one fused op
         # instead of seven passes over x; returns an NCHW-shaped view of the NHWC result
-        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
 class MHSA(nn.Module):
