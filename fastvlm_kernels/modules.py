@@ -76,6 +76,8 @@ class _Fused(nn.Module):
         out = {}
         for name, (ref, dw) in cls._REFERENCE_NAMES.items():
             out[ref] = unpack_dw(state[name]) if dw else state[name]
+        if "ffn_w" in state:  # a ConvFFN's folded 7x7 + BatchNorm
+            out.update(_ffn_reference(state))
         return out
 
     def _apply(self, fn, recurse=True):
@@ -156,10 +158,6 @@ class FusedRepMixerBlock(_Fused):
                         "mix_b": ("token_mixer.reparam_conv.bias", False), **_FFN_NAMES,
                         "gamma": ("layer_scale", False)}
 
-    @classmethod
-    def reference_state(cls, state):
-        return {**super().reference_state(state), **_ffn_reference(state)}
-
     def __init__(self, block: fv.RepMixerBlock, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)
         mix = block.token_mixer.reparam_conv
@@ -177,10 +175,6 @@ class FusedConvFFN(_Fused):
     state is in the names the block uses (``convffn.*``, ``layer_scale_2``)."""
 
     _REFERENCE_NAMES = {**_FFN_NAMES, "gamma": ("layer_scale_2", False)}
-
-    @classmethod
-    def reference_state(cls, state):
-        return {**super().reference_state(state), **_ffn_reference(state)}
 
     def __init__(self, ffn: fv.ConvFFN, gamma: torch.Tensor, backend: str, dtype: torch.dtype):
         super().__init__(backend, dtype)
