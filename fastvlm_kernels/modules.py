@@ -21,8 +21,8 @@ from fastvlm.reparam import fold_convffn_bn
 
 from . import ops  # noqa: F401  (registers torch.ops.fastvlm.*)
 
-__all__ = ["FrozenDeviceDtypeError", "FusedStem", "FusedRepMixerBlock", "FusedConvFFN", "FusedAttentionBlock", "FusedPatchEmbed",
-           "FusedDWConv", "FusedConvExp", "FUSED_TYPES"]
+__all__ = ["FrozenDeviceDtypeError", "FusedStem", "FusedRepMixerBlock", "FusedConvFFN", "FusedAttentionBlock",
+           "FusedPatchEmbed", "FusedDWConv", "FusedConvExp", "FUSED_TYPES"]
 
 
 def pack_dw(weight: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _ffn_reference(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The ConvFFN's dw7x7 + BatchNorm, whose fold the fused modules hold: the folded weight, and a
     BatchNorm that is the identity up to its bias (weight 1, mean 0, variance 1 - eps)."""
     b = state["ffn_b"]
-    eps = nn.BatchNorm2d(1).eps
+    eps = 1e-5  # nn.BatchNorm2d's default, which both FastViTs' ConvFFN BatchNorms use
     return {"convffn.conv.conv.weight": unpack_dw(state["ffn_w"]), "convffn.conv.bn.weight": torch.ones_like(b),
             "convffn.conv.bn.bias": b, "convffn.conv.bn.running_mean": torch.zeros_like(b),
             "convffn.conv.bn.running_var": torch.full_like(b, 1.0 - eps),
