@@ -41,7 +41,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy", "pillow", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "openai"],
         "bench": ["pytest-benchmark", "onnxruntime", "onnx", "matplotlib"],
         # transformers: 4.50 (Qwen2's logits_to_keep) up to the next major; tested with 5.25. Its FastVLM
         # classes (accelerate() on FastVlmForConditionalGeneration) need a transformers that has them.
@@ -49,6 +49,9 @@ setup(
         # timm's FastVit (fastvit_mci3), which transformers' FastVLM wraps
         "timm": ["timm>=1.0"],
         "gpu": ["triton"],
+        # fastvlm serve: the OpenAI-compatible HTTP server; [ray]: the same app on Ray Serve
+        "serve": ["transformers>=4.50,<6", "tokenizers", "fastapi", "uvicorn"],
+        "ray": ["transformers>=4.50,<6", "tokenizers", "fastapi", "uvicorn", "ray[serve]"],
     },
     entry_points={"console_scripts": ["fastvlm=fastvlm.cli:main"]},
     ext_modules=[

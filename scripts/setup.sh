@@ -25,6 +25,8 @@ say "installing the VLM extra (transformers, tokenizers) and triton (CPU interpr
 say "installing timm (without dependencies)"
 "$PY" -m pip install -q pyyaml huggingface_hub
 "$PY" -m pip install -q --no-deps "timm>=1.0"
+say "installing the serving extras (fastapi, uvicorn, ray[serve]) and the openai client (tests, benchmark)"
+"$PY" -m pip install -q fastapi uvicorn "ray[serve]" openai
 if [ "${1:-}" = "bench" ]; then
   say "installing benchmark peers (onnxruntime, onnx, onnxscript, matplotlib)"
   "$PY" -m pip install -q onnxruntime onnx onnxscript matplotlib || say "WARNING: benchmark extras failed to install; the report will skip those peers"
