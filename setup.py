@@ -1,4 +1,5 @@
 """Builds fastvlm_kernels._C (the C++ CPU kernels in csrc/) with torch.utils.cpp_extension + ninja.
+The project's metadata is in pyproject.toml.
 
 torch is deliberately not a build requirement: install with
     pip install --no-build-isolation -e .
@@ -7,7 +8,7 @@ against the torch already installed (pip install torch==2.13.0).
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -33,27 +34,8 @@ if os.environ.get("FASTVLM_EMULATE_AVX512"):
     # 16-lane logic is exercised on CPUs without AVX-512. Never for use: ~8x slower than the AVX2 build.
     cxx_flags += ["-DFASTVLM_EMULATE_AVX512", "-Wno-psabi"]
 
+# The package's metadata, dependencies and extras are in pyproject.toml; this file builds the extension.
 setup(
-    name="fastvlm-kernels",
-    version="0.1.0",
-    description="Fused CPU (C++) and GPU (Triton) kernels for Apple's FastVLM / FastViTHD",
-    packages=find_packages(include=["fastvlm", "fastvlm.*", "fastvlm_kernels", "fastvlm_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["numpy", "pillow", "safetensors"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "openai"],
-        "bench": ["pytest-benchmark", "onnxruntime", "onnx", "matplotlib"],
-        # transformers: 4.50 (Qwen2's logits_to_keep) up to the next major; tested with 5.25. Its FastVLM
-        # classes (accelerate() on FastVlmForConditionalGeneration) need a transformers that has them.
-        "vlm": ["transformers>=4.50,<6", "tokenizers"],
-        # timm's FastVit (fastvit_mci3), which transformers' FastVLM wraps
-        "timm": ["timm>=1.0"],
-        "gpu": ["triton"],
-        # fastvlm serve: the OpenAI-compatible HTTP server; [ray]: the same app on Ray Serve
-        "serve": ["transformers>=4.50,<6", "tokenizers", "fastapi", "uvicorn"],
-        "ray": ["transformers>=4.50,<6", "tokenizers", "fastapi", "uvicorn", "ray[serve]"],
-    },
-    entry_points={"console_scripts": ["fastvlm=fastvlm.cli:main"]},
     ext_modules=[
         CppExtension(
             "fastvlm_kernels._C",
