@@ -301,7 +301,7 @@ def ttft_unavailable(dt: str, fast_bf16: bool) -> Optional[str]:
         import transformers  # noqa: F401
         import tokenizers  # noqa: F401
     except ImportError:
-        return "transformers/tokenizers are not installed (pip install 'fastvlm-kernels[vlm]')"
+        return "transformers/tokenizers are not installed (pip install transformers tokenizers: the [vlm] extra)"
     if dt == "bf16" and not fast_bf16:
         return ("the LLM prefill in bf16 needs a fast bf16 GEMM, which this CPU lacks (no AVX512_BF16/AMX); "
                 "~300 GFLOP at ~1 GFLOP/s would not finish")

@@ -1,7 +1,7 @@
 // fastvlm_C::dwconv_nhwc -- depthwise k x k convolution over NHWC activations, with stride,
 // channel multiplier, bias and an optional exact-erf GELU, in one pass over memory.
 //
-// Contract (the `dwconv` op of design.md §3, CPU kernel):
+// Contract (the `dwconv` op of docs/architecture.md, CPU kernel):
 //   x      (B, H, W, Cin)            contiguous, float32 or bfloat16
 //   weight (K, K, Cout)              contiguous float32, packed once from PyTorch's (Cout, 1, K, K);
 //                                    Cout = Cin * M, output channel co reads input channel co / M

@@ -33,7 +33,7 @@ static inline uint32_t load_pair(const uint16_t* p) {
 constexpr int64_t KP_MAX = FVK_KP_MAX;  // pairs per K block: a block's 2-panel weight slice is 32 KB, as fp32's
 // Pixels per micro-tile: 8 x 2 = 16 accumulators (+ 2 weight vectors and a broadcast: 19 of the 32
 // zmm registers). vdpbf16ps has a latency of several cycles and this project's Zen 5 issues two per
-// cycle (performance.md: ~900 GFLOP/s on 2 threads), so the 12 independent sums of the fp32 6 x 2
+// cycle (~900 GFLOP/s on 2 threads), so the 12 independent sums of the fp32 6 x 2
 // tile would leave no slack. (Chosen from that arithmetic; not yet timed on an AVX512_BF16 CPU.)
 constexpr int MRD = 8;
 

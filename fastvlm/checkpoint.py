@@ -1,4 +1,4 @@
-"""Loading FastViTHD and projector weights from the released checkpoints (fastvithd.md §4).
+"""Loading FastViTHD and projector weights from the released checkpoints (docs/model.md).
 
 Sources: a state dict, a file (safetensors, or a torch file read with ``weights_only=True``), a
 directory (single file or sharded with an ``*.index.json``), or a Hugging Face hub id (needs

@@ -84,7 +84,7 @@ def cmd_serve(a) -> int:
         from .serve.protocol import Limits
         from .serve.server import ServeOptions, serve_forever
     except ImportError as e:
-        _err(f"fastvlm serve needs FastAPI and uvicorn: pip install 'fastvlm-kernels[serve]' ({e})")
+        _err(f"fastvlm serve needs FastAPI and uvicorn: pip install fastapi uvicorn (the [serve] extra) ({e})")
         return 2
     if a.image_dir is not None and not os.path.isdir(a.image_dir):
         _err(f"--image-dir {a.image_dir!r} is not a directory")
@@ -116,7 +116,7 @@ def _serve_ray(opts, a) -> int:
         from ray import serve
         from .serve.ray_app import deployment_for
     except ImportError as e:
-        _err(f"fastvlm serve --ray needs Ray Serve: pip install 'fastvlm-kernels[ray]' ({e})")
+        _err(f"fastvlm serve --ray needs Ray Serve: pip install 'ray[serve]' (the [ray] extra) ({e})")
         return 2
     ray.init(address=a.ray_address, logging_level="WARNING")
     serve.start(http_options={"host": opts.host, "port": opts.port})
@@ -197,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     v.add_argument("--max-image-mb", type=float, default=16, help="encoded bytes per image (default 16 MiB)")
     v.add_argument("--max-image-pixels", type=int, default=40_000_000, help="pixels per image (default 40 M)")
     v.add_argument("--max-request-mb", type=float, default=32, help="request body size (default 32 MiB)")
-    v.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'fastvlm-kernels[ray]')")
+    v.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (needs pip install 'ray[serve]')")
     v.add_argument("--replicas", type=int, default=1, help="--ray: replicas (default 1)")
     v.add_argument("--max-replicas", type=int, default=None, help="--ray: autoscale between --replicas and this")
     v.add_argument("--cpus-per-replica", type=float, default=1.0, help="--ray: CPUs each replica reserves (and threads)")

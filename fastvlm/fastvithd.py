@@ -10,7 +10,7 @@ inference form (one conv, what the released checkpoints hold). ``reparameterize(
 former into the latter (see ``reparam.py`` for the math). The ConvFFN BatchNorm is *not* folded in
 the model, as in the release; ``reparam.fold_convffn_bn`` gives its fold for kernels that want it.
 
-Numerics (design.md §4): exact-erf GELU, BatchNorm / LayerNormChannel eps 1e-5, softmax scale
+Numerics (docs/numerics.md): exact-erf GELU, BatchNorm / LayerNormChannel eps 1e-5, softmax scale
 head_dim**-0.5, SE with ReLU and sigmoid.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = ["FastViTHD", "FastViTHDConfig"]
 
 @dataclass
 class FastViTHDConfig:
-    """Hyper-parameters of FastViTHD. The defaults are the released architecture (fastvithd.md §1.1)."""
+    """Hyper-parameters of FastViTHD. The defaults are the released architecture."""
 
     layers: Tuple[int, ...] = (2, 12, 24, 4, 2)
     embed_dims: Tuple[int, ...] = (96, 192, 384, 768, 1536)
@@ -155,7 +155,7 @@ class MobileOneBlock(nn.Module):
         return self.activation(self.se(out))
 
     def fused_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) of the single conv equivalent to all branches (fastvithd.md §2.2)."""
+        """(W, b) of the single conv equivalent to all branches."""
         if self.inference_mode:
             return self.reparam_conv.weight, self.reparam_conv.bias
         w_shape = (self.cout, self.cin // self.groups, self.k, self.k)
@@ -187,7 +187,7 @@ class MobileOneBlock(nn.Module):
 class ReparamLargeKernelConv(nn.Module):
     """k x k conv-BN plus a small-kernel conv-BN (RepLKNet), then GELU (PatchEmbed ``proj.0``).
 
-    Unlike the original FastViT code, the activation is applied (fastvithd.md §1.6)."""
+    Unlike the original FastViT code, the activation is applied."""
 
     def __init__(self, cin, cout, k, stride, groups, small_kernel=3, inference_mode=False):
         super().__init__()
@@ -237,7 +237,7 @@ class PatchEmbed(nn.Module):
 
 class RepMixer(nn.Module):
     """Depthwise token mixer, train form ``x + λ·(mixer(x) − norm(x))``; inference form one dw conv
-    with the residual folded into its kernel (fastvithd.md §2.3)."""
+    with the residual folded into its kernel."""
 
     def __init__(self, dim, kernel_size=3, layer_scale_init_value=1e-5, inference_mode=False):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Image preprocessing as the reference ``predict.py`` does it (fastvithd.md §3.2).
+"""Image preprocessing as the reference ``predict.py`` does it (docs/model.md).
 
 RGB -> pad to a square with black, centred -> bicubic resize (shortest edge to ``size``) ->
 centre crop ``size`` x ``size`` (a no-op after squaring) -> /255. No mean/std normalisation.

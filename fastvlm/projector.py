@@ -1,4 +1,4 @@
-"""The mlp2x_gelu projector: Linear(3072, H) -> GELU (erf) -> Linear(H, H), per token (fastvithd.md §3.1)."""
+"""The mlp2x_gelu projector: Linear(3072, H) -> GELU (erf) -> Linear(H, H), per token."""
 from __future__ import annotations
 
 import torch

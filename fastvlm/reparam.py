@@ -1,4 +1,4 @@
-"""Re-parameterization math (fastvithd.md §2): folding BatchNorm into convs and merging branches.
+"""Re-parameterization math (docs/model.md): folding BatchNorm into convs and merging branches.
 
 Pure functions on tensors, shared by the model's ``reparameterize()`` and by the kernels (which fold
 the ConvFFN BatchNorm into the 7x7 depthwise weights with :func:`fold_convffn_bn`).

@@ -2,7 +2,7 @@
 
 The released init puts layer scales at 1e-5, which hides broken FFN / attention / mixer branches
 from any parity check. :func:`randomize_` gives every parameter and BatchNorm statistic a random
-O(1)-effect value (design.md §5): layer scales ~U(0.5, 1.5), running_mean ~N(0, 0.2),
+O(1)-effect value: layer scales ~U(0.5, 1.5), running_mean ~N(0, 0.2),
 running_var ~U(0.5, 2), conv / linear weights with fan-in scaling.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FastVLM: FastViTHD -> mlp2x_gelu projector -> Qwen2ForCausalLM (transformers), end to end.
 
-Prompting follows the reference ``predict.py`` (fastvithd.md §3.3-3.4): the qwen_2 chat template,
+Prompting follows the reference ``predict.py`` (docs/model.md): the qwen_2 chat template,
 ``<image>`` placeholders replaced by the image's projected tokens. Two placeholder forms give the same
 embeddings, hence the same logits:
 
@@ -12,7 +12,7 @@ embeddings, hence the same logits:
 
 A batch of prompts is left-padded; position ids start at 0 after the padding. ``generate`` runs the
 LLM with its KV cache and reports the time to first token with its breakdown
-(:class:`TTFT`). transformers is an optional dependency (``pip install .[vlm]``).
+(:class:`TTFT`). transformers is an optional dependency (the ``[vlm]`` extra).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ HF_IMAGE_TOKEN_ID = 151646        # transformers fast_vlm / Qwen2 tokenizers wit
 SYSTEM_PROMPT = "You are a helpful assistant."
 DOWNSAMPLE = 64                   # FastViTHD's total stride: (S/64)^2 tokens per S x S image
 
-#: Qwen2 shapes of the released FastVLM sizes (fastvithd.md §3.1), plus a tiny one for tests.
+#: Qwen2 shapes of the released FastVLM sizes, plus a tiny one for tests.
 LLM_CONFIGS: Dict[str, dict] = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936),
@@ -73,13 +73,13 @@ def _transformers():
     try:
         import transformers
     except ImportError as e:
-        raise ImportError("fastvlm.FastVLM needs transformers: pip install 'fastvlm-kernels[vlm]' "
-                          "(or pip install transformers)") from e
+        raise ImportError("fastvlm.FastVLM needs transformers: pip install transformers tokenizers "
+                          "(the [vlm] extra)") from e
     return transformers
 
 
 def chat_prompt(text: str, system: str = SYSTEM_PROMPT) -> str:
-    """``text`` in the qwen_2 chat template of ``predict.py`` (fastvithd.md §3.3)."""
+    """``text`` in the qwen_2 chat template of ``predict.py``."""
     return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n"
             f"<|im_start|>assistant\n")
 

@@ -1,4 +1,4 @@
-"""Which backends exist, which are usable, and what ``backend="auto"`` picks (design.md §2).
+"""Which backends exist, which are usable, and what ``backend="auto"`` picks (docs/architecture.md).
 
 A backend is available when it covers all seven ops (itself, or through a declared fallback that
 ``describe()`` names and ``accelerate()`` warns about once) and can run here: ``reference`` always;

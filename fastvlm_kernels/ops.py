@@ -1,8 +1,8 @@
-"""The seven fused ops of FastViTHD (design.md §3) as ``torch.library`` custom ops.
+"""The seven fused ops of FastViTHD (docs/architecture.md) as ``torch.library`` custom ops.
 
 Each op is ``torch.ops.fastvlm.<name>`` (defined with the low-level ``torch.library`` API, see
 ``_Op``), with a schema, a fake (meta) implementation so that
-``torch.compile`` and ``torch.export`` trace through it, input validation (design.md §8), and one
+``torch.compile`` and ``torch.export`` trace through it, input validation, and one
 implementation per backend. The last argument, ``backend``, names the implementation to run; the
 registry below is the one place that maps (op, backend) to code.
 

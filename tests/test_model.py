@@ -48,7 +48,7 @@ def test_inference_mode_constructor_has_checkpoint_keys():
               "conv_exp.se.reduce.weight", "network.4.23.convffn.conv.bn.running_var"]:
         assert k in keys, k
     n = sum(p.numel() for p in m.parameters())
-    assert n == 122_714_208  # fastvithd.md §5: 122.71 M without head.proj
+    assert n == 122_714_208  # 122.71 M without head.proj
 
 
 @pytest.mark.parametrize("hw,grid", [((1024, 1024), (16, 16)), ((768, 768), (12, 12)), ((1536, 1536), (24, 24)),

@@ -8,7 +8,7 @@ and the same app as a Ray Serve deployment.
 - :mod:`fastvlm.serve.server`: loading, warm-up, uvicorn (``fastvlm serve``);
 - :mod:`fastvlm.serve.ray_app`: the Ray Serve deployment (``fastvlm serve --ray``).
 
-Needs ``pip install 'fastvlm-kernels[serve]'`` (and ``[ray]`` for Ray Serve). See docs/serving.md.
+Needs FastAPI and uvicorn (the ``[serve]`` extra), and ``ray[serve]`` for Ray Serve (``[ray]``). See docs/serving.md.
 """
 from .engine import Engine, EngineClosedError, QueueFullError, SamplingParams, Ticket
 from .protocol import APIError, Limits

@@ -8,7 +8,7 @@ replica answers. Start it with ``fastvlm serve --ray --replicas N ...`` or with 
 
 (every field of :class:`~fastvlm.serve.server.ServeOptions` can be given as ``key=value``; the
 limits by their names in :class:`~fastvlm.serve.protocol.Limits`). ``max_replicas=M`` turns on Ray's
-autoscaling between ``replicas`` and ``M``. Needs ``pip install 'fastvlm-kernels[ray]'``.
+autoscaling between ``replicas`` and ``M``. Needs ``pip install 'ray[serve]'`` (the ``[ray]`` extra).
 """
 from __future__ import annotations
 

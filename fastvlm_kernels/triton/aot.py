@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of every Triton kernel x configuration for NVIDIA targets, on any
-machine (no GPU needed; design.md §6).
+machine (no GPU needed; docs/gpu.md).
 
     python -m fastvlm_kernels.triton.aot [--dtypes bf16,fp32] [--json out.json]   # one line per kernel x config x arch
 

@@ -5,7 +5,7 @@ in :data:`CONFIGS` (name -> list of constexpr/launch dicts). On a GPU the wrappe
 ``ops_triton.py`` autotune over them; under ``TRITON_INTERPRET=1`` the first one runs; the AOT test
 compiles every (kernel, configuration) for sm_90 and sm_80.
 
-Fusion map (design.md §3):
+Fusion map (the ops: docs/architecture.md):
 
 - ``dw_kernel``: depthwise / grouped (multiplier M) kxk conv on NHWC rows of pixels, bias, GELU,
   and optionally the per-tile channel sums SE needs. The 49 (or 9) taps of a row of BLOCK_W pixels
