@@ -17,7 +17,9 @@ except ImportError as e:  # pragma: no cover
                      "pip install --no-build-isolation -e .") from e
 
 here = os.path.dirname(os.path.abspath(__file__))
-sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+# One translation unit per ISA (csrc/isa/), one per op (csrc/ops/), and the registration: ninja
+# compiles them in parallel (MAX_JOBS caps the jobs).
+sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
 # -fopenmp: at::parallel_for is an inline template that only runs in parallel when the extension
 # itself is compiled with OpenMP. The extension then binds to the libgomp.so.1 torch already loaded,
 # so torch.set_num_threads() governs it.
@@ -26,11 +28,11 @@ if os.environ.get("FASTVLM_DEBUG"):
     cxx_flags = ["-O1", "-g", "-std=c++17", "-fopenmp", "-fno-omit-frame-pointer"]
 link_flags = ["-fopenmp"]
 if os.environ.get("FASTVLM_ASAN"):
-    cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-DFASTVLM_NO_CLONES"]
+    cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
     link_flags += ["-fsanitize=address"]
 
 if os.environ.get("FASTVLM_EMULATE_AVX512"):
-    # Test builds only (scripts/asan.sh): the AVX-512 kernels compiled for AVX2 (ffn.cpp), so their
+    # Test builds only (scripts/asan.sh): the AVX-512 kernels compiled for AVX2 (csrc/isa/avx512*.cpp), so their
     # 16-lane logic is exercised on CPUs without AVX-512. Never for use: ~8x slower than the AVX2 build.
     cxx_flags += ["-DFASTVLM_EMULATE_AVX512", "-Wno-psabi"]
 

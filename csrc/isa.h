@@ -14,10 +14,10 @@ namespace fastvlm {
 
 // avx512_bf16: AVX-512 plus AVX512_BF16 (vdpbf16ps). It changes bfloat16 only: the ConvFFN's fc1 / fc2,
 // attention's qkv, S, P V and proj and patch_embed's 1x1 then multiply bf16 pairs with fp32
-// accumulation (ffn_dp_impl.h; the 1x1 weights packed by pack_linear_bf16); every other kernel runs
+// accumulation (kernels/bf16_pairs.h; the 1x1 weights packed by pack_linear_bf16); every other kernel runs
 // as on avx512.
 // amx_bf16: avx512_bf16 plus AMX (AMX-TILE, AMX-BF16): the same bf16-pair GEMMs (same weights, same
-// rounded operands) run on the tile unit (ffn_amx_impl.h; TDPBF16PS, 16 x 16 x 32 per instruction),
+// rounded operands) run on the tile unit (kernels/amx.h; TDPBF16PS, 16 x 16 x 32 per instruction),
 // where their K is a multiple of 32; other K, and everything else, as on avx512_bf16.
 enum class Isa { sse = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx_bf16 = 4 };
 
@@ -49,7 +49,7 @@ inline Isa active_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
-#ifdef FASTVLM_EMULATE_AVX512  // the test build of ffn.cpp: the AVX-512 paths compiled for AVX2
+#ifdef FASTVLM_EMULATE_AVX512  // the test build of csrc/isa/avx512*.cpp: the AVX-512 paths compiled for AVX2
   if (best == Isa::avx2) best = Isa::avx512_bf16;
 #endif
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&

@@ -27,12 +27,12 @@ FASTVLM_EMULATE_AVX512=$emu FASTVLM_ASAN=1 "$PY" setup.py -q build_ext --build-t
 so=$(find "$out/lib" -name '_C*.so' | head -1)
 libasan=$(${CC:-gcc} -print-file-name=libasan.so)
 libstdcxx=$(${CC:-gcc} -print-file-name=libstdc++.so)  # so ASan's __cxa_throw interceptor finds the real one
-say "running tests/test_extension.py, the cpu cases of tests/test_ops.py and the whole-encoder parity tests under ASan ($libasan)"
+say "running the C++ op tests (tests/test_cpu_*.py), the cpu cases of tests/test_ops.py and the whole-encoder parity tests under ASan ($libasan)"
 # pytest captures stderr, so ASan writes its report to files, shown on failure.
 rc=0
 FASTVLM_EXT="$so" LD_PRELOAD="$libasan $libstdcxx" \
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$out/asan" \
-  "$PY" -m pytest tests/test_extension.py tests/test_ops.py -q -x -k "not opcheck and not without_extension and not every_output_element" -p no:cacheprovider "$@" || rc=$?
+  "$PY" -m pytest tests/test_cpu_*.py tests/test_ops.py -q -x -k "not opcheck and not without_extension and not every_output_element" -p no:cacheprovider "$@" || rc=$?
 # the whole encoder on the cpu backend, fp32 and bf16 (with emulation: the AVX-512 / AVX512_BF16 paths end to end),
 # and its packed weights through state_dict / load_state_dict / backend switches (bf16 pairs when emulated)
 [ "$rc" = 0 ] && { FASTVLM_EXT="$so" LD_PRELOAD="$libasan $libstdcxx" \

@@ -1,4 +1,4 @@
-// csrc/gelu.h's GELU on AVX2 vectors: speed (ns per 8-float vector, an L1-resident loop, best of 30)
+// csrc/kernels/gelu.h's GELU on AVX2 vectors: speed (ns per 8-float vector, an L1-resident loop, best of 30)
 // and max error against double-precision erf, beside the form it replaced (x / sqrt 2 first, then
 // 0.5 x (1 + z P / Q)). Standalone, no torch:
 //   g++ -O3 -std=c++17 -mavx2 -mfma -Icsrc scripts/gelu_check.cpp -o /tmp/gelu_check && /tmp/gelu_check

@@ -1,9 +1,9 @@
-// Attention's softmax exponential on AVX2 vectors: ffn_impl.h's vexp2_neg (2^x of base-2 scores, what
-// attn_impl.h and the bf16-pair path use) beside vexp (e^x, what they used before), in the softmax's
+// Attention's softmax exponential on AVX2 vectors: kernels/vec.h's vexp2_neg (2^x of base-2 scores, what
+// kernels/attention.h and the bf16-pair path use) beside vexp (e^x, what they used before), in the softmax's
 // own inner loop (load a score, subtract the running max, exponentiate, store p, add it to the sum:
 // 128 keys x 32 queries, L1-resident, best of 20 alternated runs); their max relative error against
 // double precision over the softmax's range, and the edge values. Then phase 2 of the attention mixer
-// (attn_impl.h's attn_tiles: S = K Q^T, online softmax, P V) for one image, one thread, in GFLOP/s.
+// (kernels/attention.h's attn_tiles: S = K Q^T, online softmax, P V) for one image, one thread, in GFLOP/s.
 // Standalone, no torch:
 //   g++ -O3 -std=c++17 -mavx2 -mfma -Icsrc scripts/softmax_check.cpp -o /tmp/softmax_check && /tmp/softmax_check [N C]
 #include <algorithm>
@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
               vexp2_neg(vset(0.f))[0], vexp2_neg(vset(-125.f))[0], vexp2_neg(vset(-3e38f))[0],
               vexp2_neg(vset(-INFINITY))[0], vexp2_neg(vset(NAN))[0]);
 
-  // phase 2 for one image (attn_impl.h's layouts; q pre-scaled by head_dim^-0.5 log2(e), as ffn.cpp does)
+  // phase 2 for one image (attention.h's layouts; q pre-scaled by head_dim^-0.5 log2(e), as ops/attention_mixer.cpp does)
   const int64_t N = argc > 2 ? std::atoll(argv[1]) : 1024, C = argc > 2 ? std::atoll(argv[2]) : 768, hd = 32;
   const int64_t Np = (N + Tq - 1) / Tq * Tq + Tq, tiles = (N + Tq - 1) / Tq;
   std::mt19937 g(1);

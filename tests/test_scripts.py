@@ -1,5 +1,5 @@
 """The standalone check programs in scripts/ (no torch: they include the kernels' own headers) build,
-run, and report the accuracy the kernels' comments claim: a change to gelu.h or to ffn_impl.h's
+run, and report the accuracy the kernels' comments claim: a change to gelu.h or to vec.h's
 exponentials that breaks either shows up here as well as in the op tests."""
 import os
 import re

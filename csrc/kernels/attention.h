@@ -1,5 +1,5 @@
-// The attention mixer y = x + gamma * proj(MHSA(LayerNormChannel(x))), included by ffn.cpp after
-// ffn_impl.h once per ISA (same vector type `vf`, `pgemm` / `gemm_s`, `ld`/`st`, `vexp2_neg`).
+// The attention mixer y = x + gamma * proj(MHSA(LayerNormChannel(x))), included by kernels.h after
+// the fp32 kernels once per ISA (same vector type `vf`, `pgemm` / `gemm_s`, `ld`/`st`, `vexp2_neg`).
 //
 // Three phases per batch, each parallel over tiles and deterministic (one thread per tile, fixed order):
 //  1. qkv_tiles, per tile of tokens (the 1x1 ops' tiling): LayerNormChannel of each token (fp32
@@ -25,8 +25,8 @@ static inline float hsum(vf v) {
 
 // Phase 1, one tile: tokens [p0, p0 + np). ln: np x C floats, qkv: np rows of ldq floats, ldq = 3C
 // rounded up to 32. gemm(ln, np, qkv): qkv (np x 3C, row stride ldq) = ln (np x C) . Wqkv^T (pgemm
-// on the packed weight; the AVX512_BF16 path, ffn_dp_impl.h, on bf16 pairs). scatter(qkv, p0, np):
-// the tile's q, k, v into phase 2's layouts (scatter_qkv here; ffn_dp_impl.h's bf16 pair layouts).
+// on the packed weight; the AVX512_BF16 path, bf16_pairs.h, on bf16 pairs). scatter(qkv, p0, np):
+// the tile's q, k, v into phase 2's layouts (scatter_qkv here; bf16_pairs.h's bf16 pair layouts).
 template <typename T_, typename Gemm, typename Scatter>
 static void qkv_tile(const T_* x, int64_t C, const float* ln_w, const float* ln_b, int64_t p0, int64_t np, float* ln,
                      float* qkv, const Gemm& gemm, const Scatter& scatter) {
@@ -76,7 +76,7 @@ static void scatter_qkv(const float* qkv, int64_t ldq, int64_t N, int64_t C, int
 
 // Phase 1 for tiles [t_begin, t_end) of `per_image` tiles per image. scratch: T * C (ln rows) +
 // T * ldq (qkv rows) floats. `zeros`: >= ldq zero floats (no qkv bias).
-static void qkv_tiles(const void* x, bool bf16, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
+FVK_ENTRY void qkv_tiles(const void* x, bool bf16, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
                       const float* wqkv_p, const float* zeros, float scale, float* Qt, float* Kb, float* Vt, int64_t Np,
                       int64_t ldq, int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
   float *ln = scratch, *qkv = ln + C * T;
@@ -162,7 +162,7 @@ static void attn_tile(int64_t N, int64_t C, int64_t hd, const float* Qt, const f
   }
 }
 
-static void attn_tiles(int64_t N, int64_t C, int64_t hd, const float* Qt, const float* Kb, const float* Vt, int64_t Np,
+FVK_ENTRY void attn_tiles(int64_t N, int64_t C, int64_t hd, const float* Qt, const float* Kb, const float* Vt, int64_t Np,
                        const float* zeros, int64_t Tq, int64_t BK, float* O, int64_t t_begin, int64_t t_end,
                        float* scratch) {
   const int64_t per_image = (N + Tq - 1) / Tq;
@@ -176,7 +176,7 @@ static void attn_tiles(int64_t N, int64_t C, int64_t hd, const float* Qt, const 
 
 // Phase 3 for tiles [t_begin, t_end) of `per_image` tiles per image: y = x + gamma * (O . Wp^T + bp)
 // (pgemm, the fc2 epilogue). bp and gamma zero padded to Cp floats; scratch: T * Cp floats.
-static void proj_tiles(const void* x, void* y, bool bf16, int64_t N, int64_t C, const float* O, const float* wp_p,
+FVK_ENTRY void proj_tiles(const void* x, void* y, bool bf16, int64_t N, int64_t C, const float* O, const float* wp_p,
                        const float* bp, const float* gamma, int64_t Cp, int64_t per_image, int64_t T, int64_t t_begin,
                        int64_t t_end, float* scratch) {
   for (int64_t t = t_begin; t < t_end; ++t) {

@@ -27,7 +27,7 @@ constexpr float B1 = kQ[1] / 2, B2 = kQ[2] / 4, B3 = kQ[3] / 8, B4 = kQ[4] / 16,
 
 // The same formula for a scalar float or a GCC vector of floats (`one` = 1 of that type).
 // CLAMP(u, hi) must give u clamped to [-hi, hi] with a NaN u kept, exactly
-// `u > hi ? hi : u` then `u < -hi ? -hi : u` (ffn_impl.h's clamp_sym: one min and one max
+// `u > hi ? hi : u` then `u < -hi ? -hi : u` (vec.h's clamp_sym: one min and one max
 // instruction where the ISA has them; GCC lowers these selects against a constant bound as a
 // compare and a blend each).
 #define FVK_GELU_BODY(V, x, one, CLAMP)                                              \
@@ -53,7 +53,7 @@ inline float clamp_sym_scalar(float z, float hi) {
   z = z > hi ? hi : z;
   return z < -hi ? -hi : z;
 }
-// The scalar form, for channel tails and the scalar kernels (dwconv.cpp, ffn_impl.h).
+// The scalar form, for channel tails and the scalar kernels (depthwise.h, conv_exp.h, patch_embed.h).
 inline float gelu_scalar(float x) {
   float fvk_gelu_out;
   FVK_GELU_BODY(float, x, 1.f, clamp_sym_scalar);

@@ -1,12 +1,12 @@
 // The bf16 GEMMs on AVX512_BF16 (the ConvFFN's fc1 / fc2, attention's qkv, S, P V and proj, patch_embed's
 // 1x1): they multiply bf16 pairs into fp32 accumulators
 // (vdpbf16ps: acc[i] += a[2i+1] b[2i+1] + a[2i] b[2i], 16 fp32 lanes per instruction, twice the
-// multiply-adds of an fp32 FMA), on weights packed once by pack_linear_bf16. Included by ffn.cpp,
-// after ffn_impl.h and attn_impl.h, in the ffn_avx512bf16 namespace only (FVK_VL = 16), which defines
+// multiply-adds of an fp32 FMA), on weights packed once by pack_linear_bf16. Included by
+// csrc/isa/avx512_bf16.cpp and amx.cpp after kernels.h, in their namespaces only (FVK_VL = 16), which defines
 //   vf fvk_dpbf16(vf acc, uint32_t a2, vf w): acc + the products of the bf16 pair a2 (low half:
 //   the even k) with the 16 bf16 pairs of w (the bits of a vf), high (odd) products added first.
 //
-// Numerics: bf16 storage, fp32 accumulation, like the fp32-compute bf16 path (ffn_impl.h), except
+// Numerics: bf16 storage, fp32 accumulation, like the fp32-compute bf16 path (the fp32 kernels), except
 // that the GEMM operands are bf16: the depthwise output d and the GELU output (fc2's input), and in
 // attention and patch_embed the operands named there, are rounded to bf16 (nearest even) before
 // they are multiplied, as eager PyTorch in bf16 rounds every layer's output. The weights of a bf16
@@ -112,10 +112,10 @@ static void pgemm_dp_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K,
   }
 }
 
-// The GEMM every function below calls: pgemm_dp_part, or in the ffn_amx namespace (FVK_AMX) the same
-// GEMM on AMX tiles (ffn_amx_impl.h), which falls back to pgemm_dp_part where K is not a multiple of 32.
+// The GEMM every function below calls: pgemm_dp_part, or in the isa_amx namespace (FVK_AMX) the same
+// GEMM on AMX tiles (amx.h), which falls back to pgemm_dp_part where K is not a multiple of 32.
 #ifdef FVK_AMX
-#include "ffn_amx_impl.h"
+#include "amx.h"
 #define FVK_PGEMM_DP pgemm_amx_part
 #else
 #define FVK_PGEMM_DP pgemm_dp_part
@@ -141,7 +141,7 @@ static void to_bf16_rows(const float* a, int64_t np, int64_t C, uint16_t* out) {
 
 // Scratch floats per thread of ffn_dp_tiles for tiles of T pixels: d (T x C fp32), the fc1 partial
 // sums (T x ldh fp32), fc2's accumulator (T x Cp fp32), then bf16 rows: d (T x Ce), hid (T x ldh).
-static inline int64_t ffn_dp_scratch(int64_t T, int64_t C, int64_t Hd) {
+int64_t ffn_dp_scratch(int64_t T, int64_t C, int64_t Hd) {
   const int64_t ldh = hid_stride(Hd), Cp = (C + NR - 1) / NR * NR, Ce = (C + 1) / 2 * 2;
   return T * (C + ldh + Cp) + (T * (Ce + ldh) + 1) / 2;
 }
@@ -183,7 +183,7 @@ static void ffn_tile_dp(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, i
 static_assert(HC % 2 == 0, "fc2's hidden chunks start on a pair");
 
 // Tiles [t_begin, t_end) of a batch (ffn_tiles' tiling), `scratch`: ffn_dp_scratch(T, C, Hd) floats.
-static void ffn_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
+void ffn_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Kk,
                          const float* dw_w, const float* dw_b, const uint16_t* w1p, const float* b1,
                          const uint16_t* w2p, const float* b2, const float* gamma, int64_t per_image, int64_t T,
                          int64_t t_begin, int64_t t_end, float* scratch) {
@@ -199,13 +199,13 @@ static void ffn_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, 
   }
 }
 
-// The fused RepMixer block (mix_tiles, ffn_impl.h) with the ConvFFN's GEMMs on bf16 pairs: x and y
+// The fused RepMixer block (mix_tiles, repmixer.h) with the ConvFFN's GEMMs on bf16 pairs: x and y
 // bf16; the window's mixer output m stays fp32 (the ConvFFN's depthwise input and the residual), so
 // the residual stream is rounded once per block, at y. `scratch`: mix_dp_scratch floats.
-static inline int64_t mix_dp_scratch(int64_t th, int64_t tw, int64_t C, int64_t Hd, int64_t Kk) {
+int64_t mix_dp_scratch(int64_t th, int64_t tw, int64_t C, int64_t Hd, int64_t Kk) {
   return mix_window_floats(th, tw, C, Kk / 2) + ffn_dp_scratch(th * tw, C, Hd);
 }
-static void mix_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Km,
+void mix_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t C, int64_t Hd, int64_t Km,
                          const float* mix_w, const float* mix_b, int64_t Kk, const float* dw_w, const float* dw_b,
                          const uint16_t* w1p, const float* b1, const uint16_t* w2p, const float* b2,
                          const float* gamma, int64_t gh, int64_t gw, int64_t th, int64_t tw, int64_t t_begin,
@@ -228,10 +228,10 @@ static void mix_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, 
 // Per tile (dwpw_tiles' tiling): the grouped dw + GELU in fp32 (dwm_rows), rounded to bf16 rows (the
 // pair products' operand, as eager bf16 rounds it), then y = bf16(GELU(d . Wpw^T + b)) on pairs.
 // pw_p = pack_linear_bf16(pw_w (Co, Co)), pw_b padded to Cop floats. scratch: dwpw_dp_scratch floats.
-static inline int64_t dwpw_dp_scratch(int64_t T, int64_t Co, int64_t Cop) {
+int64_t dwpw_dp_scratch(int64_t T, int64_t Co, int64_t Cop) {
   return T * (Co + Cop) + (T * ((Co + 1) / 2 * 2) + 1) / 2;
 }
-static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
+void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd, int64_t Cin, int64_t Co, int64_t Kk,
                           int64_t s, const float* dw_w, const float* dw_b, const float* w2, const float* b2,
                           const uint16_t* pw_p, const float* pw_b,
                           int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end, float* scratch) {
@@ -249,7 +249,7 @@ static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd,
   }
 }
 
-// ---- the bf16 attention mixer on bf16 pairs (attn_impl.h's three phases) ------------------------
+// ---- the bf16 attention mixer on bf16 pairs (attention.h's three phases) ------------------------
 // wq = pack_linear_bf16(qkv_w (3C, C)), wp = pack_linear_bf16(proj_w (C, C)). Rounded to bf16, as
 // eager bf16 rounds them (the operands of the pair products): the LayerNorm output, q (pre-scaled;
 // here by head_dim^-0.5 log2(e), eager's by head_dim^-0.5), k and v, the softmax numerators p, and
@@ -263,7 +263,7 @@ static void dwpw_dp_tiles(const uint16_t* x, uint16_t* y, int64_t H, int64_t Wd,
 //      the output channels): Qp[h][i / 16][dp][2 (i % 16) + e] = q[i][h hd + 2 dp + e]
 //   Kh (heads, N, hp): key rows, the broadcast pairs of S = K Q^T
 //   Vh (heads, hd, Np): value rows over keys, the broadcast pairs of O^T = V^T P^T
-static inline int64_t attn_hp(int64_t hd) { return (hd + 1) / 2 * 2; }
+int64_t attn_hp(int64_t hd) { return (hd + 1) / 2 * 2; }
 
 // Phase 1's scatter: tokens [p0, p0 + np) of the qkv rows (fp32, row stride ldq) into Qp, Kh, Vh.
 static void scatter_qkv_dp(const float* qkv, int64_t ldq, int64_t N, int64_t C, int64_t hd, float scale, int64_t p0,
@@ -284,10 +284,10 @@ static void scatter_qkv_dp(const float* qkv, int64_t ldq, int64_t N, int64_t C, 
 }
 
 // Phase 1. scratch: qkv_dp_scratch(T, C, ldq) floats (ln, qkv as attn's, then ln in bf16).
-static inline int64_t qkv_dp_scratch(int64_t T, int64_t C, int64_t ldq) {
+int64_t qkv_dp_scratch(int64_t T, int64_t C, int64_t ldq) {
   return T * (C + ldq) + (T * ((C + 1) / 2 * 2) + 1) / 2;
 }
-static void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
+void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, const float* ln_w, const float* ln_b,
                          const uint16_t* wq, const float* zeros, float scale, uint16_t* Qp, uint16_t* Kh, uint16_t* Vh,
                          int64_t Np, int64_t ldq, int64_t per_image, int64_t T, int64_t t_begin, int64_t t_end,
                          float* scratch) {
@@ -316,7 +316,7 @@ static void qkv_dp_tiles(const uint16_t* x, int64_t N, int64_t C, int64_t hd, co
 //   P = exp(S - running max), rounded to bf16 pairs of keys, query panels: Pp (Tq / 16, BK / 2, 32)
 //   O^T (hd x Tq) += Vh_blk . Pp^T     (value channels as the rows, a pair of keys per step)
 // scratch: attn_dp_scratch(Tq, BK, hd) floats.
-static inline int64_t attn_dp_scratch(int64_t Tq, int64_t BK, int64_t hd) {
+int64_t attn_dp_scratch(int64_t Tq, int64_t BK, int64_t hd) {
   return BK * Tq + BK * Tq / 2 + 2 * hd * Tq + 2 * Tq;
 }
 static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, const uint16_t* Kh, const uint16_t* Vh,
@@ -350,7 +350,7 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
 }
 static_assert(VL == PW, "a query vector of phase 2 is one panel of 16 queries");
 
-static void attn_dp_tiles(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, const uint16_t* Kh,
+void attn_dp_tiles(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, const uint16_t* Kh,
                           const uint16_t* Vh, int64_t Np, const float* zeros, int64_t Tq, int64_t BK, float* O,
                           int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t per_image = (N + Tq - 1) / Tq, hp = attn_hp(hd), heads = C / hd;
@@ -364,10 +364,10 @@ static void attn_dp_tiles(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, 
 }
 
 // Phase 3: y = x + gamma * (O . Wproj^T + bp). scratch: proj_dp_scratch(T, C, Cp) floats.
-static inline int64_t proj_dp_scratch(int64_t T, int64_t C, int64_t Cp) {
+int64_t proj_dp_scratch(int64_t T, int64_t C, int64_t Cp) {
   return T * Cp + (T * ((C + 1) / 2 * 2) + 1) / 2;
 }
-static void proj_dp_tiles(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, const float* O, const uint16_t* wp,
+void proj_dp_tiles(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, const float* O, const uint16_t* wp,
                           const float* bp, const float* gamma, int64_t Cp, int64_t per_image, int64_t T,
                           int64_t t_begin, int64_t t_end, float* scratch) {
   const int64_t Ce = (C + 1) / 2 * 2;
@@ -386,7 +386,7 @@ static void proj_dp_tiles(const uint16_t* x, uint16_t* y, int64_t N, int64_t C, 
 // flushing): the products are 2^-40.
 constexpr int NCH_DP = 16;
 constexpr int DP_CHAIN_FLOPS = 4 * VL * NCH_DP;  // per iteration of dp_chains
-static float dp_chains(int64_t iters, float seed) {
+float dp_chains(int64_t iters, float seed) {
   typedef uint32_t vu __attribute__((vector_size(FVK_VL * 4)));
   vf a[NCH_DP];
 #pragma GCC unroll 16

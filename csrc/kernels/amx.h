@@ -1,6 +1,6 @@
-// The bf16-pair GEMMs of ffn_dp_impl.h on AMX tiles (Isa::amx_bf16). Included by ffn_dp_impl.h right
-// after pgemm_dp_part, in the ffn_amx namespace only (FVK_AMX; compiled for AVX-512 + AVX512_BF16 +
-// AMX-TILE + AMX-BF16), where every GEMM of ffn_dp_impl.h -- the ConvFFN's fc1 / fc2, attention's
+// The bf16-pair GEMMs of bf16_pairs.h on AMX tiles (Isa::amx_bf16). Included by bf16_pairs.h right
+// after pgemm_dp_part, in the isa_amx namespace only (csrc/isa/amx.cpp (FVK_AMX; compiled for AVX-512 + AVX512_BF16 +
+// AMX-TILE + AMX-BF16), where every GEMM of bf16_pairs.h -- the ConvFFN's fc1 / fc2, attention's
 // qkv, S, P V and proj, patch_embed's 1x1 -- then goes through pgemm_amx_part instead.
 //
 // Same operands, same packed weights, same contract as pgemm_dp_part: A is bf16 pixel rows, the
@@ -156,7 +156,7 @@ static void pgemm_amx_part(const uint16_t* a, int64_t lda, int64_t np, int64_t K
 // The AMX multiply-add peak (fastvlm_C::peak_gflops on amx_bf16): `iters` rounds of TDPBF16PS into
 // four independent C tiles (2 x 16 x 16 x 32 flops each), from two A and two B tiles of small values.
 constexpr int AMX_CHAIN_FLOPS = 4 * 2 * 16 * 16 * 32;  // per iteration of amx_chains
-static float amx_chains(int64_t iters, float seed) {
+float amx_chains(int64_t iters, float seed) {
   alignas(64) uint16_t ab[16 * 32];
   alignas(64) float c[16 * 16];
   for (int i = 0; i < 16 * 32; ++i) ab[i] = 0x2B80;  // bf16 2^-40: the sums stay tiny and normal

@@ -1,0 +1,47 @@
+"""Float64 models of exactly the roundings of the bf16-pair kernels (kernels/bf16_pairs.h): what the
+AVX512_BF16 and AMX ConvFFN and attention compute, rounding for rounding, against which they are checked."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def convffn_bf16_rounded(x, a):
+    """The bf16 ConvFFN as the AVX512_BF16 kernel computes it, in float64: the depthwise output and
+    the GELU output rounded to bf16 (the operands of the pair products), weights in bf16, the
+    result rounded to bf16."""
+    import torch.nn.functional as F
+    r = lambda t: t.to(torch.bfloat16).to(torch.float64)  # noqa: E731
+    w = [r(t) for t in a]
+    h = x.to(torch.float64).permute(0, 3, 1, 2)
+    k = w[0].shape[0]
+    d = r(F.conv2d(h, w[0].permute(2, 0, 1)[:, None], w[1], padding=k // 2, groups=h.shape[1]))
+    hid = r(F.gelu(F.conv2d(d, w[2][:, :, None, None], w[3])))
+    f = F.conv2d(hid, w[4][:, :, None, None], w[5])
+    return (h + w[6][None, :, None, None] * f).permute(0, 2, 3, 1).to(torch.bfloat16)
+
+
+def attention_bf16_rounded(x, a, hd, BK=128):
+    """The bf16 attention mixer as the AVX512_BF16 kernels compute it, in float64: bf16 weights; the
+    LayerNorm output, q (pre-scaled by head_dim^-0.5 log2(e): the kernels' scores are in base 2), k, v,
+    the softmax numerators p = 2^(s - max) and the attention output rounded to bf16; per query the
+    flash recurrence over key blocks of BK (p rounded against the running max of its block, the running
+    sum adding the rounded p); the result rounded to bf16."""
+    r = lambda t: t.to(torch.bfloat16).to(torch.float64)  # noqa: E731
+    ln_w, ln_b, qkv_w, proj_w, proj_b, gamma = [r(t) for t in a]
+    B, H, W, C = x.shape
+    N, heads = H * W, C // hd
+    t = x.to(torch.float64).reshape(B, N, C)
+    u = t.mean(-1, keepdim=True)
+    n = r((t - u) / torch.sqrt((t - u).pow(2).mean(-1, keepdim=True) + 1e-5) * ln_w + ln_b)
+    qkv = (n @ qkv_w.T).reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
+    q, k, v = r(qkv[0] * (hd ** -0.5 * math.log2(math.e))), r(qkv[1]), r(qkv[2])
+    m = torch.full((B, heads, N, 1), -torch.inf, dtype=torch.float64)
+    l, o = torch.zeros_like(m), torch.zeros_like(q)
+    for k0 in range(0, N, BK):
+        s = q @ k[:, :, k0:k0 + BK].transpose(-2, -1)
+        mn = torch.maximum(m, s.amax(-1, keepdim=True))
+        alpha, p = torch.exp2(m - mn), r(torch.exp2(s - mn))
+        l, o, m = l * alpha + p.sum(-1, keepdim=True), o * alpha + p @ v[:, :, k0:k0 + BK], mn
+    o = r((o / l).transpose(1, 2).reshape(B, N, C))
+    return (t + gamma * (o @ proj_w.T + proj_b)).reshape(B, H, W, C).to(torch.bfloat16)

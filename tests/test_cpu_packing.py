@@ -1,0 +1,56 @@
+"""The packed-weight format of the cpu backend: pack_linear / pack_linear_bf16 against csrc/packed.h's layout and
+its Python mirror (fastvlm_kernels.cpu.PackedFormat), and repacking."""
+import pytest
+import torch
+
+import fastvlm_kernels
+from cpu_cases import needs_ext
+
+
+@needs_ext
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 5), (32, 3), (33, 7), (96, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_linear_layout(N, K, dtype):
+    w = torch.randn(N, K).to(dtype)
+    p = torch.ops.fastvlm_C.pack_linear(w)
+    P = (N + 31) // 32 * 2
+    assert p.dtype == torch.float32 and p.shape == (P, K, 16)
+    full = torch.zeros(P * 16, K)
+    full[:N] = w.float()
+    assert torch.equal(p, full.reshape(P, 16, K).transpose(1, 2))  # p[q][k][i] = w[16q + i][k], zero padded
+
+
+@needs_ext
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 5), (32, 4), (33, 7), (96, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_linear_bf16_layout(N, K, dtype):
+    w = torch.randn(N, K).to(dtype)
+    p = torch.ops.fastvlm_C.pack_linear_bf16(w)
+    P, KP = (N + 31) // 32 * 2, (K + 1) // 2
+    assert p.dtype == torch.bfloat16 and p.shape == (P, KP, 32)
+    full = torch.zeros(P * 16, 2 * KP, dtype=torch.bfloat16)
+    full[:N, :K] = w.bfloat16()  # float32 rounds to nearest even
+    # p[q][j][2i + e] = w[16q + i][2j + e], zero padded (channels past N, k = K when K is odd)
+    assert torch.equal(p, full.reshape(P, 16, KP, 2).permute(0, 2, 1, 3).reshape(P, KP, 32))
+
+
+@needs_ext
+def test_cpu_backend_repacks_when_a_weight_changes_in_place():
+    import fastvlm_kernels.cpu as cpu
+    w = torch.randn(40, 12)
+    p1 = cpu.packed(w)
+    assert cpu.packed(w) is p1  # packed once
+    with torch.no_grad():
+        w.mul_(2)
+    p2 = cpu.packed(w)
+    assert p2 is not p1 and torch.equal(p2, 2 * p1)
+    with torch.inference_mode():
+        wi = torch.randn(40, 12)
+    assert torch.equal(cpu.packed(wi), torch.ops.fastvlm_C.pack_linear(wi))  # no version counter: packed per call
+    # the bf16-pair layout is cached beside the float32 one, and repacked the same way
+    q1 = cpu.packed(w, pairs=True)
+    assert q1.dtype == torch.bfloat16 and cpu.packed(w, pairs=True) is q1 and cpu.packed(w) is p2
+    with torch.no_grad():
+        w.mul_(-1)
+    assert torch.equal(cpu.packed(w, pairs=True), -q1) and torch.equal(cpu.packed(w), -p2)
+
