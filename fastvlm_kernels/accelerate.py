@@ -84,13 +84,13 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
             for m in enc.modules():
                 if isinstance(m, _Fused):
                     m.backend = name
-            _prepack(enc, name)
+            backends.prepare_weights(enc, name)
             enc.accelerated_backend = name
             continue
         with torch.no_grad():
             enc.reparameterize()
             _swap(enc, name, want_dtype)
-        _prepack(enc, name)
+        backends.prepare_weights(enc, name)
         enc.accelerated_backend = name
         enc.accelerated_dtype = want_dtype
     if dtype is not None:
@@ -106,18 +106,6 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
             if isinstance(hf_proj, nn.Module) and isinstance(getattr(m, "vision_tower", None), nn.Module):
                 hf_proj.to(dtype)
     return model
-
-
-def _prepack(enc: nn.Module, backend: str) -> None:
-    """Weights in the layout the backend's kernels read, once: the cpu backend's 1x1 weights packed in
-    place of their nn.Linear-layout tensors; for any other backend, that layout (back) again."""
-    with torch.no_grad():
-        if backend == "cpu":
-            from . import cpu
-            cpu.prepack(enc)
-        elif any("_fastvlm_linear_shapes" in m.__dict__ for m in enc.modules()):
-            from . import cpu
-            cpu.unprepack(enc)
 
 
 def _swap(enc: FastViTHD, backend: str, dtype: torch.dtype) -> None:
@@ -165,7 +153,7 @@ def _accelerate_timm(tm: nn.Module, backend: str, dtype: Optional[torch.dtype]) 
         for m in tm.modules():
             if isinstance(m, _Fused):
                 m.backend = name
-        _prepack(tm, name)
+        backends.prepare_weights(tm, name)
         tm.accelerated_backend = name
         return
     t = next(t for t in tm.parameters() if t.is_floating_point())
@@ -244,7 +232,7 @@ def _timm_load_state_dict(tm, state_dict, prefix, local_metadata, strict, missin
     timm_sd = {k: v for k, v in timm_sd.items() if k in want}
     enc = load_vision_tower(timm_sd, layout="timm", config=cfg, dtype=stem.dtype, device=stem.w0.device)
     with torch.no_grad():
-        _swap(enc, "reference", stem.dtype)
+        _swap(enc, backends.FALLBACK, stem.dtype)
     parts = {"stem": enc.patch_embed, "stages": nn.Sequential(*enc.network), "final_conv": enc.conv_exp}
     for part, mod in parts.items():
         for k, v in mod.state_dict().items():

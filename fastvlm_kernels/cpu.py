@@ -7,15 +7,15 @@ All seven ops:
   tile, about 1.14 times each, instead of stored at full resolution);
 - ``convffn`` (fused dw7x7 -> fc1 -> GELU -> fc2 -> layer scale + residual, one tile of pixels at a
   time, the 4C hidden kept in cache; in bf16 on a CPU with AVX512_BF16, fc1 and fc2 multiply bf16
-  pairs with vdpbf16ps, csrc/ffn_dp_impl.h, as do attention's qkv, S, P V and proj and patch_embed's
+  pairs with vdpbf16ps, csrc/kernels/bf16_pairs.h, as do attention's qkv, S, P V and proj and patch_embed's
   1x1) and ``repmixer_block`` (the same, one rectangle of pixels at a time, with the RepMixer's dw3x3
   output over the rectangle and its 7x7 halo kept in per-thread float32 scratch, for bf16 too);
 - ``patch_embed`` (dw7x7 s2 x2 + GELU -> 1x1 + GELU per tile) and ``dwconv``;
 - ``attention_mixer`` (LayerNormChannel as the qkv GEMM's prologue per tile of tokens, flash
   attention with online softmax over key blocks, then proj with a bias + layer scale + residual
-  epilogue per tile of tokens; csrc/attn_impl.h);
+  epilogue per tile of tokens; csrc/kernels/attention.h);
 - ``conv_exp`` (dw conv with per-row channel sums, SE, then GELU(z·s): two passes, vectorised per
-  ISA; csrc/dwconv.cpp and ffn_impl.h).
+  ISA; csrc/kernels/depthwise.h).
 
 The 1x1 weights of convffn / repmixer_block (fc1, fc2), stem (w2), patch_embed (pw) and
 attention_mixer (qkv, proj) are handed to the C++ ops in the panel layout their GEMMs read
@@ -26,19 +26,69 @@ fused modules' 1x1 weights by their packed form, so the model holds each weight 
 module's ``state_dict()`` still has the nn.Linear layout, and ``load_state_dict()`` takes it.
 
 The kernels run with float32 denormals flushed (FTZ + DAZ on their threads, restored afterwards):
-values below 1.18e-38 in magnitude are read, and produced, as signed zeros (README, Usage).
+values below 1.18e-38 in magnitude are read, and produced, as signed zeros (docs/numerics.md).
 """
 from __future__ import annotations
 
 import torch
 
-from . import ops
-from ._ext import load_extension
+from . import backends, ops
+from ._ext import extension_error, load_extension
 
-if load_extension() is None:  # pragma: no cover - guarded by backends._register_cpu
-    raise ImportError("fastvlm_kernels.cpu needs the C++ extension")
+_C = torch.ops.fastvlm_C  # the extension's ops; loaded (load_extension) before any kernel below runs
 
-_C = torch.ops.fastvlm_C
+
+class PackedFormat:
+    """The packed-weight format of the cpu backend: the Python side of its one C++ owner, csrc/packed.h
+    (tests/test_packing.py checks the two against each other). An (N, K) nn.Linear / 1x1 weight is
+    packed into panels of PANEL output channels, the panel count rounded up to even:
+
+    - float32 (``pack_linear``): (panels(N), K, PANEL); out[p][k][i] = w[PANEL p + i][k];
+    - bf16 pairs (``pack_linear_bf16``): (panels(N), pair_rows(K), 2 PANEL) bfloat16;
+      out[p][j][2i + e] = w[PANEL p + i][2j + e];
+
+    zero where PANEL p + i >= N (and where 2j + e = K for an odd K)."""
+
+    description = "packed for the cpu backend (fastvlm_kernels.cpu.PackedFormat)"
+    PANEL = 16
+
+    @classmethod
+    def panels(cls, n: int) -> int:
+        return (n + 2 * cls.PANEL - 1) // (2 * cls.PANEL) * 2
+
+    @staticmethod
+    def pair_rows(k: int) -> int:
+        return (k + 1) // 2
+
+    @classmethod
+    def shape(cls, n: int, k: int, pairs: bool) -> tuple:
+        return (cls.panels(n), cls.pair_rows(k), 2 * cls.PANEL) if pairs else (cls.panels(n), k, cls.PANEL)
+
+    @classmethod
+    def owns(cls, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a weight in this layout (of any shape)."""
+        return (t.dim() == 3 and t.dtype in (torch.float32, torch.bfloat16)
+                and t.shape[2] == (2 * cls.PANEL if t.dtype == torch.bfloat16 else cls.PANEL))
+
+    @classmethod
+    def matches(cls, t: torch.Tensor, shape) -> bool:
+        """Whether ``t`` is the (n, k) weight ``shape`` in this layout (n < 0: any n)."""
+        if not cls.owns(t):
+            return False
+        n, k = shape
+        want = cls.shape(n if n >= 0 else 1, k, t.dtype == torch.bfloat16)
+        return t.shape[1:] == want[1:] and (n < 0 or t.shape[0] == want[0])
+
+    @classmethod
+    def unpack(cls, p: torch.Tensor, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """The (n, k) nn.Linear-layout weight in ``dtype`` from its packed form. Exact: the panels hold
+        the weight's own values (bf16 ones for a bf16 model)."""
+        if p.dtype == torch.bfloat16:  # pairs: [panel][k // 2][2 * lane + k % 2]
+            P, kh, _ = p.shape
+            w = p.view(P, kh, cls.PANEL, 2).permute(0, 2, 1, 3).reshape(P * cls.PANEL, kh * 2)
+        else:  # panels: [panel][k][lane]
+            w = p.permute(0, 2, 1).reshape(-1, p.shape[1])
+        return w[:n, :k].to(dtype).contiguous()
 
 
 def _f32(t):
@@ -84,8 +134,8 @@ def packed(w: torch.Tensor, pairs: bool = False) -> torch.Tensor:
 
 def uses_bf16_pairs(dtype: torch.dtype) -> bool:
     """Whether the GEMMs of ``dtype`` activations (the ConvFFN's, attention's and patch_embed's)
-    run the bf16-pair kernels now (bf16 pair products, fp32 accumulation; csrc/ffn_dp_impl.h, on AMX
-    tiles where the ISA is ``amx_bf16``: csrc/ffn_amx_impl.h): bfloat16 on a CPU with AVX512_BF16,
+    run the bf16-pair kernels now (bf16 pair products, fp32 accumulation; csrc/kernels/bf16_pairs.h, on AMX
+    tiles where the ISA is ``amx_bf16``: csrc/kernels/amx.h): bfloat16 on a CPU with AVX512_BF16,
     unless FASTVLM_CPU_ISA caps the ISA below ``avx512_bf16``.
     Their fc1 / fc2, qkv / proj and pw weights are then packed by ``pack_linear_bf16``; the other
     bf16 kernels (the stem, the depthwise convs, the softmax) compute in fp32 on bf16 storage."""
@@ -99,14 +149,8 @@ _LINEAR = ("fc1_w", "fc2_w", "w2", "pw_w", "qkv_w", "proj_w")  # the fused modul
 
 
 def unpack(p: torch.Tensor, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The (n, k) nn.Linear-layout weight in ``dtype`` from its :func:`packed` form (float32 panels or
-    bf16 pairs). Exact: the panels hold the weight's own values (bf16 ones for a bf16 model)."""
-    if p.dtype == torch.bfloat16:  # pairs: [panel][k // 2][2 * lane + k % 2]
-        P, kh, _ = p.shape
-        w = p.view(P, kh, 16, 2).permute(0, 2, 1, 3).reshape(P * 16, kh * 2)
-    else:  # panels: [panel][k][lane]
-        w = p.permute(0, 2, 1).reshape(-1, p.shape[1])
-    return w[:n, :k].to(dtype).contiguous()
+    """The (n, k) nn.Linear-layout weight in ``dtype`` from its :func:`packed` form (PackedFormat.unpack)."""
+    return PackedFormat.unpack(p, n, k, dtype)
 
 
 def _packed_shapes(m: torch.nn.Module) -> dict:
@@ -177,7 +221,7 @@ def _convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
 
 
 def _repmixer_block(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
-    # one pass: the mixer output m stays in per-thread scratch, float32 for bf16 x too (csrc/ffn.cpp)
+    # one pass: the mixer output m stays in per-thread scratch, float32 for bf16 x too (csrc/kernels/repmixer.h)
     pairs = uses_bf16_pairs(x.dtype)
     return _C.repmixer_nhwc(x, mix_w, mix_b, ffn_w, ffn_b, packed(fc1_w, pairs), fc1_b, packed(fc2_w, pairs), fc2_b,
                             gamma)
@@ -217,13 +261,26 @@ def peak_gflops(dtype: torch.dtype = torch.float32, seconds: float = 0.2, reps: 
     return float(_C.peak_gflops(uses_bf16_pairs(dtype), float(seconds), int(reps)))
 
 
-ops.register_kernel("dwconv", "cpu", _dwconv)
-ops.register_kernel("convffn", "cpu", _convffn)
-ops.register_kernel("repmixer_block", "cpu", _repmixer_block)
-ops.register_kernel("stem", "cpu", _stem)
-ops.register_kernel("patch_embed", "cpu", _patch_embed)
-ops.register_kernel("attention_mixer", "cpu", _attention_mixer)
-ops.register_kernel("conv_exp", "cpu", _conv_exp)
-for _op in ops.OPS:
-    if _op not in ops.backend_ops("cpu"):
-        ops.register_fallback(_op, "cpu", "reference")
+# ---- the backend's declaration ---------------------------------------------------------------------
+_KERNELS = {"dwconv": _dwconv, "convffn": _convffn, "repmixer_block": _repmixer_block, "stem": _stem,
+            "patch_embed": _patch_embed, "attention_mixer": _attention_mixer, "conv_exp": _conv_exp}
+
+
+def _unavailable():
+    return None if load_extension() is not None else f"the C++ extension is not built ({extension_error()})"
+
+
+def _register_kernels() -> None:
+    for op, fn in _KERNELS.items():
+        ops.register_kernel(op, "cpu", fn)
+
+
+def is_prepacked(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s fused modules hold their 1x1 weights packed (:func:`prepack`)."""
+    return any("_fastvlm_linear_shapes" in m.__dict__ for m in model.modules())
+
+
+ops.register_weight_format("cpu", PackedFormat)
+backends.register(backends.Backend(
+    name="cpu", devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), unavailable=_unavailable,
+    load=_register_kernels, prepare=prepack, unprepare=unprepack, is_prepared=is_prepacked))

@@ -35,24 +35,55 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import reference
-
-__all__ = ["OPS", "BACKENDS", "register_kernel", "register_fallback", "kernel_for", "backend_ops", "fallback_ops", "stem", "repmixer_block",
-           "convffn", "patch_embed", "dwconv", "attention_mixer", "conv_exp"]
+__all__ = ["OPS", "register_kernel", "register_fallback", "register_weight_format", "kernel_for", "backend_ops",
+           "fallback_ops", "registered_backends", "set_backend_loader", "stem", "repmixer_block", "convffn",
+           "patch_embed", "dwconv", "attention_mixer", "conv_exp"]
 
 OPS = ("stem", "repmixer_block", "convffn", "patch_embed", "dwconv", "attention_mixer", "conv_exp")
-BACKENDS = ("reference", "cpu", "triton")
 
-# (op, backend) -> implementation with the op's signature minus ``backend``.
+# (op, backend) -> implementation with the op's signature minus ``backend``. Backends fill it when they
+# load (fastvlm_kernels.backends); this module names none of them.
 _KERNELS: Dict[str, Dict[str, Callable]] = {op: {} for op in OPS}
+# backends.py's hook: loads a backend's kernels the first time an op is called with it.
+_LOAD_BACKEND: Optional[Callable[[str], None]] = None
+
+
+def set_backend_loader(fn: Callable[[str], None]) -> None:
+    global _LOAD_BACKEND
+    _LOAD_BACKEND = fn
 
 
 def register_kernel(op: str, backend: str, fn: Callable) -> None:
     if op not in _KERNELS:
         raise ValueError(f"register_kernel: unknown op {op!r}; ops are {OPS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"register_kernel: unknown backend {backend!r}; backends are {BACKENDS}")
     _KERNELS[op][backend] = fn
+
+
+def registered_backends() -> List[str]:
+    """The backends that have registered kernels so far, in registration order."""
+    seen: Dict[str, None] = {}
+    for op in OPS:
+        seen.update(dict.fromkeys(_KERNELS[op]))
+    return list(seen)
+
+
+# backend -> the format of the weights it prepares in a layout of its own (e.g. the cpu backend's
+# packed panels): an object with .description (e.g. "packed for the cpu backend (where it is
+# described)"), .owns(t) -> bool (t is in this layout)
+# and .matches(t, (n, k)) -> bool (t is an (n, k) nn.Linear weight in this layout; n < 0: any n). The contracts below accept such a weight in
+# place of the nn.Linear one, and only for the backend that owns its format.
+_WEIGHT_FORMATS: Dict[str, object] = {}
+
+
+def register_weight_format(backend: str, fmt: object) -> None:
+    _WEIGHT_FORMATS[backend] = fmt
+
+
+def _format_owner(t: Tensor, shape: Sequence[int]) -> Optional[str]:
+    for backend, fmt in _WEIGHT_FORMATS.items():
+        if fmt.matches(t, tuple(shape)):
+            return backend
+    return None
 
 
 # (op, backend) -> the backend that runs in its place, for ops a backend does not implement yet.
@@ -76,27 +107,30 @@ def fallback_ops(backend: str) -> Dict[str, str]:
     return {op: _FALLBACKS[op][backend] for op in OPS if backend in _FALLBACKS[op]}
 
 
-def _packed_only_on_cpu(op: str, backend: str, *weights) -> None:
-    """1x1 weights packed for the cpu backend (3-D) are read by its kernels only."""
-    if backend != "cpu" and any(isinstance(w, Tensor) and w.dim() == 3 for w in weights):
-        raise ValueError(f"fastvlm::{op}: its 1x1 weights are packed for the cpu backend (fastvlm_kernels.cpu.packed), "
-                         f"which the {backend!r} backend cannot read; switch with "
-                         f"fastvlm_kernels.accelerate(model, backend={backend!r}), which unpacks them")
+def _own_layouts_only(op: str, backend: str, *weights) -> None:
+    """Weights in a backend's own layout (a 1x1 weight that is not 2-D) are read by that backend's
+    kernels only."""
+    for w in weights:
+        if isinstance(w, Tensor) and w.dim() != 2:
+            owner = next((b for b, fmt in _WEIGHT_FORMATS.items() if fmt.owns(w)), None)
+            if owner != backend:
+                where = _WEIGHT_FORMATS[owner].description if owner else "in no known layout"
+                raise ValueError(f"fastvlm::{op}: its 1x1 weights are {where}, which the {backend!r} backend "
+                                 f"cannot read; switch with fastvlm_kernels.accelerate(model, backend={backend!r}), "
+                                 "which restores the nn.Linear layout")
 
 
 def kernel_for(op: str, backend: str) -> Callable:
+    if backend not in _KERNELS.get(op, {}) and _LOAD_BACKEND is not None:
+        _LOAD_BACKEND(backend)
     try:
         return _KERNELS[op][backend]
     except KeyError:
         if backend in _FALLBACKS.get(op, {}):
             return _KERNELS[op][_FALLBACKS[op][backend]]
-        have = [b for b in BACKENDS if b in _KERNELS.get(op, {})]
+        have = [b for b in registered_backends() if b in _KERNELS.get(op, {})]
         raise RuntimeError(f"fastvlm::{op}: backend {backend!r} has no implementation of this op "
                            f"(available: {have})") from None
-
-
-for _op in OPS:
-    register_kernel(_op, "reference", getattr(reference, _op))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,14 +188,12 @@ def _check_x(op: str, x, channels: Optional[int] = None) -> None:
 def _check_w(op: str, name: str, t, shape: Sequence[int], x: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"fastvlm::{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if len(shape) == 2 and t.dim() == 3:  # a 1x1 weight packed for the cpu backend (fastvlm_kernels.cpu.packed)
-        n, k = shape
-        pairs = t.dtype == torch.bfloat16
-        ok = (t.dtype in (torch.float32, torch.bfloat16) and t.shape[2] == (32 if pairs else 16)
-              and t.shape[1] == ((k + 1) // 2 if pairs else k) and (n < 0 or n <= t.shape[0] * 16 < n + 32))
-        if not ok:
-            raise ValueError(f"fastvlm::{op}: {name} must have shape {tuple(shape)}, or be that weight packed for the "
-                             f"cpu backend (fastvlm_kernels.cpu.packed), got {t.dtype} {tuple(t.shape)}")
+    if len(shape) == 2 and t.dim() != 2 and _WEIGHT_FORMATS:  # a 1x1 weight in a backend's own layout
+        owner = _format_owner(t, shape)
+        if owner is None:
+            formats = " or ".join(f.description for f in _WEIGHT_FORMATS.values())
+            raise ValueError(f"fastvlm::{op}: {name} must have shape {tuple(shape)}, or be that weight {formats}, "
+                             f"got {t.dtype} {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"fastvlm::{op}: {name} is on {t.device} but x is on {x.device}")
         return
@@ -228,7 +260,7 @@ def _check_stem(x, w0, b0, w1, b1, w2, b2):
 @_Op
 def stem(x: Tensor, w0: Tensor, b0: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, backend: str) -> Tensor:
     _check_stem(x, w0, b0, w1, b1, w2, b2)
-    _packed_only_on_cpu("stem", backend, w2)
+    _own_layouts_only("stem", backend, w2)
     return kernel_for("stem", backend)(x, w0, b0, w1, b1, w2, b2)
 
 
@@ -249,7 +281,7 @@ def _check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, g
 def repmixer_block(x: Tensor, mix_w: Tensor, mix_b: Tensor, ffn_w: Tensor, ffn_b: Tensor, fc1_w: Tensor,
                    fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, gamma: Tensor, backend: str) -> Tensor:
     _check_repmixer(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
-    _packed_only_on_cpu("repmixer_block", backend, fc1_w, fc2_w)
+    _own_layouts_only("repmixer_block", backend, fc1_w, fc2_w)
     return kernel_for("repmixer_block", backend)(x, mix_w, mix_b, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
 
 
@@ -268,7 +300,7 @@ def _check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
 def convffn(x: Tensor, ffn_w: Tensor, ffn_b: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
             gamma: Tensor, backend: str) -> Tensor:
     _check_convffn(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
-    _packed_only_on_cpu("convffn", backend, fc1_w, fc2_w)
+    _own_layouts_only("convffn", backend, fc1_w, fc2_w)
     return kernel_for("convffn", backend)(x, ffn_w, ffn_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma)
 
 
@@ -290,7 +322,7 @@ def _check_patch_embed(x, dw_w, dw_b, pw_w, pw_b):
 @_Op
 def patch_embed(x: Tensor, dw_w: Tensor, dw_b: Tensor, pw_w: Tensor, pw_b: Tensor, backend: str) -> Tensor:
     _check_patch_embed(x, dw_w, dw_b, pw_w, pw_b)
-    _packed_only_on_cpu("patch_embed", backend, pw_w)
+    _own_layouts_only("patch_embed", backend, pw_w)
     return kernel_for("patch_embed", backend)(x, dw_w, dw_b, pw_w, pw_b)
 
 
@@ -341,7 +373,7 @@ def _check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim):
 def attention_mixer(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, proj_w: Tensor, proj_b: Tensor,
                     gamma: Tensor, head_dim: int, backend: str) -> Tensor:
     _check_attention(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
-    _packed_only_on_cpu("attention_mixer", backend, qkv_w, proj_w)
+    _own_layouts_only("attention_mixer", backend, qkv_w, proj_w)
     return kernel_for("attention_mixer", backend)(x, ln_w, ln_b, qkv_w, proj_w, proj_b, gamma, head_dim)
 
 

@@ -115,3 +115,20 @@ def conv_exp(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
     s = h.mean(dim=(2, 3))  # (B, Cout)
     s = torch.sigmoid(F.linear(F.relu(F.linear(s, se_r_w.to(ct), se_r_b.to(ct))), se_e_w.to(ct), se_e_b.to(ct)))
     return _nhwc(F.gelu(h * s[:, :, None, None]), x.dtype)
+
+
+# ---- the backend's declaration ---------------------------------------------------------------------
+def _register_kernels() -> None:
+    from . import ops
+    for op in ops.OPS:
+        ops.register_kernel(op, "reference", globals()[op])
+
+
+def _declare() -> None:
+    from . import backends
+    backends.register(backends.Backend(
+        name="reference", devices=None, dtypes=(torch.float32, torch.bfloat16, torch.float16),
+        load=_register_kernels))
+
+
+_declare()

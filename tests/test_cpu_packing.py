@@ -54,3 +54,20 @@ def test_cpu_backend_repacks_when_a_weight_changes_in_place():
         w.mul_(-1)
     assert torch.equal(cpu.packed(w, pairs=True), -q1) and torch.equal(cpu.packed(w), -p2)
 
+
+@needs_ext
+@pytest.mark.parametrize("n,k", [(1, 1), (16, 16), (17, 5), (31, 7), (32, 8), (33, 3), (96, 24), (100, 101)])
+def test_python_packed_format_is_the_cpp_one(n, k):
+    """fastvlm_kernels.cpu.PackedFormat (the Python owner) and csrc/packed.h (the C++ owner, through
+    pack_linear / pack_linear_bf16) agree on shapes, and unpack inverts both exactly."""
+    from fastvlm_kernels.cpu import PackedFormat as PF
+    w = torch.randn(n, k)
+    for pairs, pack, dtype in [(False, torch.ops.fastvlm_C.pack_linear, torch.float32),
+                               (True, torch.ops.fastvlm_C.pack_linear_bf16, torch.bfloat16)]:
+        p = pack(w)
+        assert tuple(p.shape) == PF.shape(n, k, pairs) and p.dtype == dtype
+        assert PF.owns(p) and PF.matches(p, (n, k)) and PF.matches(p, (-1, k))
+        assert not PF.matches(p, (n + 32, k)) and not PF.matches(p, (n, k + 2))
+        assert torch.equal(PF.unpack(p, n, k, torch.float32), w.to(dtype).float())
+        assert not PF.owns(w) and not PF.owns(p.to(torch.float16))
+    assert PF.panels(n) % 2 == 0 and n <= PF.panels(n) * PF.PANEL < n + 2 * PF.PANEL
