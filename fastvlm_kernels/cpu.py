@@ -35,7 +35,10 @@ import torch
 from . import backends, ops
 from ._ext import extension_error, load_extension
 
-_C = torch.ops.fastvlm_C  # the extension's ops; loaded (load_extension) before any kernel below runs
+# The extension's ops (torch.ops.fastvlm_C.*), loaded here as before, so that every function below works
+# on import; without the extension this module still imports (the backend then says why it cannot run).
+load_extension()
+_C = torch.ops.fastvlm_C
 
 
 class PackedFormat:

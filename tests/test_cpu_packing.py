@@ -71,3 +71,16 @@ def test_python_packed_format_is_the_cpp_one(n, k):
         assert torch.equal(PF.unpack(p, n, k, torch.float32), w.to(dtype).float())
         assert not PF.owns(w) and not PF.owns(p.to(torch.float16))
     assert PF.panels(n) % 2 == 0 and n <= PF.panels(n) * PF.PANEL < n + 2 * PF.PANEL
+
+
+@needs_ext
+def test_cpu_module_works_on_import_alone():
+    """fastvlm_kernels.cpu's functions work in a fresh process that imported nothing else first (the
+    module loads the extension itself)."""
+    import subprocess
+    import sys
+    code = ("import torch\nfrom fastvlm_kernels import cpu\n"
+            "print(tuple(cpu.packed(torch.randn(40, 24)).shape), cpu.peak_gflops(torch.float32, 0.01, 1) > 0, cpu.cpu_isa())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:4] == ["(4,", "24,", "16)", "True"], out.stdout  # 40 channels: 3 panels, rounded to 4
