@@ -27,10 +27,7 @@ namespace fastvlm {
 at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, const at::Tensor& ln_b,
                                 const at::Tensor& qkv_wp, const at::Tensor& proj_wp, const at::Tensor& proj_b,
                                 const at::Tensor& gamma, int64_t head_dim) {
-  TORCH_CHECK(x.device().is_cpu(), "attention_mixer_nhwc: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "attention_mixer_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "attention_mixer_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
+  const at::Tensor xc = checked_nhwc(x, "attention_mixer_nhwc");  // CPU, 4-D, float32 / bfloat16; contiguous
   const int64_t B = x.size(0), N = x.size(1) * x.size(2), C = x.size(3);
   TORCH_CHECK(head_dim >= 1 && C % head_dim == 0, "attention_mixer_nhwc: C = ", C, " is not a multiple of head_dim ",
               head_dim);
@@ -49,7 +46,6 @@ at::Tensor attention_mixer_nhwc(const at::Tensor& x, const at::Tensor& ln_w, con
   const int64_t Cp = packed::padded_width(C), ldq = packed::padded_width(3 * C);
   const at::Tensor bp = padded_f32(proj_b, "attention_mixer_nhwc: proj_b", C, Cp),
                    g = padded_f32(gamma, "attention_mixer_nhwc: gamma", C, Cp);
-  const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || N == 0 || C == 0) return y;
 

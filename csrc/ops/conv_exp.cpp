@@ -52,10 +52,7 @@ static void conv_exp_scale_gelu(const float* z, const float* s, at::Tensor& y) {
 // the division measured the same.
 at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& se_r_w,
                          const at::Tensor& se_r_b, const at::Tensor& se_e_w, const at::Tensor& se_e_b) {
-  TORCH_CHECK(x.device().is_cpu(), "conv_exp_nhwc: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "conv_exp_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "conv_exp_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
+  const at::Tensor xc = checked_nhwc(x, "conv_exp_nhwc");  // CPU, 4-D, float32 / bfloat16; contiguous
   auto f32 = [](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
     TORCH_CHECK(t.device().is_cpu() && t.sizes() == shape, "conv_exp_nhwc: ", name, " must be a CPU tensor of shape ",
                 shape, ", got ", t.sizes());
@@ -70,7 +67,6 @@ at::Tensor conv_exp_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Ten
               " channels");
   const at::Tensor fw = f32(w, "w", {K, K, Cout}), fb = f32(b, "b", {Cout}), rw = f32(se_r_w, "se_r_w", {rd, Cout});
   const at::Tensor rb = f32(se_r_b, "se_r_b", {rd}), ew = f32(se_e_w, "se_e_w", {Cout, rd}), eb = f32(se_e_b, "se_e_b", {Cout});
-  const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({B, H, W, Cout}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || H == 0 || W == 0 || Cout == 0) return y;
   const bool bf16 = x.scalar_type() == at::kBFloat16;

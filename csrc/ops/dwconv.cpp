@@ -49,10 +49,7 @@ static void dwconv_same(const at::Tensor& x, const float* w, const float* b, int
 
 at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        int64_t stride, int64_t padding, bool gelu) {
-  TORCH_CHECK(x.device().is_cpu(), "dwconv_nhwc: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "dwconv_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "dwconv_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
+  const at::Tensor xc = checked_nhwc(x, "dwconv_nhwc");  // CPU, 4-D, float32 / bfloat16; contiguous
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 3 &&
                   weight.size(0) == weight.size(1) && weight.is_contiguous(),
               "dwconv_nhwc: weight must be a contiguous float32 CPU tensor (K, K, Cout), got ", weight.sizes(), " ",
@@ -77,7 +74,6 @@ at::Tensor dwconv_nhwc(const at::Tensor& x, const at::Tensor& weight, const c10:
   TORCH_CHECK(H + 2 * padding >= K && W + 2 * padding >= K, "dwconv_nhwc: input ", H, "x", W, " with padding ",
               padding, " is smaller than the ", K, "x", K, " kernel");
   const int64_t Ho = (H + 2 * padding - K) / stride + 1, Wo = (W + 2 * padding - K) / stride + 1;
-  const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({B, Ho, Wo, Cout}, x.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0 || Cout == 0) return out;
   const float* wptr = weight.data_ptr<float>();

@@ -22,10 +22,7 @@ namespace fastvlm {
 //   bf16 pairs, its input (the dw + GELU output) rounded to bf16 (kernels/bf16_pairs.h).
 at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const at::Tensor& dw_b,
                             const at::Tensor& pw_p, const at::Tensor& pw_b, int64_t stride) {
-  TORCH_CHECK(x.device().is_cpu(), "patch_embed_nhwc: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "patch_embed_nhwc: x must be 4-D (B, H, W, C), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "patch_embed_nhwc: x must be float32 or bfloat16, got ", x.scalar_type());
+  const at::Tensor xc = checked_nhwc(x, "patch_embed_nhwc");  // CPU, 4-D, float32 / bfloat16; contiguous
   TORCH_CHECK(dw_w.dim() == 3 && dw_w.size(0) == dw_w.size(1) && dw_w.size(0) % 2 == 1,
               "patch_embed_nhwc: dw_w must be (K, K, Co) with odd K, got ", dw_w.sizes());
   TORCH_CHECK(stride >= 1, "patch_embed_nhwc: stride must be >= 1, got ", stride);
@@ -49,7 +46,6 @@ at::Tensor patch_embed_nhwc(const at::Tensor& x, const at::Tensor& dw_w, const a
                    b2 = pair_layout(fb.data_ptr<float>(), 1, Co, isa, pairs);
   const float *pw2 = data_or_null(w2), *pb2 = data_or_null(b2);
   const int64_t pad = K / 2, Ho = (H + 2 * pad - K) / stride + 1, Wo = (W + 2 * pad - K) / stride + 1;
-  const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({B, Ho, Wo, Co}, xc.options().memory_format(c10::MemoryFormat::Contiguous));
   if (B == 0) return y;
   const Tiling tl = gemm_tiling(B, Ho * Wo);
