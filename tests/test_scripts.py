@@ -46,3 +46,25 @@ def test_softmax_check(tmp_path):
     assert float(one) == 1.0 and nan == "nan", out
     assert all(float(v) == pytest.approx(2.0 ** -125, rel=1e-5) for v in (lo, far, ninf)), out  # printed to 6 digits
     assert re.search(r"phase 2 .*N = 96 tokens, C = 64, .*GFLOP/s", out), out
+
+
+def _setup_plan(tmp_path, torch_version, cuda):
+    """scripts/setup.sh's plan (FASTVLM_SETUP_DRY_RUN) with a stand-in torch of the given version and
+    CUDA build first on the path."""
+    pkg = tmp_path / "fake" / "torch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f"__version__ = {torch_version!r}\nclass version:\n    cuda = {cuda!r}\n")
+    env = dict(os.environ, FASTVLM_SETUP_DRY_RUN="1", PYTHONPATH=str(tmp_path / "fake"))
+    out = subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_setup_keeps_an_installed_cuda_torch(tmp_path):
+    """The GPU machines come with a CUDA torch and no network: setup.sh keeps it. A CPU torch of
+    another version is replaced by the pinned CPU build, as before."""
+    plan = _setup_plan(tmp_path, "2.11.0+cu130", "13.0")
+    assert "keeping the installed torch 2.11.0 (CUDA 13.0)" in plan and "torch==" not in plan, plan
+    assert "--no-build-isolation --no-deps -e ." in plan          # and builds against it
+    plan = _setup_plan(tmp_path / "cpu", "2.9.0+cpu", None)
+    assert "pip install -q torch==2.13.0" in plan and "keeping" not in plan, plan
