@@ -20,19 +20,11 @@ from typing import List, Optional
 
 import torch
 
-from .serve.server import DTYPES as _DTYPES
+from .serve.server import parse_dtype
 
 
 def _err(msg: str) -> None:
     print(f"fastvlm: error: {msg}", file=sys.stderr)
-
-
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def cmd_generate(a) -> int:
@@ -209,8 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        _dtype(a.dtype), _dtype(a.llm_dtype)
-    except argparse.ArgumentTypeError as e:
+        parse_dtype(a.dtype), parse_dtype(a.llm_dtype)
+    except ValueError as e:
         _err(str(e))
         return 2
     return cmd_serve(a) if a.cmd == "serve" else cmd_generate(a)

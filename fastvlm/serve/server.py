@@ -23,7 +23,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """A --dtype name (float32, fp32, bfloat16, bf16, float16, fp16) as a torch dtype; None stays None."""
     if name is None:
         return None
     if name not in DTYPES:
@@ -77,7 +78,7 @@ def load_model(model: str, backend: str = "auto", dtype: Optional[str] = None, l
     """A FastVLM from ``model`` (a checkpoint directory, hub id, or ``random:SIZE``), moved to
     ``device`` and accelerated with ``backend`` ("none" keeps the eager tower)."""
     from ..vlm import FastVLM
-    dt, ldt = _dtype(dtype), _dtype(llm_dtype)
+    dt, ldt = parse_dtype(dtype), parse_dtype(llm_dtype)
     if model.startswith("random:"):
         if progress:
             _log(f"building a random-weight FastVLM ({model[7:]})")
