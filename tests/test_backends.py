@@ -102,9 +102,11 @@ def _code_strings(mod, after=None):
 
 
 def test_ops_name_no_backend():
-    """ops.py and accelerate.py name no backend in their code; backends.py only in its two tables."""
-    from fastvlm_kernels import accelerate as acc
+    """The ops package (its registry and every op module), modules.py and accelerate.py name no
+    backend in their code; backends.py only in its two tables."""
+    from fastvlm_kernels import accelerate as acc, modules
+    from fastvlm_kernels.ops import _checks, _eager, _fused
     names = {b.name for b in backends.declared()}
-    for mod in (ops, acc):
+    for mod in (ops, _checks, _eager, _fused, modules, acc, *(ops.contract(op) for op in ops.OPS)):
         assert not names & set(_code_strings(mod)), mod.__name__
     assert not names & set(_code_strings(backends, after='FALLBACK = "'))

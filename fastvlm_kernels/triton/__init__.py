@@ -1,4 +1,6 @@
-"""The ``triton`` backend: the seven ops as Triton kernels (``kernels.py``), launched by ``wrappers.py``.
+"""The ``triton`` backend: the seven ops as Triton kernels (``kernels.py``), launched by one module
+per op (``triton/<op>.py``'s ``run``, on the shared building blocks of ``launch.py``), registered from
+:data:`OPS` when the backend loads.
 
 CUDA tensors in fp32 / fp16 / bf16 (fp32 accumulation; fp32 GEMMs use IEEE fp32, not TF32, to keep
 the fp32 parity bound). With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through
@@ -10,13 +12,25 @@ backend is first used (fastvlm_kernels.backends).
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
-from .. import backends
+from .. import backends, ops
 
-__all__ = ["INTERPRET", "FFN_FUSED_MAX_C", "launch_config"]
+__all__ = ["OPS", "INTERPRET", "FFN_FUSED_MAX_C", "launch_config"]
+
+#: The ops this backend implements: ``triton/<op>.py``'s ``run`` each.
+OPS = (
+    "stem",
+    "repmixer_block",
+    "convffn",
+    "patch_embed",
+    "dwconv",
+    "attention_mixer",
+    "conv_exp",
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -32,13 +46,14 @@ def _unavailable():
 
 
 def _load() -> None:
-    from . import wrappers  # noqa: F401  (registers its kernels)
+    for op in OPS:
+        ops.register_kernel(op, "triton", importlib.import_module(f"{__name__}.{op}").run)
 
 
-def __getattr__(name):  # launch_config and the tuning constants live with the wrappers (PEP 562)
+def __getattr__(name):  # launch_config and the tuning constants live with the launcher (PEP 562)
     if name in ("FFN_FUSED_MAX_C", "launch_config"):
-        from . import wrappers
-        return getattr(wrappers, name)
+        from . import launch
+        return getattr(launch, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,8 +1,8 @@
 """Triton kernels of the seven FastViTHD ops (NHWC activations, fp32 accumulation).
 
 Every kernel is a plain ``@triton.jit`` function; the tile configurations it may run with are listed
-in :data:`CONFIGS` (name -> list of constexpr/launch dicts). On a GPU the wrappers in
-``ops_triton.py`` autotune over them; under ``TRITON_INTERPRET=1`` the first one runs; the AOT test
+in :data:`CONFIGS` (name -> list of constexpr/launch dicts). On a GPU the launcher
+(``launch.py``) autotunes over them; under ``TRITON_INTERPRET=1`` the first one runs; the AOT test
 compiles every (kernel, configuration) for sm_90 and sm_80.
 
 Fusion map (the ops: docs/architecture.md):
@@ -385,7 +385,7 @@ def _cfg(num_warps, num_stages=2, **kw):
 
 #: Tile configurations per kernel, chosen for Hopper (H100/H200: 228 KB shared memory per SM,
 #: 64K registers); the first entry is the one the interpreter runs. Shapes-dependent constexprs
-#: (K, NB, CIN, CP, flags) are filled in by the wrappers.
+#: (K, NB, CIN, CP, flags) are filled in by the op modules.
 CONFIGS = {
     "dw_kernel": [_cfg(4, BLOCK_W=8, BLOCK_C=64), _cfg(4, BLOCK_W=16, BLOCK_C=64), _cfg(8, BLOCK_W=16, BLOCK_C=128),
                   _cfg(4, BLOCK_W=32, BLOCK_C=32)],
