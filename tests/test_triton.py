@@ -1,6 +1,9 @@
 """The triton backend without a GPU: every op through Triton's interpreter (TRITON_INTERPRET=1) in
-fp32 and fp16 against the float64 composition, a whole tiny encoder through accelerate(backend=
-"triton"), and ahead-of-time compilation of every kernel x configuration for sm_90 and sm_80.
+fp32 and fp16 against the float64 composition (odd shapes, and FastViTHD's real channel widths), a
+whole tiny encoder through accelerate(backend="triton"), every configuration of every kernel giving
+the same bits, the configuration table covering every FastViTHD shape, and ahead-of-time compilation
+of what runs (every specialisation FastViTHD launches x the table's configurations x fp32 / fp16 /
+bf16) for sm_90 and sm_80.
 
 On a CUDA machine the same parity cases run on the GPU instead (bf16 included)."""
 import copy
@@ -136,13 +139,19 @@ def aot_records(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_every_kernel_and_config_compiles_for_sm90_and_sm80(aot_records):
+def test_what_runs_compiles_for_sm90_and_sm80(aot_records):
+    """Every specialisation FastViTHD launches x every configuration the table gives it x {fp32, fp16,
+    bf16} x {sm_90, sm_80} compiles, without spills, within shared memory."""
     from fastvlm_kernels.triton import aot
     from fastvlm_kernels.triton import kernels as K
     failed = [aot._line(r) for r in aot_records if not r["ok"]]
     assert not failed, "\n".join(failed)
-    n = sum(len(aot._VARIANTS[k]) * len(K.CONFIGS[k]) * 2 for k in K.KERNELS)
-    assert len(aot_records) == n
+    assert {(r["arch"], r["dtype"]) for r in aot_records} == {(a, d) for a in ("sm_90", "sm_80")
+                                                             for d in ("fp32", "fp16", "bf16")}
+    assert {r["kernel"] for r in aot_records} == set(K.KERNELS)
+    # specialised like the runtime: the real shapes' multiples of 16 and aligned pointers are marked
+    assert all(r["divisible"] for r in aot_records)
+    assert any("MULT" in r["ones"] or "STRIDE" in r["ones"] for r in aot_records if r["kernel"] == "dw_kernel")
     too_big = [aot._line(r) for r in aot_records if not r["fits_smem"]]
     assert not too_big, "\n".join(too_big)
     spills = [aot._line(r) for r in aot_records if r["spills"] and r["kernel"] not in aot.KNOWN_SPILLS]
@@ -151,7 +160,182 @@ def test_every_kernel_and_config_compiles_for_sm90_and_sm80(aot_records):
     assert {r["kernel"] for r in aot_records if r["spills"]} == set(aot.KNOWN_SPILLS)
     # Report which configurations get Hopper's wgmma (the tensor-core GEMMs should)
     print("\n" + "\n".join(aot._line(r) for r in aot_records))
-    hopper_gemms = [r for r in aot_records if r["arch"] == "sm_90" and r["kernel"] in
-                    ("linear_kernel", "ffn_fused_kernel")]
-    assert hopper_gemms and any(r["wgmma"] for r in hopper_gemms)
-    assert not any(r["wgmma"] for r in aot_records if r["arch"] == "sm_80")
+    hopper_gemms = [r for r in aot_records if r["arch"] == "sm_90" and r["dtype"] != "fp32" and r["kernel"] in
+                    ("linear_kernel", "ffn_fused_kernel", "attention_kernel")]
+    assert hopper_gemms and all(r["wgmma"] for r in hopper_gemms)
+    assert not any(r["wgmma"] for r in aot_records if r["arch"] == "sm_80" or r["dtype"] == "fp32")
+
+
+# --------------------------------------------------------------------------------------------------
+# the configuration table (fastvlm_kernels/triton/tuning.py)
+# --------------------------------------------------------------------------------------------------
+def test_the_table_covers_every_shape_of_256_to_2048_at_batch_1_to_64():
+    from fastvlm_kernels.triton import kernels as K
+    from fastvlm_kernels.triton import tune, tuning
+    table = tuning.load_table()
+    assert tune.uncovered(table) == []
+    # every entry is a configuration of its kernel (so the AOT check compiled it)
+    for arch, dts in table.items():
+        for dt, kernels in dts.items():
+            for kernel, entries in kernels.items():
+                assert all(c in K.CONFIGS[kernel] for c in entries.values()), (arch, dt, kernel)
+    # the check is not blind: a table without one class is caught
+    arch, dt, kernel = "sm_90", "bf16", "linear_kernel"
+    cls = next(iter(table[arch][dt][kernel]))
+    holed = copy.deepcopy(table)
+    del holed[arch][dt][kernel][cls]
+    assert tune.uncovered(holed) == [(arch, dt, kernel, cls)]
+
+
+def test_shape_classes_tell_batch_sizes_and_kernel_sizes_apart():
+    from fastvlm_kernels.triton import tuning
+    lin = dict(M=1024, N=3072, K=768)
+    assert tuning.shape_class("linear_kernel", lin) != tuning.shape_class("linear_kernel", dict(lin, M=32 * 1024))
+    dw = dict(K=3, STRIDE=1, Cout=96, Wo=256, SUMS=False)
+    assert tuning.shape_class("dw_kernel", dw) != tuning.shape_class("dw_kernel", dict(dw, K=7))
+
+
+def test_the_default_path_never_benchmarks(monkeypatch):
+    from fastvlm_kernels.triton import tuning
+
+    def boom(cfg):
+        raise AssertionError("benchmarked")
+    monkeypatch.setattr(tuning, "AUTOTUNE", False)
+    cfg = tuning.choose("linear_kernel", torch.device("cpu"), torch.float16, dict(M=4096, N=3072, K=768), run=boom)
+    assert cfg == tuning.load_table()["sm_90"]["fp16"]["linear_kernel"]["M<=4096 N3072 K768"]
+
+
+def test_int32_offset_guard_is_exact():
+    from fastvlm_kernels.triton.launch import check_i32
+    check_i32("op", a=2 ** 31)  # largest offset 2**31 - 1: addressable
+    with pytest.raises(ValueError, match="int32"):
+        check_i32("op", a=2 ** 31 + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# every configuration gives the same bits; real channel widths; weight strides
+# --------------------------------------------------------------------------------------------------
+# (op case, kernel): a case whose launches include that kernel, at a size with partial tiles
+_KERNEL_CASES = {"dw_kernel": "dwconv_cpe7", "ffn_fused_kernel": "convffn", "linear_kernel": "convffn_wide",
+                 "attention_kernel": "attention_mixer_c64", "stem_kernel": "stem", "patch_embed_kernel": "patch_embed"}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kernel", list(_KERNEL_CASES))
+def test_every_configuration_gives_the_same_bits(kernel):
+    from fastvlm_kernels.triton import kernels as K
+    from fastvlm_kernels.triton import tuning
+    case = CASES[_KERNEL_CASES[kernel]]()
+    shape = (2, 3, 5) if case.name == "convffn" and kernel == "linear_kernel" else (2, 9, 13)
+    if case.name == "attention_mixer":
+        shape = (2, 9, 9)  # 81 tokens: three key blocks, a partial query tile
+    x = T._input(case, *shape)
+    if case.name == "stem":
+        x = x.clamp(0, 1)
+    fused = case.factory("triton", torch.float32)
+    outs = []
+    for cfg in K.CONFIGS[kernel]:
+        with tuning.forced(kernel, cfg):
+            outs.append(_run(case, fused, x, torch.float32))
+    assert len(outs) > 1
+    for cfg, out in zip(K.CONFIGS[kernel][1:], outs[1:]):
+        assert torch.equal(out, outs[0]), (kernel, cfg)
+
+
+def _real_width_cases():
+    """FastViTHD's real channel widths (96 ... 1536, conv_exp's 3072) at small spatial sizes."""
+    cases = []
+    stem = torch.nn.Sequential(fv.MobileOneBlock(3, 96, 3, 2, 1, use_scale_branch=False),
+                               fv.MobileOneBlock(96, 96, 3, 2, 1, groups=96, use_scale_branch=False),
+                               fv.MobileOneBlock(96, 96, 1, 1, 0, use_scale_branch=False))
+    stem = T._rand_module(stem, 96)
+    cases.append(("stem_96", 3, stem, lambda b, d: fm.FusedStem(stem, b, d), (1, 3, 17, 21)))
+    for c in (96, 192, 384):
+        blk = T._rand_module(fv.RepMixerBlock(c), c)
+        cases.append((f"repmixer_{c}", c, blk, lambda b, d, blk=blk: fm.FusedRepMixerBlock(blk, b, d), None))
+    for c in (96, 192, 384, 768):
+        pe = T._rand_module(fv.PatchEmbed(c, 2 * c), c + 1)
+        cases.append((f"patch_embed_{c}", c, pe, lambda b, d, pe=pe: fm.FusedPatchEmbed(pe, b, d), None))
+    for c in (768, 1536):
+        cpe = T._rand_module(fv.RepCPE(c), c + 2)
+        cases.append((f"repcpe_{c}", c, cpe, lambda b, d, cpe=cpe: fm.FusedDWConv(cpe.reparam_conv, b, d), None))
+        blk = T._rand_module(fv.AttentionBlock(c), c + 3)
+        cases.append((f"attention_block_{c}", c, blk, lambda b, d, blk=blk: fm.FusedAttentionBlock(blk, b, d), None))
+    ce = T._rand_module(fv.MobileOneBlock(1536, 3072, 3, 1, 1, groups=1536, use_se=True), 1536)
+    cases.append(("conv_exp_1536", 1536, ce, lambda b, d: ConvExpNHWC(fm.FusedConvExp(ce, b, d)), None))
+    return cases
+
+
+class ConvExpNHWC(torch.nn.Module):
+    """FusedConvExp returns an NCHW view; back to NHWC like the other fused modules."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x).permute(0, 2, 3, 1)
+
+
+REAL = {name: rest for name, *rest in _real_width_cases()}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_channel_widths_match_float64(name, dtype):
+    if not ON_GPU and (name in ("patch_embed_384", "patch_embed_768")
+                       or (name == "attention_block_1536" and dtype == torch.float16)):
+        pytest.skip("30-135 s in the interpreter; scripts/gpu_check.sh runs it on the GPU")
+    c, mod, make, shape = REAL[name]
+    g = torch.Generator().manual_seed(len(name))
+    x = torch.randn(*(shape or (1, c, 3, 5)), dtype=torch.float64, generator=g)
+    if name.startswith("stem"):
+        x = x.clamp(0, 1)
+    with torch.no_grad():
+        ref = mod(x).permute(0, 2, 3, 1)
+        fused = make("triton", dtype).to(DEVICE)
+        xin = x if name.startswith("stem") else x.permute(0, 2, 3, 1)
+        out = fused(xin.to(DEVICE, dtype)).float().cpu()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel_l2(out, ref) <= BOUND[dtype], rel_l2(out, ref)
+
+
+@needs_interpreter
+def test_non_contiguous_weights_are_read_as_their_values():
+    """A permuted view (pack_dw's layout before .contiguous()) as a weight of a direct op call."""
+    case = T.CASES["dwconv_cpe7"]()
+    fused = case.factory("triton", torch.float32)
+    x = T._input(case, 1, 6, 7).permute(0, 2, 3, 1).float().contiguous()
+    w = fused.w.detach()
+    w_view = w.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # the same values, other strides
+    assert not w_view.is_contiguous() and torch.equal(w_view, w)
+    args = (fused.b, fused.stride, fused.padding, fused.gelu)
+    want = torch.ops.fastvlm.dwconv(x, w, *args, "reference")
+    got = torch.ops.fastvlm.dwconv(x, w_view, *args, "triton")
+    assert rel_l2(got, want) <= 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library and torch.compile with backend="triton"
+# --------------------------------------------------------------------------------------------------
+@needs_interpreter
+@pytest.mark.parametrize("case_name", ["stem", "repmixer_block", "convffn", "patch_embed", "dwconv_cpe7",
+                                       "attention_mixer_c64", "conv_exp"])
+def test_opcheck_with_the_triton_backend(case_name):
+    op, args = T._op_args(case_name)
+    args = [("triton" if a == "reference" else a) for a in args]
+    assert "triton" in args
+    args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(op, args)
+
+
+@needs_interpreter
+def test_accelerated_encoder_compiles_without_graph_breaks():
+    m = random_tower(fastvlm.FastViTHDConfig.tiny(), seed=3).eval().to(DEVICE)
+    fk.accelerate(m, backend="triton")
+    x = torch.rand(1, 3, 64, 64, device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="eager")  # a graph break would raise
+    with torch.no_grad():
+        assert torch.equal(compiled(x), m(x))

@@ -45,9 +45,25 @@ def _unavailable():
     return None
 
 
+def _guarded(run):
+    """An op module's ``run`` with its tensors made contiguous (the kernels index them densely; a
+    no-op for the weights accelerate() packed) and its launches on their device, not the current one."""
+
+    def call(x, *args):
+        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        x = x.contiguous()
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return run(x, *args)
+        return run(x, *args)
+
+    call.__name__ = call.__qualname__ = f"{run.__module__}.run"
+    return call
+
+
 def _load() -> None:
     for op in OPS:
-        ops.register_kernel(op, "triton", importlib.import_module(f"{__name__}.{op}").run)
+        ops.register_kernel(op, "triton", _guarded(importlib.import_module(f"{__name__}.{op}").run))
 
 
 def __getattr__(name):  # launch_config and the tuning constants live with the launcher (PEP 562)

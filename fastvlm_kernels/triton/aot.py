@@ -1,12 +1,16 @@
-"""Ahead-of-time compilation of every Triton kernel x configuration for NVIDIA targets, on any
+"""Ahead-of-time compilation of what the triton backend launches, for NVIDIA targets, on any
 machine (no GPU needed; docs/gpu.md).
 
-    python -m fastvlm_kernels.triton.aot [--dtypes bf16,fp32] [--json out.json]   # one line per kernel x config x arch
+    python -m fastvlm_kernels.triton.aot [--dtypes fp32,fp16,bf16] [--archs 90,80] [--json out.json]
 
-For each (kernel, configuration in ``kernels.CONFIGS``, arch, dtype) it runs ``triton.compile`` for
-``GPUTarget("cuda", arch, 32)`` with FastViTHD's shapes as the shape-dependent constexprs, then
-Triton's bundled ``cuobjdump -res-usage`` on the cubin for registers and stack (spills), and reads the
-shared memory from the kernel metadata and whether the PTX uses Hopper's ``wgmma``.
+What runs: FastViTHD's launches at 512², 1024² and 2048² (batch 1 and 8) are recorded
+(``tune.fastvithd_launches``, nothing computed), each specialised as the runtime would specialise it
+(Triton's own rules: integer arguments equal to 1 become constants, multiples of 16 and 16-byte
+aligned pointers get the divisibility attribute), and every distinct (kernel, specialisation) is
+compiled with every configuration the table (``tuning.json``) gives that kernel for that arch and
+dtype, for ``GPUTarget("cuda", arch, 32)``. Then Triton's bundled ``cuobjdump -res-usage`` reads the
+cubin's registers and stack (spills), and the kernel metadata its shared memory; the PTX says whether
+Hopper's ``wgmma`` is used.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import sys
 import tempfile
 from typing import Dict, List
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -29,64 +34,58 @@ KNOWN_SPILLS = ()
 
 #: Shared memory per block a kernel may use (opt-in maximum), bytes.
 SMEM_LIMIT = {90: 232448, 80: 166912}
+#: The (size, batch) forwards whose launches are compiled.
+FORWARDS = ((512, 1), (1024, 1), (2048, 1), (1024, 8))
+_DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-_P, _I, _F = "ptr", "i32", "fp32"
-# argument kinds per kernel (ptr: the activation dtype unless listed in _F32_PTRS), in order
-_ARGS = {
-    "dw_kernel": dict(x_ptr=_P, w_ptr=_P, b_ptr=_P, y_ptr=_P, sum_ptr="*fp32", H=_I, W=_I, Cin=_I, Ho=_I, Wo=_I,
-                      Cout=_I, MULT=_I, STRIDE=_I, PAD=_I),
-    "ffn_fused_kernel": dict(t_ptr=_P, res_ptr=_P, w1_ptr=_P, b1_ptr=_P, w2_ptr=_P, b2_ptr=_P, g_ptr=_P, y_ptr=_P,
-                             M=_I, C=_I, HID=_I),
-    "linear_kernel": dict(a_ptr=_P, w_ptr=_P, b_ptr=_P, res_ptr=_P, g_ptr=_P, lnw_ptr=_P, lnb_ptr=_P, y_ptr=_P,
-                          M=_I, N=_I, K=_I, eps=_F),
-    "attention_kernel": dict(qkv_ptr=_P, o_ptr=_P, N=_I, C=_I, HEADS=_I, HEAD_DIM=_I, scale=_F),
-    "stem_kernel": dict(x_ptr=_P, w0_ptr=_P, b0_ptr=_P, w1_ptr=_P, b1_ptr=_P, w2_ptr=_P, b2_ptr=_P, y_ptr=_P,
-                        H=_I, W=_I, H1=_I, W1=_I, Ho=_I, Wo=_I, C=_I, M=_I),
-    "patch_embed_kernel": dict(x_ptr=_P, dw_ptr=_P, dwb_ptr=_P, w_ptr=_P, b_ptr=_P, y_ptr=_P, H=_I, W=_I, Cin=_I,
-                               Ho=_I, Wo=_I, Cout=_I, M=_I),
-    "se_kernel": dict(sum_ptr="*fp32", wr_ptr=_P, br_ptr=_P, we_ptr=_P, be_ptr=_P, s_ptr="*fp32", P=_I, C=_I, RD=_I,
-                      inv_hw=_F),
-    "scale_gelu_kernel": dict(y_ptr=_P, s_ptr="*fp32", HWC=_I, C=_I),
-}
 
-# Shape-dependent constexprs at FastViTHD's shapes; a kernel compiled once per variant listed.
-_VARIANTS = {
-    "dw_kernel": [dict(K=7, HAS_BIAS=True, GELU=False, SUMS=False), dict(K=3, HAS_BIAS=True, GELU=False, SUMS=True)],
-    "ffn_fused_kernel": [dict(BLOCK_O=64, NB=3), dict(BLOCK_O=32, NB=3)],           # C = 192 and 96
-    "linear_kernel": [dict(HAS_BIAS=True, GELU=True, RESIDUAL=False, LN=False),        # fc1 + GELU
-                      dict(HAS_BIAS=True, GELU=False, RESIDUAL=True, LN=False),        # fc2 / proj epilogue
-                      dict(HAS_BIAS=False, GELU=False, RESIDUAL=False, LN=True)],      # LN + qkv
-    "attention_kernel": [dict(HDP=32)],
-    "stem_kernel": [dict(CIN=3, CP=128)],
-    "patch_embed_kernel": [dict(K=7)],
-    "se_kernel": [dict(RDP=256)],
-    "scale_gelu_kernel": [dict()],
-}
-_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+def specialise(kernel: str, args, consts) -> Dict:
+    """The (signature, constexprs, attrs) the runtime compiles a launch of ``kernel`` with (the
+    configuration's constexprs excluded), from Triton's own specialisation of each argument."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+    fn = K.KERNELS[kernel]
+    sig, constexprs, attrs, ones = {}, {}, {}, []
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            if name in consts:
+                sig[name] = "constexpr"
+                constexprs[name] = consts[name]
+            continue  # a configuration constexpr: filled per configuration
+        v = args[i]
+        ty, attr = native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize,
+                                          not p.do_not_specialize_on_alignment)[:2]
+        if ty == "constexpr":
+            sig[name] = "constexpr"
+            constexprs[name] = attr if attr is not None else v
+            ones.append(name)
+        else:
+            sig[name] = ty
+            if isinstance(attr, str) and "D" in attr:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return dict(signature=sig, constexprs=constexprs, attrs=attrs, ones=ones)
 
 
 def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_one(name: str, cfg: Dict, variant: Dict, arch: int, dtype: str) -> Dict:
+def compile_one(kernel: str, spec: Dict, cfg: Dict, arch: int, dtype: str) -> Dict:
     cfg = dict(cfg)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    consts = dict(variant, **cfg)
-    fn = K.KERNELS[name]
-    if "PREC" in fn.arg_names:
-        consts["PREC"] = "ieee" if dtype == "fp32" else "tf32"
-    sig = {}
-    for a in fn.arg_names:
-        if a in consts:
-            sig[a] = "constexpr"
-        else:
-            kind = _ARGS[name][a]
-            sig[a] = _TYPES[dtype] if kind == _P else kind
-    rec = {"kernel": name, "config": cfg, "variant": variant, "arch": f"sm_{arch}", "dtype": dtype,
-           "num_warps": num_warps, "num_stages": num_stages}
+    fn = K.KERNELS[kernel]
+    sig = dict(spec["signature"])
+    consts = dict(spec["constexprs"], **cfg)
+    for k in cfg:
+        sig[k] = "constexpr"
+    sig = {a: sig[a] for a in fn.arg_names}
+    variant = {k: v for k, v in spec["constexprs"].items() if k not in spec["ones"]}
+    divisible = sorted(fn.arg_names[i[0]] for i in spec["attrs"])
+    rec = {"kernel": kernel, "config": cfg, "variant": variant, "divisible": divisible, "ones": spec["ones"],
+           "arch": f"sm_{arch}", "dtype": dtype, "num_warps": num_warps, "num_stages": num_stages}
     try:
-        ck = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+        ck = triton.compile(ASTSource(fn, sig, consts, spec["attrs"]), target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:  # noqa: BLE001 - reported per configuration
         rec.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -108,23 +107,61 @@ def compile_one(name: str, cfg: Dict, variant: Dict, arch: int, dtype: str) -> D
     return rec
 
 
-def compile_all(archs=(90, 80), dtypes=("bf16",), kernels=None, progress=False) -> List[Dict]:
+def plan(archs=(90, 80), dtypes=("fp32", "fp16", "bf16"), forwards=FORWARDS) -> List[tuple]:
+    """[(kernel, specialisation, configuration, arch, dtype)]: every distinct specialisation FastViTHD's
+    forwards launch, with every configuration the table gives its kernel (for that arch and dtype;
+    the kernel's first configuration too: the one a shape the table does not list runs)."""
+    from . import tune, tuning
+    table = tuning.load_table()
+    jobs, seen = [], set()
+    for dt in dtypes:
+        enc = tune._encoder(_DT[dt])
+        specs = {}
+        for size, batch in forwards:
+            for r in tune.fastvithd_launches([size], batch, _DT[dt], enc=enc):
+                consts = {k: v for k, v in r["consts"].items()}
+                spec = specialise(r["kernel"], r["args"], consts)
+                key = (r["kernel"], repr(sorted(spec["signature"].items())), repr(sorted(spec["constexprs"].items())),
+                       repr(sorted(spec["attrs"])))
+                specs.setdefault(key, (r["kernel"], spec))
+        for kernel, spec in specs.values():
+            for arch in archs:
+                cfgs = [K.CONFIGS[kernel][0]] + list(table.get(f"sm_{arch}", {}).get(dt, {}).get(kernel, {}).values())
+                for cfg in cfgs:
+                    k = (kernel, repr(spec), repr(sorted(cfg.items())), arch, dt)
+                    if k not in seen:
+                        seen.add(k)
+                        jobs.append((kernel, spec, cfg, arch, dt))
+    return jobs
+
+
+def _job(job):
+    return compile_one(*job)
+
+
+def compile_all(archs=(90, 80), dtypes=("fp32", "fp16", "bf16"), progress=False, workers=None) -> List[Dict]:
+    jobs = plan(archs, dtypes)
+    workers = workers or max(1, min(len(os.sched_getaffinity(0)), 8))
     out = []
-    for name in kernels or K.KERNELS:
-        for variant in _VARIANTS[name]:
-            for cfg in K.CONFIGS[name]:
-                for arch in archs:
-                    for dt in dtypes:
-                        rec = compile_one(name, cfg, variant, arch, dt)
-                        out.append(rec)
-                        if progress:
-                            print(_line(rec), file=sys.stderr, flush=True)
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for rec in pool.imap(_job, jobs, chunksize=4):
+                out.append(rec)
+                if progress:
+                    print(_line(rec), file=sys.stderr, flush=True)
+    else:
+        for job in jobs:
+            out.append(compile_one(*job))
+            if progress:
+                print(_line(out[-1]), file=sys.stderr, flush=True)
     return out
 
 
 def _line(r: Dict) -> str:
     cfg = ",".join(f"{k}={v}" for k, v in r["config"].items())
-    var = ",".join(f"{k}={v}" for k, v in r["variant"].items())
+    var = ",".join(f"{k}={v}" for k, v in r["variant"].items()) + f" div16:{len(r['divisible'])}" + (
+        f" ones:{','.join(r['ones'])}" if r["ones"] else "")
     if not r["ok"]:
         return f"{r['kernel']:<20} {r['arch']} {r['dtype']:<4} [{cfg} w{r['num_warps']} s{r['num_stages']}] [{var}] FAILED {r['error']}"
     return (f"{r['kernel']:<20} {r['arch']} {r['dtype']:<4} [{cfg} w{r['num_warps']} s{r['num_stages']}] [{var}] "
@@ -136,15 +173,16 @@ def main(argv=None) -> int:
     import argparse
     import json
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32 (default bf16)")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma-separated: fp32, fp16, bf16 (default all)")
     ap.add_argument("--archs", default="90,80", help="comma-separated compute capabilities (default 90,80)")
     ap.add_argument("--json", default=None, help="also write the records to this file")
+    ap.add_argument("--workers", type=int, default=None, help="compiler processes (default: the CPUs, at most 8)")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
     recs = compile_all(archs=tuple(int(x) for x in a.archs.split(",")), dtypes=tuple(a.dtypes.split(",")),
-                       progress=True)
+                       progress=True, workers=a.workers)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(recs, f, indent=1)

@@ -1,9 +1,10 @@
 """``conv_exp`` on the triton backend: ``dw_kernel`` with per-tile channel sums, the SE from those
-sums (``se_kernel``), then GELU(y·s) in place (``scale_gelu_kernel``): two passes over the output."""
+sums (``se_reduce_kernel`` over blocks of the reduced channels, ``se_expand_kernel`` over blocks of
+the output channels), then GELU(y·s) in place (``scale_gelu_kernel``): two passes over the output."""
 import torch
 import triton
 
-from .launch import dw, launch, pow2
+from .launch import check_i32, dw, launch, pow2
 
 
 def run(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
@@ -13,9 +14,14 @@ def run(x, w, b, se_r_w, se_r_b, se_e_w, se_e_b):
         return y
     _, Ho, Wo, cout = y.shape
     rd = se_r_w.shape[0]
-    s = torch.empty(B, cout, device=x.device, dtype=torch.float32)
-    launch("se_kernel", lambda m: (B,), part, se_r_w, se_r_b, se_e_w, se_e_b, s, part.shape[1], cout, rd,
-           1.0 / (Ho * Wo), RDP=pow2(rd))
     hwc = Ho * Wo * cout
-    launch("scale_gelu_kernel", lambda m: (triton.cdiv(hwc, m["BLOCK"]), B), y, s, hwc, cout)  # pass 2
+    check_i32("conv_exp", y_per_image=hwc)
+    red = torch.empty(B, rd, device=x.device, dtype=torch.float32)
+    s = torch.empty(B, cout, device=x.device, dtype=torch.float32)
+    launch("se_reduce_kernel", lambda m: (B, triton.cdiv(rd, m["BLOCK_R"])), part, se_r_w, se_r_b, red,
+           part.shape[1], cout, rd, 1.0 / (Ho * Wo), shape={}, dtype=x.dtype)
+    launch("se_expand_kernel", lambda m: (B, triton.cdiv(cout, m["BLOCK_C"])), red, se_e_w, se_e_b, s, cout, rd,
+           RDP=pow2(rd), shape={}, dtype=x.dtype)
+    launch("scale_gelu_kernel", lambda m: (triton.cdiv(hwc, m["BLOCK"]), B), y, s, hwc, cout,
+           shape={}, dtype=x.dtype)  # pass 2
     return y

@@ -32,8 +32,9 @@ Fusion map (the ops: docs/architecture.md):
 - ``patch_embed_kernel``: dw7x7 s2 (multiplier 2) + GELU computed as the A-operand prologue of
   the 1x1 GEMM (+ bias + GELU); the dw output never reaches global memory (recomputed once per
   BLOCK_N output columns).
-- ``se_kernel`` + ``scale_gelu_kernel``: conv_exp's SE from the dw kernel's per-tile channel sums,
-  then ``GELU(y · s)`` in place: two passes over the conv_exp output.
+- ``se_reduce_kernel`` + ``se_expand_kernel`` + ``scale_gelu_kernel``: conv_exp's SE from the dw
+  kernel's per-tile channel sums (spread over channel blocks), then ``GELU(y · s)`` in place: two
+  passes over the conv_exp output.
 """
 from __future__ import annotations
 
@@ -338,15 +339,19 @@ def patch_embed_kernel(x_ptr, dw_ptr, dwb_ptr, w_ptr, b_ptr, y_ptr, H, W, Cin, H
 
 
 # ------------------------------------------------------------------------------------------------
-# conv_exp's squeeze-excite: s = sigmoid(We relu(Wr mean + br) + be) from the dw kernel's partial sums
+# conv_exp's squeeze-excite: s = sigmoid(We relu(Wr mean + br) + be) from the dw kernel's partial sums,
+# in two kernels spread over the reduced channels and then the output channels (not one program per
+# image: at 1024² the SE is 3072 x 192 x 2 MACs per image, too much for one SM)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def se_kernel(sum_ptr, wr_ptr, br_ptr, we_ptr, be_ptr, s_ptr, P, C, RD, inv_hw,
-              RDP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def se_reduce_kernel(sum_ptr, wr_ptr, br_ptr, red_ptr, P, C, RD, inv_hw,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """red[b, r] = relu(Wr[r] . mean[b] + br[r]) for a block of BLOCK_R reduced channels; each program
+    sums the partial rows of every channel itself (P x C fp32 from L2), in a fixed order."""
     b = tl.program_id(0).to(tl.int64)
-    r = tl.arange(0, RDP)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < RD
-    red = tl.zeros((RDP,), dtype=tl.float32)
+    red = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
@@ -360,13 +365,21 @@ def se_kernel(sum_ptr, wr_ptr, br_ptr, we_ptr, be_ptr, s_ptr, P, C, RD, inv_hw,
         wr = tl.load(wr_ptr + r[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         red += tl.sum(wr.to(tl.float32) * mean[None, :], axis=1)
     red = tl.maximum(red + tl.load(br_ptr + r, mask=rmask, other=0.0).to(tl.float32), 0.0)
-    red = tl.where(rmask, red, 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        cmask = cc < C
-        we = tl.load(we_ptr + cc[:, None] * RD + r[None, :], mask=cmask[:, None] & rmask[None, :], other=0.0)
-        e = tl.sum(we.to(tl.float32) * red[None, :], axis=1) + tl.load(be_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(s_ptr + b * C + cc, tl.sigmoid(e), mask=cmask)
+    tl.store(red_ptr + b * RD + r, red, mask=rmask)
+
+
+@triton.jit
+def se_expand_kernel(red_ptr, we_ptr, be_ptr, s_ptr, C, RD, RDP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """s[b, c] = sigmoid(We[c] . red[b] + be[c]) for a block of BLOCK_C output channels."""
+    b = tl.program_id(0).to(tl.int64)
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    r = tl.arange(0, RDP)
+    rmask = r < RD
+    red = tl.load(red_ptr + b * RD + r, mask=rmask, other=0.0)
+    we = tl.load(we_ptr + cc[:, None] * RD + r[None, :], mask=cmask[:, None] & rmask[None, :], other=0.0)
+    e = tl.sum(we.to(tl.float32) * red[None, :], axis=1) + tl.load(be_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(s_ptr + b * C + cc, tl.sigmoid(e), mask=cmask)
 
 
 @triton.jit
@@ -383,29 +396,47 @@ def _cfg(num_warps, num_stages=2, **kw):
     return dict(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-#: Tile configurations per kernel, chosen for Hopper (H100/H200: 228 KB shared memory per SM,
-#: 64K registers); the first entry is the one the interpreter runs. Shapes-dependent constexprs
-#: (K, NB, CIN, CP, flags) are filled in by the op modules.
+#: The constexprs that set a kernel's order of summation (the K step of its GEMMs, attention's key
+#: block, the SE's partial-sum blocks), the same in every configuration of :data:`CONFIGS`: which
+#: configuration runs changes the speed, never the bits (tests/test_triton.py checks under the
+#: interpreter). dw_kernel's per-tile SE sums depend on BLOCK_W, so conv_exp's launch (SUMS) always
+#: takes the first configuration.
+REDUCTION = {
+    "linear_kernel": dict(BLOCK_K=32),
+    "ffn_fused_kernel": dict(BLOCK_K=32, BLOCK_H=32),
+    "attention_kernel": dict(BLOCK_N=32),
+    "patch_embed_kernel": dict(BLOCK_K=32),
+    "se_reduce_kernel": dict(BLOCK_C=64, BLOCK_P=16),
+}
+
+#: The tile configurations each kernel may run with, all compiled ahead of time for sm_90 and sm_80
+#: (``aot.py``) and all giving the same bits (:data:`REDUCTION`). Which one runs for a shape is
+#: ``tuning.py``'s table; the first entry is the default for a shape the table does not list.
 CONFIGS = {
     "dw_kernel": [_cfg(4, BLOCK_W=8, BLOCK_C=64), _cfg(4, BLOCK_W=16, BLOCK_C=64), _cfg(8, BLOCK_W=16, BLOCK_C=128),
                   _cfg(4, BLOCK_W=32, BLOCK_C=32)],
     # C = 96 and 192 (BLOCK_O = 32, 64); the only tiles found spill-free at C = 192 on both sm_90 and sm_80
-    "ffn_fused_kernel": [_cfg(8, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_H=32), _cfg(8, 3, BLOCK_M=64, BLOCK_K=32, BLOCK_H=32)],
-    "linear_kernel": [_cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-                      _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-                      _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-                      _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)],
-    # (64, 64, 4 warps) spilled 8 B on sm_80 with triton 3.6; (64, 32) is clean on 3.6 and 3.9
-    "attention_kernel": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=32), _cfg(4, 3, BLOCK_M=128, BLOCK_N=64),
-                         _cfg(8, 3, BLOCK_M=128, BLOCK_N=128)],
-    "stem_kernel": [_cfg(8, 1, BLOCK_M=32, BLOCK_N=64), _cfg(8, 1, BLOCK_M=32, BLOCK_N=32),
-                    ],
-    "patch_embed_kernel": [_cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), _cfg(8, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
-                           _cfg(8, 2, BLOCK_M=64, BLOCK_N=256, BLOCK_K=32)],
-    "se_kernel": [_cfg(8, 1, BLOCK_C=16, BLOCK_P=16)],
+    "ffn_fused_kernel": [_cfg(8, 2, BLOCK_M=64), _cfg(8, 3, BLOCK_M=64)],
+    "linear_kernel": [_cfg(4, 3, BLOCK_M=64, BLOCK_N=64, GROUP_M=8),
+                      _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, GROUP_M=8),
+                      _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, GROUP_M=8),
+                      _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, GROUP_M=8),
+                      _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, GROUP_M=8)],
+    # BLOCK_N = 64 spilled in fp32 (IEEE dots) at every 4-warp tile and at (128, 8 warps) on sm_80
+    "attention_kernel": [_cfg(4, 2, BLOCK_M=64), _cfg(4, 3, BLOCK_M=64), _cfg(8, 2, BLOCK_M=128)],
+    "stem_kernel": [_cfg(8, 1, BLOCK_M=32, BLOCK_N=64), _cfg(8, 1, BLOCK_M=32, BLOCK_N=32)],
+    # (64, 128) spilled in fp32 with 4 warps on sm_80 and with 8 on sm_90
+    "patch_embed_kernel": [_cfg(4, 2, BLOCK_M=32, BLOCK_N=64), _cfg(4, 2, BLOCK_M=32, BLOCK_N=128),
+                           _cfg(8, 2, BLOCK_M=128, BLOCK_N=128), _cfg(8, 2, BLOCK_M=64, BLOCK_N=256)],
+    "se_reduce_kernel": [_cfg(4, 1, BLOCK_R=16)],
+    "se_expand_kernel": [_cfg(4, 1, BLOCK_C=64)],
     "scale_gelu_kernel": [_cfg(4, 1, BLOCK=1024)],
 }
+for _name, _fixed in REDUCTION.items():
+    for _c in CONFIGS[_name]:
+        _c.update(_fixed)
 
 KERNELS = {"dw_kernel": dw_kernel, "ffn_fused_kernel": ffn_fused_kernel, "linear_kernel": linear_kernel,
            "attention_kernel": attention_kernel, "stem_kernel": stem_kernel,
-           "patch_embed_kernel": patch_embed_kernel, "se_kernel": se_kernel, "scale_gelu_kernel": scale_gelu_kernel}
+           "patch_embed_kernel": patch_embed_kernel, "se_reduce_kernel": se_reduce_kernel,
+           "se_expand_kernel": se_expand_kernel, "scale_gelu_kernel": scale_gelu_kernel}

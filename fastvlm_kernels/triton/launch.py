@@ -2,79 +2,98 @@
 modules (``triton/<op>.py``) share: the depthwise conv, the GEMM with its prologues and epilogues, the
 ConvFFN after its dw conv.
 
-CUDA tensors in fp32 / fp16 / bf16 (fp32 accumulation; fp32 GEMMs use IEEE fp32, not TF32, to keep
-the fp32 parity bound). With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through
-Triton's interpreter (fp32 / fp16 only: the interpreter has no bf16), which is how CI checks their
-numerics without a GPU.
+CUDA tensors in fp32 / fp16 / bf16 (fp32 accumulation). fp32 GEMMs use IEEE fp32 (no tensor cores)
+by default; ``FASTVLM_TRITON_FP32=tf32x3`` runs them on tensor cores as three TF32 products (about
+fp32's accuracy; the GPU check measures both against the float64 reference). With
+``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter (fp32 / fp16
+only: the interpreter has no bf16), which is how CI checks their numerics without a GPU.
 
-Launches are CUDA-graph capturable: no host synchronisation, no data-dependent control flow, and
-output / scratch buffers come from the caching allocator. On a GPU each kernel is autotuned over
-``kernels.CONFIGS`` on its first call for a shape, so warm up once before capturing a graph.
+Launches are CUDA-graph capturable: no host synchronisation, no data-dependent control flow, output
+and scratch buffers from the caching allocator, and configurations from a table (``tuning.py``), not
+from benchmarking. Every launch runs on the device of its tensors (whatever the current device is).
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from typing import List, Optional
 
 import torch
 import triton
 
 from . import INTERPRET
 from . import kernels as K
+from . import tuning
 
-__all__ = ["INTERPRET", "FFN_FUSED_MAX_C", "launch_config"]
+__all__ = ["INTERPRET", "FFN_FUSED_MAX_C", "FP32_PRECISION", "launch_config", "launch", "recording", "check_i32"]
 #: Widest C the fully fused FFN kernel takes (3 register accumulators of 64 columns); wider FFNs
 #: use fc1+GELU -> hidden -> fc2+epilogue (one round trip of the 4C hidden tensor). Measured with
 #: the AOT check (python -m fastvlm_kernels.triton.aot): at C = 384 (three 128-column
 #: accumulators) every tile tried (BLOCK_M 64/128, BLOCK_K 32/64, BLOCK_H 16/32, 4/8 warps) spilled
 #: 64-1752 B of registers on sm_90 and sm_80, so stage 2 takes the split path for now.
 FFN_FUSED_MAX_C = 192
-_I32 = 2 ** 31
-
-#: Shape arguments each autotuned kernel is keyed on.
-_KEYS = {
-    "dw_kernel": ["Cout", "Wo", "STRIDE"],
-    "ffn_fused_kernel": ["C", "HID"],
-    "linear_kernel": ["N", "K"],
-    "attention_kernel": ["N", "HEAD_DIM"],
-    "stem_kernel": ["C"],
-    "patch_embed_kernel": ["Cout"],
-    "se_kernel": ["C"],
-    "scale_gelu_kernel": ["C"],
-}
-_tuned = {}
+#: tl.dot's input_precision for fp32 activations: "ieee" (default) or "tf32x3".
+FP32_PRECISION = os.environ.get("FASTVLM_TRITON_FP32", "ieee")
+if FP32_PRECISION not in ("ieee", "tf32x3"):
+    raise ValueError(f"FASTVLM_TRITON_FP32 must be ieee or tf32x3, got {FP32_PRECISION!r}")
+_I32_MAX = 2 ** 31 - 1
 
 
-def _autotuned(name):
-    if name not in _tuned:
-        cfgs = []
-        for c in K.CONFIGS[name]:
-            c = dict(c)
-            nw, ns = c.pop("num_warps"), c.pop("num_stages")
-            cfgs.append(triton.Config(c, num_warps=nw, num_stages=ns))
-        _tuned[name] = triton.autotune(configs=cfgs, key=_KEYS[name])(K.KERNELS[name])
-    return _tuned[name]
+def check_i32(op: str, **extents: int) -> None:
+    """The kernels address these buffers with int32 element offsets: each extent (the number of
+    elements addressed, i.e. the largest offset + 1) must be at most 2**31."""
+    for name, n in extents.items():
+        if n - 1 > _I32_MAX:
+            raise ValueError(f"fastvlm triton: {op}'s {name} spans {n} elements, beyond the kernels' int32 "
+                             f"offsets (at most {_I32_MAX + 1}); split the batch")
 
 
 def launch_config(name):
-    """The configuration the interpreter runs (the first of kernels.CONFIGS[name])."""
+    """The configuration the interpreter runs for a shape the table does not list (the first of
+    kernels.CONFIGS[name]), without num_stages."""
     c = dict(K.CONFIGS[name][0])
     c.pop("num_stages")
     return c
 
 
-def launch(name, grid, *args, fixed=False, **consts):
-    """Run kernel ``name``: autotuned on a GPU, its first configuration under the interpreter or
-    when ``fixed``. ``grid`` maps the tile constexprs to the launch grid."""
-    if INTERPRET or fixed:
-        cfg = dict(K.CONFIGS[name][0])
+_RECORD: Optional[List[dict]] = None
+
+
+@contextmanager
+def recording():
+    """Record launches instead of running them (the AOT check and the table's coverage use it to see
+    what a forward launches): yields a list of {kernel, config, args, consts, shape}. Outputs are left
+    uninitialised."""
+    global _RECORD
+    prev, _RECORD = _RECORD, []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = prev
+
+
+def launch(name, grid, *args, shape, dtype, **consts):
+    """Run kernel ``name`` with the configuration ``tuning.choose`` picks for ``shape`` (its shape
+    class arguments) and activation ``dtype``. ``grid`` maps the tile constexprs to the launch grid."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    kern = K.KERNELS[name]
+
+    def run(cfg):
+        cfg = dict(cfg)
         if INTERPRET:
             cfg.pop("num_stages")
-        K.KERNELS[name][grid(cfg)](*args, **consts, **cfg)
-    else:
-        _autotuned(name)[grid](*args, **consts)
+        kern[grid(cfg)](*args, **consts, **cfg)
+
+    cfg = tuning.choose(name, device, dtype, shape, run=run)
+    if _RECORD is not None:
+        _RECORD.append(dict(kernel=name, config=cfg, args=args, consts=consts, shape=dict(shape), dtype=dtype,
+                            grid=grid(cfg), grid_fn=grid))
+        return
+    run(cfg)
 
 
 def prec(x):
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    return FP32_PRECISION if x.dtype == torch.float32 else "tf32"  # (ignored for fp16 / bf16 operands)
 
 
 def pow2(n, lo=16):
@@ -98,14 +117,14 @@ def dw(x, w, b, stride, padding, gelu, sums=False):
         return (y, part) if sums else y
     x = x.contiguous()
     if sums:
-        # one row of partial sums per (output row, BLOCK_W tile). This launch uses the first
-        # configuration, not the autotuner: benchmarking several BLOCK_W on one buffer would leave
-        # stale partial rows behind.
+        # one row of partial sums per (output row, BLOCK_W tile); the SUMS launch always takes the
+        # first configuration (tuning.choose), whose BLOCK_W fixes the order of the SE's sums
         bw = K.CONFIGS["dw_kernel"][0]["BLOCK_W"]
         part = torch.empty(B, Ho * triton.cdiv(Wo, bw), cout, device=x.device, dtype=torch.float32)
     launch("dw_kernel", lambda m: (B * Ho * triton.cdiv(Wo, m["BLOCK_W"]), triton.cdiv(cout, m["BLOCK_C"])),
-            x, w, b if b is not None else w, y, part if part is not None else y, H, W, Cin, Ho, Wo, cout,
-            cout // Cin, stride, padding, fixed=sums, K=k, HAS_BIAS=b is not None, GELU=gelu, SUMS=sums)
+           x, w, b if b is not None else w, y, part if part is not None else y, H, W, Cin, Ho, Wo, cout,
+           cout // Cin, stride, padding, K=k, HAS_BIAS=b is not None, GELU=gelu, SUMS=sums,
+           shape=dict(K=k, STRIDE=stride, Cout=cout, Wo=Wo, SUMS=sums), dtype=x.dtype)
     return (y, part) if sums else y
 
 
@@ -113,17 +132,15 @@ def linear(a, w, b=None, gelu=False, res=None, gamma=None, ln=None, eps=1e-5, ou
     """y = [res + gamma·] act(LN(a) @ w.T + b) for a (M, K) row-major, w (N, K)."""
     M, Kd = a.shape
     N = w.shape[0]
-    if M * max(N, Kd) >= _I32:
-        raise ValueError(f"fastvlm triton: {M} x {max(N, Kd)} elements exceed the kernels' int32 offsets; "
-                         "split the batch")
+    check_i32("linear", a=M * Kd, y=M * N)
     y = out if out is not None else torch.empty(M, N, device=a.device, dtype=a.dtype)
     if M == 0:
         return y
     lnw, lnb = ln if ln is not None else (w, w)
     launch("linear_kernel", lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),),
-            a, w, b if b is not None else w, res if res is not None else a, gamma if gamma is not None else w,
-            lnw, lnb, y, M, N, Kd, eps, HAS_BIAS=b is not None, GELU=gelu, RESIDUAL=res is not None,
-            LN=ln is not None, PREC=prec(a))
+           a, w, b if b is not None else w, res if res is not None else a, gamma if gamma is not None else w,
+           lnw, lnb, y, M, N, Kd, eps, HAS_BIAS=b is not None, GELU=gelu, RESIDUAL=res is not None,
+           LN=ln is not None, PREC=prec(a), shape=dict(M=M, N=N, K=Kd), dtype=a.dtype)
     return y
 
 
@@ -134,14 +151,13 @@ def ffn_from_t(t, res, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
     y = torch.empty(res.shape, device=res.device, dtype=res.dtype)
     if M == 0:
         return y
-    if M * max(C, HID) >= _I32:
-        raise ValueError(f"fastvlm triton: {M} x {HID} elements exceed the kernels' int32 offsets; split the batch")
     t2, r2 = t.reshape(M, C), res.contiguous().reshape(M, C)
     if C <= FFN_FUSED_MAX_C:
+        check_i32("convffn", t=M * C)
         bo = pow2(triton.cdiv(C, 3))
         launch("ffn_fused_kernel", lambda m: (triton.cdiv(M, m["BLOCK_M"]),),
-                t2, r2, fc1_w, fc1_b, fc2_w, fc2_b, gamma, y, M, C, HID,
-                BLOCK_O=bo, NB=triton.cdiv(C, bo), PREC=prec(t))
+               t2, r2, fc1_w, fc1_b, fc2_w, fc2_b, gamma, y, M, C, HID,
+               BLOCK_O=bo, NB=triton.cdiv(C, bo), PREC=prec(t), shape=dict(M=M, C=C, HID=HID), dtype=t.dtype)
     else:  # one round trip of the hidden tensor (see FFN_FUSED_MAX_C)
         hid = linear(t2, fc1_w, fc1_b, gelu=True)
         linear(hid, fc2_w, fc2_b, res=r2, gamma=gamma, out=y.view(M, C))

@@ -15,5 +15,6 @@ def run(x, dw_w, dw_b, pw_w, pw_b):
     if M == 0:
         return y
     launch("patch_embed_kernel", lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(cout, m["BLOCK_N"])),
-           x.contiguous(), dw_w, dw_b, pw_w, pw_b, y, H, W, cin, Ho, Wo, cout, M, K=k, PREC=prec(x))
+           x, dw_w, dw_b, pw_w, pw_b, y, H, W, cin, Ho, Wo, cout, M, K=k, PREC=prec(x),
+           shape=dict(M=M, Cout=cout), dtype=x.dtype)
     return y

@@ -3,7 +3,7 @@ recomputed per output tile, never stored)."""
 import torch
 import triton
 
-from .launch import conv_out, launch, pow2, prec
+from .launch import check_i32, conv_out, launch, pow2, prec
 
 
 def run(x, w0, b0, w1, b1, w2, b2):
@@ -15,7 +15,8 @@ def run(x, w0, b0, w1, b1, w2, b2):
     M = B * Ho * Wo
     if M == 0:
         return y
+    check_i32("stem", x=x.numel())
     launch("stem_kernel", lambda m: (triton.cdiv(M, m["BLOCK_M"]),),
-           x.contiguous(), w0.contiguous(), b0, w1, b1, w2, b2, y, H, W, H1, W1, Ho, Wo, C, M,
-           CIN=cin, CP=pow2(C), PREC=prec(x))
+           x, w0, b0, w1, b1, w2, b2, y, H, W, H1, W1, Ho, Wo, C, M,
+           CIN=cin, CP=pow2(C), PREC=prec(x), shape=dict(M=M, C=C), dtype=x.dtype)
     return y
