@@ -51,7 +51,8 @@ def _model_device_dtype(enc: FastViTHD) -> Tuple[torch.device, torch.dtype]:
     return t.device, t.dtype
 
 
-def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dtype] = None) -> nn.Module:
+def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dtype] = None,
+               cuda_graphs: bool = False, max_graphs: int = 8) -> nn.Module:
     """Swap fused kernels into every FastViTHD inside ``model``, in place; returns ``model``.
 
     ``backend``: 'auto' (CUDA -> 'triton', CPU -> 'cpu', falling back to 'reference' with one warning
@@ -63,12 +64,18 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
     The fused modules hold their weights as parameters that do not require grad, packed for one
     backend, device and dtype: ``.to()``, ``.half()``, ``.cuda()`` and the like that would change
     either raise :class:`~fastvlm_kernels.modules.FrozenDeviceDtypeError`; move or cast the model first.
+
+    ``cuda_graphs=True`` replays each encoder's forward from CUDA graphs, one per input shape (at most
+    ``max_graphs``, captured on first use; :class:`fastvlm_kernels.graphs.CUDAGraphRunner` states the
+    contract). CPU inputs run eagerly. ``cuda_graphs=False`` (the default) removes graphs installed
+    by an earlier call.
     """
     if dtype is not None and dtype not in _DTYPES:
         raise TypeError(f"accelerate: dtype must be one of {_DTYPES} or None, got {dtype}")
     ours, foreign = _encoders(model)
     for tm in foreign:
         _accelerate_timm(tm, backend, dtype)
+        _set_graphs(tm, cuda_graphs, max_graphs)
     for enc in ours:
         if enc.training:
             raise RuntimeError("accelerate: the model is in training mode; the fused kernels are inference-only. "
@@ -93,6 +100,8 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
         backends.prepare_weights(enc, name)
         enc.accelerated_backend = name
         enc.accelerated_dtype = want_dtype
+    for enc in ours:
+        _set_graphs(enc, cuda_graphs, max_graphs)
     if dtype is not None:
         # The projector after the tower (fastvlm.FastVLM) follows the tower's dtype, so its features
         # are not cast back up. It stays torch's Linear -> GELU -> Linear: at 256 tokens it is ~1.8 GFLOP,
@@ -106,6 +115,14 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
             if isinstance(hf_proj, nn.Module) and isinstance(getattr(m, "vision_tower", None), nn.Module):
                 hf_proj.to(dtype)
     return model
+
+
+def _set_graphs(enc: nn.Module, on: bool, max_graphs: int) -> None:
+    from . import graphs
+    if on:
+        graphs.install(enc, max_graphs=max_graphs)
+    else:
+        graphs.uninstall(enc)
 
 
 def _swap(enc: FastViTHD, backend: str, dtype: torch.dtype) -> None:
