@@ -4,6 +4,8 @@ torch.compile (inductor, freezing), ONNX Runtime and the accelerated model, in o
     python -m bench.report                      # built-in random-weight FastViTHD, the full matrix
     python -m bench.report --checkpoint PATH    # real weights (file, directory or hub id)
     python -m bench.report --quick              # tiny model, small inputs: a smoke run for CI
+    python -m bench.report --device cuda        # on an NVIDIA GPU (the default where CUDA is available):
+                                                # bench/report_cuda.py
 
 The peers are measured at their best: the eager model is the one users run (attention through
 ``F.scaled_dot_product_attention`` and LayerNorm through ``F.layer_norm``, as timm's and transformers'
@@ -534,8 +536,21 @@ def main(argv=None) -> Dict:
     ap.add_argument("--no-ttft", action="store_true", help="skip the FastVLM time-to-first-token rows")
     ap.add_argument("--ttft-llm", default=None, help="Qwen2 shapes for TTFT: 0.5b (default), 1.5b, 7b, tiny (--quick)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--name", default=None, help="output file stem (default: cpu-<threads>t, or quick)")
+    ap.add_argument("--name", default=None, help="output file stem (default: cpu-<threads>t, or quick; on CUDA "
+                    "<gpu>-<date>)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where to run: cuda where available (auto), else cpu; cuda: bench/report_cuda.py")
+    ap.add_argument("--batch", type=int, default=None, help="the large batch at the first size (default 8 on CPU, "
+                    "32 on CUDA)")
     a = ap.parse_args(argv)
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        from bench import report_cuda
+        why = report_cuda.unavailable()
+        if why:
+            print(f"bench.report --device cuda: {why}", file=sys.stderr)
+            raise SystemExit(2)
+        return report_cuda.main(a, argv if argv is not None else sys.argv[1:])
 
     threads = a.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -570,7 +585,7 @@ def main(argv=None) -> Dict:
     # priority order: the headline first, then the resolution sweep, then batch 8; fp32 before bf16
     plan = [(sizes[0], 1, "fp32"), (sizes[0], 1, "bf16")]
     plan += [(s, 1, "fp32") for s in sizes[1:]] + [(s, 1, "bf16") for s in sizes[1:]]
-    plan += [(s, 8, dt) for s in batch8 for dt in ("fp32", "bf16")]
+    plan += [(s, a.batch or 8, dt) for s in batch8 for dt in ("fp32", "bf16")]
 
     systems = Systems(model, threads, a.out, fast_bf16, [s for s in a.skip.split(",") if s], a.backend)
     report = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": " ".join(

@@ -108,3 +108,21 @@ def test_ab_op_mode(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench.ab", so, so, "--op", "no such op"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown case" in bad.stderr and "conv_exp 16x16x1536" in bad.stderr
+
+
+def test_report_on_cuda_without_a_gpu_says_why_in_one_line():
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA (scripts/gpu_check.sh runs the CUDA report)")
+    out = subprocess.run([sys.executable, "-m", "bench.report", "--device", "cuda"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("bench.report --device cuda: no CUDA device")
+
+
+def test_gpu_results_folder_names():
+    from bench.report_cuda import gpu_slug
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_slug("NVIDIA H200") == "h200"
+    assert gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
