@@ -131,6 +131,29 @@ def measure(sizes_batches=((512, 1), (1024, 1), (1024, 32)), dtypes=tuple(DTYPES
     return out
 
 
+def dumps(table: dict) -> str:
+    """The table as JSON, one shape class per line (readable diffs)."""
+    out = ["{"]
+    archs = sorted(table)
+    for i, arch in enumerate(archs):
+        out.append(f" {json.dumps(arch)}: {{")
+        dts = sorted(table[arch])
+        for j, dt in enumerate(dts):
+            out.append(f"  {json.dumps(dt)}: {{")
+            kernels = sorted(table[arch][dt])
+            for k, kernel in enumerate(kernels):
+                out.append(f"   {json.dumps(kernel)}: {{")
+                entries = sorted(table[arch][dt][kernel].items())
+                for n, (cls, cfg) in enumerate(entries):
+                    out.append(f"    {json.dumps(cls)}: {json.dumps(cfg, sort_keys=True)}"
+                               + ("," if n < len(entries) - 1 else ""))
+                out.append("   }" + ("," if k < len(kernels) - 1 else ""))
+            out.append("  }" + ("," if j < len(dts) - 1 else ""))
+        out.append(" }" + ("," if i < len(archs) - 1 else ""))
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group(required=True)
@@ -154,7 +177,7 @@ def main(argv=None) -> int:
             for kernel, entries in kernels.items():
                 table.setdefault(arch, {}).setdefault(dt, {}).setdefault(kernel, {}).update(entries)
     path = a.out or (tuning.TABLE_PATH if a.write else None)
-    text = json.dumps(table, indent=1, sort_keys=True) + "\n"
+    text = dumps(table)
     if path:
         with open(path, "w") as f:
             f.write(text)
