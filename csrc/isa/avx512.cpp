@@ -23,11 +23,7 @@ typedef int32_t vi __attribute__((vector_size(64)));
 #define FVK_VMIN FVK_VMIN_AVX512
 #define FVK_VMAX FVK_VMAX_AVX512
 #endif
-#include "kernels/kernels.h"
-extern const int64_t dwb_channels = DB;
-extern const int chain_flops = CHAIN_FLOPS;
-#define FVK_API_F32
-#include "kernel_api.h"
+#include "isa/instantiate_f32.h"
 }  // namespace isa_avx512
 }  // namespace fastvlm
 #pragma GCC pop_options

@@ -11,10 +11,6 @@ typedef int32_t vi __attribute__((vector_size(16)));
 #define FVK_VMIN(a, b) __builtin_ia32_minps((a), (b))
 #define FVK_VMAX(a, b) __builtin_ia32_maxps((a), (b))
 #endif
-#include "kernels/kernels.h"
-extern const int64_t dwb_channels = DB;
-extern const int chain_flops = CHAIN_FLOPS;
-#define FVK_API_F32
-#include "kernel_api.h"
+#include "isa/instantiate_f32.h"
 }  // namespace isa_sse
 }  // namespace fastvlm
