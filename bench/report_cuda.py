@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import fastvlm_kernels
+from bench.report import log
 from fastvlm.testing import rel_l2
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -48,10 +49,6 @@ def unavailable() -> Optional[str]:
         return f"no CUDA device (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})"
     why = fastvlm_kernels.unavailable_reason("triton")
     return f"the triton backend cannot run: {why}" if why else None
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def gpu_info() -> Dict:
@@ -82,8 +79,6 @@ def rates() -> Dict[str, float]:
     dst = torch.empty_like(src)
     cuda_time(lambda: dst.copy_(src), 3)
     bw = 2 * src.numel() * 4 / min(cuda_time(lambda: dst.copy_(src), 10) for _ in range(3)) / 1e9
-    del a, src, dst
-    torch.cuda.empty_cache()
     return {"bf16_mm_gflops": mm, "copy_gbs": bw}
 
 
@@ -253,6 +248,7 @@ def main(a, argv) -> Dict:
     log(f"FastViTHD side-by-side report on {gi['name']} ({gi['capability']}), torch {gi['torch']}, "
         f"triton {gi['triton']}, budget {a.budget_min:g} min")
     rt = rates()
+    torch.cuda.empty_cache()
     log(f"    bf16 torch.mm {rt['bf16_mm_gflops'] / 1e3:.0f} TFLOP/s, copy {rt['copy_gbs']:.0f} GB/s")
     model, desc = build_model(a.checkpoint, a.quick)
     sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else ([128, 192] if a.quick else [1024, 512, 768, 1536])

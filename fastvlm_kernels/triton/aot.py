@@ -21,7 +21,6 @@ import sys
 import tempfile
 from typing import Dict, List
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -36,7 +35,6 @@ KNOWN_SPILLS = ()
 SMEM_LIMIT = {90: 232448, 80: 166912}
 #: The (size, batch) forwards whose launches are compiled.
 FORWARDS = ((512, 1), (1024, 1), (2048, 1), (1024, 8))
-_DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def specialise(kernel: str, args, consts) -> Dict:
@@ -115,12 +113,11 @@ def plan(archs=(90, 80), dtypes=("fp32", "fp16", "bf16"), forwards=FORWARDS) -> 
     table = tuning.load_table()
     jobs, seen = [], set()
     for dt in dtypes:
-        enc = tune._encoder(_DT[dt])
+        enc = tune._encoder(tune.DTYPES[dt])
         specs = {}
         for size, batch in forwards:
-            for r in tune.fastvithd_launches([size], batch, _DT[dt], enc=enc):
-                consts = {k: v for k, v in r["consts"].items()}
-                spec = specialise(r["kernel"], r["args"], consts)
+            for r in tune.fastvithd_launches([size], batch, tune.DTYPES[dt], enc=enc):
+                spec = specialise(r["kernel"], r["args"], r["consts"])
                 key = (r["kernel"], repr(sorted(spec["signature"].items())), repr(sorted(spec["constexprs"].items())),
                        repr(sorted(spec["attrs"])))
                 specs.setdefault(key, (r["kernel"], spec))

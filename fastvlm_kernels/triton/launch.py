@@ -115,7 +115,6 @@ def dw(x, w, b, stride, padding, gelu, sums=False):
     part = None
     if B == 0:
         return (y, part) if sums else y
-    x = x.contiguous()
     if sums:
         # one row of partial sums per (output row, BLOCK_W tile); the SUMS launch always takes the
         # first configuration (tuning.choose), whose BLOCK_W fixes the order of the SE's sums
@@ -151,7 +150,7 @@ def ffn_from_t(t, res, fc1_w, fc1_b, fc2_w, fc2_b, gamma):
     y = torch.empty(res.shape, device=res.device, dtype=res.dtype)
     if M == 0:
         return y
-    t2, r2 = t.reshape(M, C), res.contiguous().reshape(M, C)
+    t2, r2 = t.reshape(M, C), res.reshape(M, C)  # contiguous: the op's run gets contiguous tensors
     if C <= FFN_FUSED_MAX_C:
         check_i32("convffn", t=M * C)
         bo = pow2(triton.cdiv(C, 3))

@@ -83,13 +83,10 @@ def arch_of(device: torch.device) -> str:
 _TABLE: Optional[dict] = None
 
 
-def load_table(path: str = TABLE_PATH) -> dict:
-    """{arch: {dtype: {kernel: {shape class: configuration dict}}}}; every configuration is one of
-    ``kernels.CONFIGS`` (tests/test_triton.py checks)."""
+def load_table() -> dict:
+    """{arch: {dtype: {kernel: {shape class: configuration dict}}}} from TABLE_PATH, read once; every
+    configuration is one of ``kernels.CONFIGS`` (tests/test_triton.py checks)."""
     global _TABLE
-    if path != TABLE_PATH:
-        with open(path) as f:
-            return json.load(f)
     if _TABLE is None:
         try:
             with open(TABLE_PATH) as f:
