@@ -32,6 +32,10 @@ def test_gelu_check(tmp_path):
     m = re.search(r"^gelu\.h\s+([\d.]+) ns per vector; max \|err\| on \[-10, 10\] ([\d.e+-]+)", out, re.M)
     assert m, out
     assert float(m.group(1)) > 0 and float(m.group(2)) < 1e-6, out  # gelu.h: 9.5e-7
+    m = re.search(r"^gelu\.h bf16-output form\s+([\d.]+) ns per vector; .* relative to max\(1, \|x\|\) ([\d.e+-]+)",
+                  out, re.M)
+    assert m, out
+    assert float(m.group(1)) > 0 and float(m.group(2)) < 5e-6, out  # 3.4e-6: bf16's half-ulp is 2e-3 relative
 
 
 @needs_avx2_gxx

@@ -27,6 +27,21 @@ static inline vf fvk_dpbf16(vf acc, uint32_t a2, vf w) {
 // test data goes: float32 denormals become signed zeros (the instruction's DAZ) and a NaN keeps its
 // payload's top bits (quiet) instead of becoming 0x7FC0.
 #define FVK_CVT_BF16(v) _mm512_cvtneps_pbh((__m512)(v))
+// The bf16 attention's softmax numerators (bf16_pairs.h, attn_tile_dp): FVK_PAIR_PACK(p0, p1), the
+// pairs (bf16(p0[i]) low, bf16(p1[i]) high) per 32-bit lane, round to nearest even (VCVTNE2PS2BF16,
+// then VPERMW interleaves its halves; the portable form takes about a dozen integer operations);
+// FVK_PAIR_SUM(l, pr) = (l + high) + low of each lane, by vdpbf16ps with the pair (1, 1) (the products
+// are exact). The portable form rounds the same way and adds in the order the SDM defines for the
+// instruction; p >= 2^-125 is normal, so its DAZ / FTZ do not apply.
+static inline vf fvk_pair_pack(vf p0, vf p1) {
+  const __m512i lo_hi = (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0);  // bf16(p0) low half, bf16(p1) high
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return (vf)_mm512_permutexvar_epi16(idx, lo_hi);
+}
+#define FVK_PAIR_PACK(p0, p1) fvk_pair_pack(p0, p1)
+#define FVK_PAIR_SUM(l, pr) \
+  ((vf)_mm512_dpbf16_ps((__m512)(l), (__m512bh)(pr), (__m512bh)_mm512_set1_epi32(0x3F803F80)))
 #define FVK_LD_BF16(p) FVK_LD_BF16_AVX512(p)
 #define FVK_VMIN FVK_VMIN_AVX512
 #define FVK_VMAX FVK_VMAX_AVX512

@@ -57,10 +57,10 @@ static inline void amx_epilogue(AmxPending& p, int64_t upto, int64_t N, uint16_t
     vf acc0[1] = {vload(p.blk + r * 32)}, acc1[1] = {vload(p.blk + r * 32 + VL)};
     const int64_t t = p.m0 + r;
     if (EPI == 0) {
-      vst(h + t * ldh + n0, vgelu(acc0[0]));
-      vst(h + t * ldh + n0 + VL, vgelu(acc1[0]));
+      vst(h + t * ldh + n0, vgelu_bf16(acc0[0]));
+      vst(h + t * ldh + n0 + VL, vgelu_bf16(acc1[0]));
     } else if (EPI == 2) {
-      gelu_out<1>(acc0, acc1, n0, N, y + t * ldy, ldy);
+      gelu_out<1, true>(acc0, acc1, n0, N, y + t * ldy, ldy);
     } else {
       residual_out<1>(acc0, acc1, n0, N, x + t * ldy, y + t * ldy, ldy, gamma);
     }

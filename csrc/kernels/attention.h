@@ -118,12 +118,25 @@ static void flash_head(int64_t N, int64_t C, int64_t hd, int64_t h, int64_t q0, 
     scores(k0, nk);
     for (int64_t j = 0; j < Tq; j += VL) {
       vf m = vload(mx + j);
-      vf mb = vload(S + j);
-      for (int64_t r = 1; r < nk; ++r) {
+      // the block's column max, in four independent chains (a max is exact: the same result as one
+      // chain, NaN scores skipped as there, a NaN first score kept), then combined
+      vf mb[4];
+      for (int i = 0; i < 4; ++i) mb[i] = vload(S + j);
+      int64_t r = 1;
+      for (; r + 4 <= nk; r += 4)
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const vf s = vload(S + (r + i) * Tq + j);
+          mb[i] = s > mb[i] ? s : mb[i];
+        }
+      for (; r < nk; ++r) {
         const vf s = vload(S + r * Tq + j);
-        mb = s > mb ? s : mb;
+        mb[0] = s > mb[0] ? s : mb[0];
       }
-      const vf mn = mb > m ? mb : m;
+      mb[0] = mb[1] > mb[0] ? mb[1] : mb[0];
+      mb[2] = mb[3] > mb[2] ? mb[3] : mb[2];
+      mb[0] = mb[2] > mb[0] ? mb[2] : mb[0];
+      const vf mn = mb[0] > m ? mb[0] : m;
       const vf alpha = vexp2_neg(m - mn);  // 2^-125 on the first block (m = -3e38), times a zero sum and output
       vf l = vload(sm + j) * alpha;
       probs(j, nk, mn, l);

@@ -10,7 +10,9 @@
 // that the GEMM operands are bf16: the depthwise output d and the GELU output (fc2's input), and in
 // attention and patch_embed the operands named there, are rounded to bf16 (nearest even) before
 // they are multiplied, as eager PyTorch in bf16 rounds every layer's output. The weights of a bf16
-// model are bf16 already, so packing them loses nothing.
+// model are bf16 already, so packing them loses nothing. A GELU whose output is rounded to bf16
+// (fc1's, patch_embed's) is gelu.h's bf16-output form (|error| <= 3.4e-6 max(1, |x|), against the
+// rounding's 2e-3 relative), not the exact one the fp32 kernels use.
 //
 // Layout (pack_linear_bf16): an (N, K) weight as (P, ceil(K / 2), 32) bf16, P = packed_panels(N):
 // out[p][j][2i + e] = w[16p + i][2j + e], zero padded (channels past N, and k = K when K is odd).
@@ -42,6 +44,7 @@ constexpr int MRD = 8;
 //   first pair (32 bf16 per pair). first: start from bias (else from the fp32 partial sums in buf);
 //   last: run the epilogue (else store the partial sums to buf).
 //   EPI 0 (fc1): last block writes h[t][n] = bf16(GELU(acc)) (row stride ldh).
+//   (GELU: vgelu_bf16, gelu.h's form for a result rounded to bf16, in EPI 0 and 2.)
 //   EPI 1 (fc2, attention's proj): last block writes y[t][n] = x[t][n] + gamma[n] * acc, n < N
 //   (x and y bf16).
 //   EPI 2 (patch_embed's 1x1): last block writes y[t][n] = bf16(GELU(acc)), n < N (row stride ldy).
@@ -69,10 +72,11 @@ static inline void ptile_dp(const uint16_t* __restrict__ a, int64_t lda, int64_t
   }
   if (EPI == 0) {
 #pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) vst(h + r * ldh + n0, vgelu(acc0[r])), vst(h + r * ldh + n0 + VL, vgelu(acc1[r]));
+    for (int r = 0; r < M; ++r)
+      vst(h + r * ldh + n0, vgelu_bf16(acc0[r])), vst(h + r * ldh + n0 + VL, vgelu_bf16(acc1[r]));
     return;
   }
-  if (EPI == 2) return gelu_out<M>(acc0, acc1, n0, N, y, ldy);
+  if (EPI == 2) return gelu_out<M, true>(acc0, acc1, n0, N, y, ldy);
   residual_out<M>(acc0, acc1, n0, N, x, y, ldy, gamma);
 }
 
@@ -336,10 +340,18 @@ static void attn_tile_dp(int64_t N, int64_t C, int64_t hd, const uint16_t* Qp, c
         [&](int64_t j, int64_t nk, vf mn, vf& l) {  // p in bf16 pairs of keys, this query vector's panel
           uint16_t* pp = Pp + (j / PW) * kpb * 2 * PW;
           for (int64_t r = 0; r < nk; r += 2) {  // a pair of keys per 32-bit lane: (r, r + 1); p >= 0, finite
-            const vu e0 = vround_hi(vexp2_neg(vload(S + r * Tq + j) - mn));
-            const vu e1 = r + 1 < nk ? vround_hi(vexp2_neg(vload(S + (r + 1) * Tq + j) - mn)) : vu{};
-            l += (vf)e0 + (vf)e1;
-            *reinterpret_cast<vfu*>(pp + (r / 2) * 2 * PW) = (vf)(e1 | (e0 >> 16));
+            const vf p0 = vexp2_neg(vload(S + r * Tq + j) - mn);
+            const vf p1 = r + 1 < nk ? vexp2_neg(vload(S + (r + 1) * Tq + j) - mn) : vf{};
+            // the pair rounded to bf16; the running sum adds its odd key's p, then its even key's
+#ifdef FVK_PAIR_PACK
+            const vf pr = FVK_PAIR_PACK(p0, p1);  // VCVTNE2PS2BF16 + VPERMW
+            l = FVK_PAIR_SUM(l, pr);              // vdpbf16ps with (1, 1)
+#else
+            const vu e0 = vround_hi(p0), e1 = vround_hi(p1);
+            const vf pr = (vf)(e1 | (e0 >> 16));
+            l = (l + (vf)e1) + (vf)e0;
+#endif
+            *reinterpret_cast<vfu*>(pp + (r / 2) * 2 * PW) = pr;
           }
         },
         [&](int64_t k0, int64_t nk) {  // (hd x Tq) = Vh_blk . P^T; an odd nk's partner key k0 + nk is 0 in Vh and Pp

@@ -125,12 +125,14 @@ __attribute__((always_inline)) static inline void residual_out(const vf* acc0, c
 }
 
 // The 1x1 + GELU epilogue (EPI 2) for M pixel rows of two accumulator vectors (channels n0 .. n0 + 2 VL):
-// y[t][n] = GELU(acc[t][n]), n < N (storage T_).
-template <int M, typename T_>
+// y[t][n] = GELU(acc[t][n]), n < N (storage T_). BF16_GELU: vgelu_bf16 (the bf16-pair kernels, whose
+// y is bf16), else the exact vgelu.
+template <int M, bool BF16_GELU = false, typename T_>
 __attribute__((always_inline)) static inline void gelu_out(vf* acc0, vf* acc1, int64_t n0, int64_t N, T_* y,
                                                            int64_t ldy) {
 #pragma GCC unroll 8
-  for (int r = 0; r < M; ++r) acc0[r] = vgelu(acc0[r]), acc1[r] = vgelu(acc1[r]);
+  for (int r = 0; r < M; ++r)
+    acc0[r] = BF16_GELU ? vgelu_bf16(acc0[r]) : vgelu(acc0[r]), acc1[r] = BF16_GELU ? vgelu_bf16(acc1[r]) : vgelu(acc1[r]);
   if (n0 + 2 * VL <= N) {
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) vst(y + r * ldy + n0, acc0[r]), vst(y + r * ldy + n0 + VL, acc1[r]);

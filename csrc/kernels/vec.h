@@ -96,6 +96,14 @@ static inline vf vgelu(vf x) {
   return fvk_gelu_out;
 }
 
+// GELU for a value rounded to bf16 right after (gelu.h's bf16-output form: |error| <= 3.4e-6
+// max(1, |x|)).
+static inline vf vgelu_bf16(vf x) {
+  vf fvk_gelu_out;
+  FVK_GELU_BF16_BODY(vf, x, vset(1.f), clamp_sym);
+  return fvk_gelu_out;
+}
+
 // Storage <-> float. bf16 is carried as uint16_t bits; the store rounds to nearest even.
 static inline float ld(const float* p, int64_t i) { return p[i]; }
 static inline float ld(const uint16_t* p, int64_t i) {
