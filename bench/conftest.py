@@ -1,5 +1,10 @@
 """Microbenchmark fixtures: this machine's measured GEMM rate and copy bandwidth (for the roofline
-floors printed beside each op), and a summary table at the end of the run."""
+floors printed beside each op), and a summary table at the end of the run (also as JSON where
+FASTVLM_BENCH_JSON names a file).
+
+FASTVLM_BENCH_DEVICE=cuda runs the ops on the GPU instead (the triton backend against eager and
+torch.compile); on a machine without CUDA every case is skipped with the reason."""
+import json
 import os
 import statistics
 import sys
@@ -11,6 +16,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastvlm.testing import cpu_flags  # noqa: E402
 
+DEVICE = os.environ.get("FASTVLM_BENCH_DEVICE", "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"FASTVLM_BENCH_DEVICE={DEVICE!r}: cpu or cuda")
 THREADS = int(os.environ.get("FASTVLM_BENCH_THREADS", os.cpu_count() or 1))
 torch.set_num_threads(THREADS)
 
@@ -51,8 +59,34 @@ def _median_time(fn, n=5):
     return statistics.median(ts)
 
 
+def _cuda_machine():
+    """The GPU's roofline: torch.mm's rates at 8192^3 (bf16 on tensor cores; fp32 with TF32 off, the
+    CUDA-core rate that the triton backend's default fp32 dots, input_precision="ieee", run at) and the
+    device-to-device copy bandwidth, measured with CUDA events (bench.report_cuda)."""
+    from bench import report_cuda as rc
+    why = rc.unavailable()
+    if why:
+        pytest.skip(f"FASTVLM_BENCH_DEVICE=cuda: {why}")
+    r = rc.rates()
+    a = torch.randn(8192, 8192, device="cuda")
+    prev, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        rc.cuda_time(lambda: a @ a, 2)
+        mm = 2 * 8192 ** 3 / min(rc.cuda_time(lambda: a @ a, 5) for _ in range(3)) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    del a
+    gpu = rc.gpu_info()
+    MACHINE.append({"gemm_gflops": mm, "gemm_gflops_bf16": r["bf16_mm_gflops"], "fast_bf16": True,
+                    "copy_gbs": r["copy_gbs"], "peak_gflops": mm, "peak_gflops_bf16": r["bf16_mm_gflops"],
+                    "peak_source": f"torch.mm 8192^3 on {gpu['name']}", "threads": THREADS, "gpu": gpu})
+    return MACHINE[-1]
+
+
 @pytest.fixture(scope="session")
 def machine():
+    if DEVICE == "cuda":
+        return _cuda_machine()
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     mm = 2 * 1024 ** 3 / _median_time(lambda: torch.mm(a, b)) / 1e9
     src = torch.randn(32 * 1024 * 1024 // 4)  # 32 MiB, well past the caches
@@ -91,7 +125,18 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{r['case']:<44}{r['system']:<22}{r['ms']:>9.2f}{r['min_ms']:>9.2f}{r['floor_ms']:>10.2f}"
                       f"{r['ms'] / r['floor_ms']:>9.1f}{r['min_ms'] / r['floor_ms']:>13.1f}")
     m = MACHINE[0] if MACHINE else None
-    if m is not None:
+    out = os.environ.get("FASTVLM_BENCH_JSON")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"device": DEVICE, "dtype": dt, "machine": m, "rows": ROWS, "malloc": MALLOC}, f, indent=1)
+    if m is not None and DEVICE == "cuda":
+        bf = dt in ("bf16", "bfloat16")
+        tr.write_line(f"floor = max(FLOPs / measured matmul rate, bytes / measured copy bandwidth) on {m['gpu']['name']}: "
+                      f"{'bf16' if bf else 'fp32 (TF32 off)'} {m['peak_gflops_bf16' if bf else 'peak_gflops']:.0f} "
+                      f"GFLOP/s ({m['peak_source']}), copy {m['copy_gbs']:.0f} GB/s")
+        tr.write_line("ms: the median of 5 rounds of CUDA-event time over 20 back-to-back calls each (launches "
+                      "included, no CUDA graphs); min ms: the fastest round. torch.compile: the default mode.")
+    elif m is not None:
         bf = dt in ("bf16", "bfloat16")
         tr.write_line(f"floor = max(FLOPs / measured multiply-add peak, bytes / measured copy bandwidth); {THREADS} "
                       f"threads; peak {m['peak_gflops_bf16' if bf else 'peak_gflops']:.0f} GFLOP/s ({m['peak_source']}"

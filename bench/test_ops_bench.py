@@ -14,6 +14,12 @@ the kernels run on AMX tiles, the vdpbf16ps peak where the CPU has AVX512_BF16 (
 peak: the kernels compute in fp32 there) and 2-byte elements;
 eager and torch.compile are skipped on CPUs without AVX512_BF16 (PyTorch's bf16 GEMMs run a scalar
 fallback there).
+
+    FASTVLM_BENCH_DEVICE=cuda FASTVLM_BENCH_DTYPE=bf16 pytest bench/   # on a GPU: the triton backend
+
+On CUDA the systems are eager, fused-triton and torch.compile (default mode), timed with CUDA events
+over back-to-back calls (no CUDA graphs: the launches count), and the floor uses the GPU's measured
+torch.mm rate and copy bandwidth (conftest.py).
 """
 import os
 
@@ -24,12 +30,14 @@ import fastvlm.fastvithd as fv
 import fastvlm_kernels as fk
 from fastvlm.testing import randomize_
 from fastvlm_kernels import modules as fm
-from bench.conftest import ROWS
+from bench.conftest import DEVICE, ROWS
 
 COMPILE = os.environ.get("FASTVLM_BENCH_COMPILE", "1") != "0"
 DTYPE = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
          "bfloat16": torch.bfloat16}[os.environ.get("FASTVLM_BENCH_DTYPE", "fp32")]
-BACKENDS = [b for b in fk.available_backends() if b != "triton"]
+# the fused backends that run on DEVICE: on the CPU the C++ kernels (and the reference ops); on CUDA triton
+BACKENDS = [b for b in fk.available_backends() if (b == "triton") == (DEVICE == "cuda")]
+CUDA_CALLS, CUDA_ROUNDS = 20, 5
 
 
 def _prep(mod, seed=0):
@@ -38,7 +46,7 @@ def _prep(mod, seed=0):
     for m in mod.modules():
         if hasattr(m, "reparameterize"):
             m.reparameterize()
-    return mod.to(DTYPE)
+    return mod.to(DEVICE, DTYPE)
 
 
 def _dw_flops(k, cout, ho, wo):
@@ -147,7 +155,7 @@ SYSTEMS = ["eager"] + [f"fused-{b}" for b in BACKENDS] + (["compile"] if COMPILE
 @pytest.mark.parametrize("case", list(CASES))
 def test_op(benchmark, machine, case, system):
     eager, fused_factory, x_nchw, x_nhwc, flops, nbytes = CASES[case]()
-    x_nchw, x_nhwc, nbytes = x_nchw.to(DTYPE), x_nhwc.to(DTYPE), nbytes * DTYPE.itemsize // 4
+    x_nchw, x_nhwc, nbytes = x_nchw.to(DEVICE, DTYPE), x_nhwc.to(DEVICE, DTYPE), nbytes * DTYPE.itemsize // 4
     if DTYPE == torch.bfloat16 and system in ("eager", "compile") and not machine["fast_bf16"]:
         pytest.skip("no AVX512_BF16 / AMX: PyTorch's bf16 GEMMs would run a scalar fallback here")
     if system == "eager":
@@ -168,10 +176,21 @@ def test_op(benchmark, machine, case, system):
             return fn(x)
 
     call()  # warm-up (and compilation)
-    benchmark.pedantic(call, rounds=5, warmup_rounds=1, iterations=1)
+    if DEVICE == "cuda":
+        from bench.report_cuda import cuda_time
+
+        def synced():
+            call()
+            torch.cuda.synchronize()
+        benchmark.pedantic(synced, rounds=CUDA_ROUNDS, warmup_rounds=1, iterations=1)
+        rounds = sorted(cuda_time(call, CUDA_CALLS) for _ in range(CUDA_ROUNDS))
+        median_s, min_s = rounds[len(rounds) // 2], rounds[0]
+    else:
+        benchmark.pedantic(call, rounds=5, warmup_rounds=1, iterations=1)
+        median_s, min_s = benchmark.stats.stats.median, benchmark.stats.stats.min
     rate = machine["peak_gflops_bf16"] if DTYPE == torch.bfloat16 else machine["peak_gflops"]
     floor_s = max(flops / (rate * 1e9), nbytes / (machine["copy_gbs"] * 1e9))
     benchmark.extra_info.update({"gflop": flops / 1e9, "mbytes": nbytes / 1e6, "floor_ms": floor_s * 1e3,
                                  "peak_gflops": rate, "copy_gbs": machine["copy_gbs"], "threads": machine["threads"]})
-    ROWS.append({"case": case, "system": system, "ms": benchmark.stats.stats.median * 1e3,
-                 "min_ms": benchmark.stats.stats.min * 1e3, "floor_ms": floor_s * 1e3})
+    ROWS.append({"case": case, "system": system, "ms": median_s * 1e3, "min_ms": min_s * 1e3,
+                 "floor_ms": floor_s * 1e3, "gflop": flops / 1e9, "mbytes": nbytes / 1e6})

@@ -11,6 +11,8 @@
 #   2. the whole encoder at 1024²: triton vs eager on the GPU and vs the float64 CPU model, graph
 #      replay vs eager launches, outputs poisoned first; fp32 dots also as tf32x3  -> encoder*.json
 #   3. the side-by-side report at 1024², batch 1 and 32, bf16 and fp32, with TTFT -> report.{json,md,png}
+#   4. the per-op microbenchmarks in bf16: triton vs eager, CUDA-event times against roofline floors
+#      from the GPU's measured matmul rate and copy bandwidth            -> ops_bf16.{json,txt}
 # stages.json gets a line per stage (exit code, seconds); check.log has everything printed.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -48,6 +50,9 @@ stage encoder 120 $PY scripts/gpu_check.py "$OUT/encoder.json"
 FASTVLM_TRITON_FP32=tf32x3 GPU_CHECK_SIZE=512 stage encoder_tf32x3 60 $PY scripts/gpu_check.py "$OUT/encoder_tf32x3.json"
 stage report 200 $PY -m bench.report --device cuda --sizes 1024 --batch 32 --rounds 10 --budget-min 3 \
   --out "$OUT" --name report
+FASTVLM_BENCH_DEVICE=cuda FASTVLM_BENCH_DTYPE=bf16 FASTVLM_BENCH_COMPILE=0 FASTVLM_BENCH_JSON="$OUT/ops_bf16.json" \
+  stage ops 60 bash -c "$PY -m pytest -q -p no:cacheprovider bench/test_ops_bench.py --benchmark-disable-gc \
+  > '$OUT/ops_bf16.txt' 2>&1; rc=\$?; tail -n 22 '$OUT/ops_bf16.txt'; exit \$rc"
 echo "  {\"stage\": \"done\", \"seconds\": $(( $(date +%s) - T0 ))}" >> "$OUT/stages.json"
 echo "]" >> "$OUT/stages.json"
 echo "=== total $(( $(date +%s) - T0 ))s ==="

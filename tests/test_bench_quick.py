@@ -126,3 +126,29 @@ def test_gpu_results_folder_names():
     assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
     assert gpu_slug("NVIDIA H200") == "h200"
     assert gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+def test_ops_bench_writes_json_and_cuda_mode_says_why_it_cannot_run(tmp_path):
+    """The per-op microbenchmarks: FASTVLM_BENCH_JSON gets one row per (case, system) with the floor
+    beside it; FASTVLM_BENCH_DEVICE=cuda on a machine without a usable GPU skips every case with the
+    reason (on a GPU, scripts/gpu_check.sh runs it); an unknown device is refused."""
+    import torch
+    env = {**os.environ, "FASTVLM_BENCH_COMPILE": "0", "FASTVLM_BENCH_JSON": str(tmp_path / "ops.json")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "bench/test_ops_bench.py",
+           "-k", "cpe4"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rep = json.loads((tmp_path / "ops.json").read_text())
+    assert rep["device"] == "cpu" and rep["machine"]["copy_gbs"] > 0
+    systems = {r["system"] for r in rep["rows"]}
+    assert "eager" in systems and not any("triton" in s for s in systems)
+    for r in rep["rows"]:
+        assert r["case"] == "dwconv cpe4 16x16x1536" and r["min_ms"] <= r["ms"] and r["floor_ms"] > 0
+    if not torch.cuda.is_available():
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**env, "FASTVLM_BENCH_DEVICE": "cuda", "FASTVLM_BENCH_JSON": ""})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "FASTVLM_BENCH_DEVICE=cuda: no CUDA device" in out.stdout and " passed" not in out.stdout
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**env, "FASTVLM_BENCH_DEVICE": "tpu"})
+    assert out.returncode != 0 and "FASTVLM_BENCH_DEVICE='tpu': cpu or cuda" in out.stdout + out.stderr
