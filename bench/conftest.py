@@ -75,7 +75,6 @@ def _cuda_machine():
         mm = 2 * 8192 ** 3 / min(rc.cuda_time(lambda: a @ a, 5) for _ in range(3)) / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
-    del a
     gpu = rc.gpu_info()
     MACHINE.append({"gemm_gflops": mm, "gemm_gflops_bf16": r["bf16_mm_gflops"], "fast_bf16": True,
                     "copy_gbs": r["copy_gbs"], "peak_gflops": mm, "peak_gflops_bf16": r["bf16_mm_gflops"],
