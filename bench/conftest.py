@@ -60,24 +60,29 @@ def _median_time(fn, n=5):
 
 
 def _cuda_machine():
-    """The GPU's roofline: torch.mm's rates at 8192^3 (bf16 on tensor cores; fp32 with TF32 off, the
-    CUDA-core rate that the triton backend's default fp32 dots, input_precision="ieee", run at) and the
-    device-to-device copy bandwidth, measured with CUDA events (bench.report_cuda)."""
+    """The GPU's roofline: torch.mm's rates at 8192^3 and the device-to-device copy bandwidth, measured
+    with CUDA events (bench.report_cuda). bf16: on tensor cores. fp32: the rate of the triton
+    backend's fp32 dots, so with tf32x3 dots (the default) the TF32 tensor-core rate / 3 (three
+    products per multiply-add), with FASTVLM_TRITON_FP32=ieee the rate with TF32 off (CUDA cores)."""
     from bench import report_cuda as rc
+    from fastvlm_kernels.triton.launch import FP32_PRECISION
     why = rc.unavailable()
     if why:
         pytest.skip(f"FASTVLM_BENCH_DEVICE=cuda: {why}")
     r = rc.rates()
     a = torch.randn(8192, 8192, device="cuda")
-    prev, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    tf32 = FP32_PRECISION == "tf32x3"
+    prev, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
     try:
         rc.cuda_time(lambda: a @ a, 2)
         mm = 2 * 8192 ** 3 / min(rc.cuda_time(lambda: a @ a, 5) for _ in range(3)) / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+    fp32_rate = mm / 3 if tf32 else mm
     gpu = rc.gpu_info()
     MACHINE.append({"gemm_gflops": mm, "gemm_gflops_bf16": r["bf16_mm_gflops"], "fast_bf16": True,
-                    "copy_gbs": r["copy_gbs"], "peak_gflops": mm, "peak_gflops_bf16": r["bf16_mm_gflops"],
+                    "copy_gbs": r["copy_gbs"], "peak_gflops": fp32_rate, "peak_gflops_bf16": r["bf16_mm_gflops"],
+                    "fp32_dots": FP32_PRECISION,
                     "peak_source": f"torch.mm 8192^3 on {gpu['name']}", "threads": THREADS, "gpu": gpu})
     return MACHINE[-1]
 
@@ -112,6 +117,9 @@ def machine():
 
 
 
+_FP32_RATE = {"tf32x3": "fp32 as tf32x3 (TF32 rate / 3)", "ieee": "fp32 (TF32 off)"}
+
+
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return
@@ -131,7 +139,7 @@ def pytest_terminal_summary(terminalreporter):
     if m is not None and DEVICE == "cuda":
         bf = dt in ("bf16", "bfloat16")
         tr.write_line(f"floor = max(FLOPs / measured matmul rate, bytes / measured copy bandwidth) on {m['gpu']['name']}: "
-                      f"{'bf16' if bf else 'fp32 (TF32 off)'} {m['peak_gflops_bf16' if bf else 'peak_gflops']:.0f} "
+                      f"{'bf16' if bf else _FP32_RATE[m['fp32_dots']]} {m['peak_gflops_bf16' if bf else 'peak_gflops']:.0f} "
                       f"GFLOP/s ({m['peak_source']}), copy {m['copy_gbs']:.0f} GB/s")
         tr.write_line("ms: the median of 5 rounds of CUDA-event time over 20 back-to-back calls each (launches "
                       "included, no CUDA graphs); min ms: the fastest round. torch.compile: the default mode.")

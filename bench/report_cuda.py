@@ -56,7 +56,12 @@ def gpu_info() -> Dict:
     import triton
     return {"name": p.name, "capability": f"sm_{p.major}{p.minor}", "sms": p.multi_processor_count,
             "memory_gib": round(p.total_memory / 2 ** 30, 1), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton.__version__, "python": platform.python_version()}
+            "triton": triton.__version__, "python": platform.python_version(), "fp32_dots": _fp32_dots()}
+
+
+def _fp32_dots() -> str:
+    from fastvlm_kernels.triton.launch import FP32_PRECISION
+    return FP32_PRECISION
 
 
 def cuda_time(fn: Callable[[], object], n: int = 1) -> float:
@@ -184,7 +189,8 @@ def markdown(rep: Dict) -> str:
              f"`{rep['command']}`", "",
              f"{g['name']} ({g['capability']}, {g['sms']} SMs), torch {g['torch']}, CUDA {g['cuda']}, triton "
              f"{g['triton']}. Measured in this run: bf16 torch.mm {r['bf16_mm_gflops'] / 1e3:.0f} TFLOP/s, copy "
-             f"{r['copy_gbs']:.0f} GB/s. Model: {rep['model']}.", "",
+             f"{r['copy_gbs']:.0f} GB/s. Model: {rep['model']}. The triton backend's fp32 dots: "
+             f"{g.get('fp32_dots', 'ieee')}.", "",
              "| config | system | ms | images/s | % bf16 mm | rel-L2 vs fp64 | setup s | first call s |",
              "|---|---|---|---|---|---|---|---|"]
     for c in rep["configs"]:

@@ -10,7 +10,8 @@
 #   1. the triton tests on CUDA (fp32, fp16, bf16; real channel widths and odd shapes) and the
 #      CUDA-graph tests                                          -> tests.xml
 #   2. the whole encoder at 1024²: triton vs eager on the GPU and vs the float64 CPU model, graph
-#      replay vs eager launches, outputs poisoned first; fp32 dots also as tf32x3  -> encoder*.json
+#      replay vs eager launches, outputs poisoned first; fp32 dots as tf32x3 (the default) and,
+#      at 512², as IEEE FMAs                                      -> encoder*.json
 #   3. the side-by-side report at 1024², batch 1 and 32, bf16 and fp32, with TTFT -> report.{json,md,png}
 #   4. the per-op microbenchmarks in bf16: triton vs eager, CUDA-event times against roofline floors
 #      from the GPU's measured matmul rate and copy bandwidth            -> ops_bf16.{json,txt}
@@ -59,7 +60,7 @@ $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 stage tests 200 $PY -m pytest -q $XDIST -p no:cacheprovider tests/test_triton.py tests/test_graphs.py \
   -k "not compiles_for" --junitxml="$OUT/tests.xml" -o junit_logging=no
 stage encoder 120 $PY scripts/gpu_check.py "$OUT/encoder.json"
-FASTVLM_TRITON_FP32=tf32x3 GPU_CHECK_SIZE=512 stage encoder_tf32x3 60 $PY scripts/gpu_check.py "$OUT/encoder_tf32x3.json"
+FASTVLM_TRITON_FP32=ieee GPU_CHECK_SIZE=512 stage encoder_ieee 60 $PY scripts/gpu_check.py "$OUT/encoder_ieee.json"
 stage report 200 $PY -m bench.report --device cuda --sizes 1024 --batch 32 --rounds 10 --budget-min 3 \
   --out "$OUT" --name report
 FASTVLM_BENCH_DEVICE=cuda FASTVLM_BENCH_DTYPE=bf16 FASTVLM_BENCH_COMPILE=0 FASTVLM_BENCH_JSON="$OUT/ops_bf16.json" \

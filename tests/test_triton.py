@@ -140,14 +140,22 @@ def aot_records(tmp_path_factory):
 
 
 def test_what_runs_compiles_for_sm90_and_sm80(aot_records):
-    """Every specialisation FastViTHD launches x every configuration the table gives it x {fp32, fp16,
-    bf16} x {sm_90, sm_80} compiles, without spills, within shared memory."""
+    """Every specialisation FastViTHD launches x every configuration the table gives it x {fp32 (IEEE
+    dots), fp32 (tf32x3 dots), fp16, bf16} x {sm_90, sm_80} compiles, without spills, within shared
+    memory; the tiles the tf32x3 column excludes for spilling still spill (the list is not stale)."""
     from fastvlm_kernels.triton import aot
     from fastvlm_kernels.triton import kernels as K
+    excluded = [r for r in aot_records if r["excluded"]]
+    aot_records = [r for r in aot_records if not r["excluded"]]
     failed = [aot._line(r) for r in aot_records if not r["ok"]]
     assert not failed, "\n".join(failed)
     assert {(r["arch"], r["dtype"]) for r in aot_records} == {(a, d) for a in ("sm_90", "sm_80")
-                                                             for d in ("fp32", "fp16", "bf16")}
+                                                             for d in ("fp32", "tf32x3", "fp16", "bf16")}
+    listed = {(a, k, repr(sorted(c.items()))) for a, ks in K.TF32X3_SPILLS.items() for k, cs in ks.items() for c in cs}
+    spilled = {(r["arch"], r["kernel"], repr(sorted(dict(r["config"], num_warps=r["num_warps"],
+                                                         num_stages=r["num_stages"]).items())))
+               for r in excluded if r["ok"] and r["spills"]}
+    assert listed and spilled == listed, f"TF32X3_SPILLS lists tiles that no longer spill: {listed - spilled}"
     assert {r["kernel"] for r in aot_records} == set(K.KERNELS)
     # specialised like the runtime: the real shapes' multiples of 16 and aligned pointers are marked
     assert all(r["divisible"] for r in aot_records)
@@ -160,9 +168,17 @@ def test_what_runs_compiles_for_sm90_and_sm80(aot_records):
     assert {r["kernel"] for r in aot_records if r["spills"]} == set(aot.KNOWN_SPILLS)
     # Report which configurations get Hopper's wgmma (the tensor-core GEMMs should)
     print("\n" + "\n".join(aot._line(r) for r in aot_records))
-    hopper_gemms = [r for r in aot_records if r["arch"] == "sm_90" and r["dtype"] != "fp32" and r["kernel"] in
+    hopper_gemms = [r for r in aot_records if r["arch"] == "sm_90" and r["dtype"] in ("fp16", "bf16") and r["kernel"] in
                     ("linear_kernel", "ffn_fused_kernel", "attention_kernel")]
     assert hopper_gemms and all(r["wgmma"] for r in hopper_gemms)
+    # tf32x3 runs its dots on tensor cores; wgmma where the tile has 64 rows or more (ffn_fused's
+    # spill-free tf32x3 tile has 32: mma.sync)
+    hopper_tf32x3 = [r for r in aot_records if r["arch"] == "sm_90" and r["dtype"] == "tf32x3" and r["kernel"] in
+                     ("linear_kernel", "attention_kernel")]
+    assert hopper_tf32x3 and all(r["wgmma"] for r in hopper_tf32x3)
+    gemm = ("linear_kernel", "ffn_fused_kernel", "attention_kernel")
+    assert all(r["tensor_cores"] for r in aot_records if r["dtype"] != "fp32" and r["kernel"] in gemm)
+    assert not any(r["tensor_cores"] for r in aot_records if r["dtype"] == "fp32")  # IEEE dots: FMAs
     assert not any(r["wgmma"] for r in aot_records if r["arch"] == "sm_80" or r["dtype"] == "fp32")
 
 
@@ -220,9 +236,29 @@ _KERNEL_CASES = {"dw_kernel": "dwconv_cpe7", "ffn_fused_kernel": "convffn", "lin
                  "attention_kernel": "attention_mixer_c64", "stem_kernel": "stem", "patch_embed_kernel": "patch_embed"}
 
 
+@pytest.fixture
+def fixed_order_dots(monkeypatch):
+    """The interpreter computes tl.dot with numpy's matmul, whose summation order (OpenBLAS's kernel
+    choice) can change with the number of rows: a (32, 32) @ (32, 32)^T product is not bitwise the
+    first half of the (64, 32) one. Here each dot sums its K products in index order and then adds
+    the accumulator (as a tensor-core dot adds its block's sum), the same for any number of rows
+    or columns, so what the test compares is the kernels' own loops and tiles (a different K step
+    still changes the bits)."""
+    import numpy as np
+    from triton.runtime import interpreter as I
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        A, B = a.data.astype(d.data.dtype), b.data.astype(d.data.dtype)
+        part = np.zeros_like(d.data)
+        for k in range(A.shape[-1]):
+            part += A[..., :, k:k + 1] * B[..., k:k + 1, :]
+        return I.TensorHandle(part + d.data, d.dtype.scalar)
+    monkeypatch.setattr(I.InterpreterBuilder, "create_dot", create_dot)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("kernel", list(_KERNEL_CASES))
-def test_every_configuration_gives_the_same_bits(kernel):
+def test_every_configuration_gives_the_same_bits(kernel, fixed_order_dots):
     from fastvlm_kernels.triton import kernels as K
     from fastvlm_kernels.triton import tuning
     case = CASES[_KERNEL_CASES[kernel]]()
@@ -299,6 +335,73 @@ def test_real_channel_widths_match_float64(name, dtype):
         out = fused(xin.to(DEVICE, dtype)).float().cpu()
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert rel_l2(out, ref) <= BOUND[dtype], rel_l2(out, ref)
+
+
+def _tf32(x):
+    """fp32 -> TF32 as cvt.rna.tf32.f32 rounds (nearest, ties away from zero; 10 mantissa bits)."""
+    import numpy as np
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    special = (bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    return np.where(special, bits, (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.fixture
+def emulated_tf32(monkeypatch):
+    """The interpreter ignores tl.dot's input_precision (every dot in fp32). This emulates what a
+    tensor core computes for a tf32x3 dot of fp32 operands: each operand split into a TF32 high part
+    and a TF32 low part (the rounded remainder), the products hi·hi + (lo·hi + hi·lo) summed in fp32
+    (lo·lo dropped). Set ``state["passes"] = 1`` to emulate plain one-pass TF32 instead (the
+    negative control). ``state["seen"]`` counts the tf32x3 dots emulated."""
+    import numpy as np
+    from triton.runtime import interpreter as I
+    orig = I.InterpreterBuilder.create_dot
+    state = {"passes": 3, "seen": 0}
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or not str(input_precision).endswith("TF32x3"):
+            return orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+        state["seen"] += 1
+        ah, bh = _tf32(a.data), _tf32(b.data)
+        r = np.matmul(ah, bh, dtype=np.float32)
+        if state["passes"] == 3:
+            al, bl = _tf32(a.data - ah), _tf32(b.data - bh)
+            r = r + (np.matmul(al, bh, dtype=np.float32) + np.matmul(ah, bl, dtype=np.float32))
+        return I.TensorHandle((r + d.data).astype(np.float32), d.dtype.scalar)
+    monkeypatch.setattr(I.InterpreterBuilder, "create_dot", create_dot)
+    return state
+
+
+@needs_interpreter
+def test_tf32x3_keeps_fp32_accuracy(emulated_tf32):
+    """fp32 with tf32x3 dots (tensor cores), emulated as the hardware computes them: the whole tiny
+    encoder and FastViTHD's real channel widths stay within issue 33's 1e-4 of the float64 model (as
+    close as IEEE fp32 in practice), while one-pass TF32 through the same emulation does not."""
+    from fastvlm_kernels.triton.launch import fp32_precision
+    m64 = random_tower(fastvlm.FastViTHDConfig.tiny(), seed=3, weight_gain=0.85).double()
+    x = torch.rand(1, 3, 64, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    acc = fk.accelerate(copy.deepcopy(m64).float(), backend="triton")
+    with torch.no_grad():
+        ref = m64(x)
+        with fp32_precision("tf32x3"):
+            err3 = rel_l2(acc(x.float()), ref)
+            assert emulated_tf32["seen"] > 0  # the precision reached the kernels' dots
+            emulated_tf32["passes"] = 1
+            err1 = rel_l2(acc(x.float()), ref)
+            emulated_tf32["passes"] = 3
+        err_ieee = rel_l2(acc(x.float()), ref)
+    assert err3 <= 1e-4 and err3 <= 4 * err_ieee, (err3, err_ieee)
+    assert err1 > 1e-4, err1
+    for name in ("stem_96", "repmixer_384", "attention_block_768"):  # (~20 s of interpreter each)
+        c, mod, make, shape = REAL[name]
+        g = torch.Generator().manual_seed(len(name))
+        x = torch.randn(*(shape or (1, c, 3, 5)), dtype=torch.float64, generator=g)
+        if name.startswith("stem"):
+            x = x.clamp(0, 1)
+        with torch.no_grad(), fp32_precision("tf32x3"):
+            ref = mod(x).permute(0, 2, 3, 1)
+            xin = x if name.startswith("stem") else x.permute(0, 2, 3, 1)
+            out = make("triton", torch.float32)(xin.float())
+        assert rel_l2(out, ref) <= BOUND[torch.float32], (name, rel_l2(out, ref))
 
 
 @needs_interpreter

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of what the triton backend launches, for NVIDIA targets, on any
 machine (no GPU needed; docs/gpu.md).
 
-    python -m fastvlm_kernels.triton.aot [--dtypes fp32,fp16,bf16] [--archs 90,80] [--json out.json]
+    python -m fastvlm_kernels.triton.aot [--dtypes fp32,tf32x3,fp16,bf16] [--archs 90,80] [--json out.json]
 
 What runs: FastViTHD's launches at 512², 1024² and 2048² (batch 1 and 8) are recorded
 (``tune.fastvithd_launches``, nothing computed), each specialised as the runtime would specialise it
@@ -10,7 +10,7 @@ aligned pointers get the divisibility attribute), and every distinct (kernel, sp
 compiled with every configuration the table (``tuning.json``) gives that kernel for that arch and
 dtype, for ``GPUTarget("cuda", arch, 32)``. Then Triton's bundled ``cuobjdump -res-usage`` reads the
 cubin's registers and stack (spills), and the kernel metadata its shared memory; the PTX says whether
-Hopper's ``wgmma`` is used.
+tensor cores are used (``mma``) and whether through Hopper's ``wgmma``.
 """
 from __future__ import annotations
 
@@ -69,7 +69,9 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_one(kernel: str, spec: Dict, cfg: Dict, arch: int, dtype: str) -> Dict:
+def compile_one(kernel: str, spec: Dict, cfg: Dict, arch: int, dtype: str, excluded: bool = False) -> Dict:
+    """Compile one launch; ``excluded``: a tile the table's tf32x3 column never runs because it spills
+    (``kernels.TF32X3_SPILLS``), compiled to check that the list is still true."""
     cfg = dict(cfg)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     fn = K.KERNELS[kernel]
@@ -81,7 +83,7 @@ def compile_one(kernel: str, spec: Dict, cfg: Dict, arch: int, dtype: str) -> Di
     variant = {k: v for k, v in spec["constexprs"].items() if k not in spec["ones"]}
     divisible = sorted(fn.arg_names[i[0]] for i in spec["attrs"])
     rec = {"kernel": kernel, "config": cfg, "variant": variant, "divisible": divisible, "ones": spec["ones"],
-           "arch": f"sm_{arch}", "dtype": dtype, "num_warps": num_warps, "num_stages": num_stages}
+           "arch": f"sm_{arch}", "dtype": dtype, "num_warps": num_warps, "num_stages": num_stages, "excluded": excluded}
     try:
         ck = triton.compile(ASTSource(fn, sig, consts, spec["attrs"]), target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
@@ -89,7 +91,7 @@ def compile_one(kernel: str, spec: Dict, cfg: Dict, arch: int, dtype: str) -> Di
         rec.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return rec
     ptx = ck.asm["ptx"]
-    rec.update(ok=True, shared=int(ck.metadata.shared), wgmma="wgmma" in ptx)
+    rec.update(ok=True, shared=int(ck.metadata.shared), wgmma="wgmma" in ptx, tensor_cores="mma" in ptx)
     # Resource usage of the cubin Triton built (its own ptxas run): registers, and the stack frame,
     # which in Triton kernels (no local arrays) is register spilling.
     with tempfile.TemporaryDirectory() as d:
@@ -105,10 +107,11 @@ def compile_one(kernel: str, spec: Dict, cfg: Dict, arch: int, dtype: str) -> Di
     return rec
 
 
-def plan(archs=(90, 80), dtypes=("fp32", "fp16", "bf16"), forwards=FORWARDS) -> List[tuple]:
-    """[(kernel, specialisation, configuration, arch, dtype)]: every distinct specialisation FastViTHD's
-    forwards launch, with every configuration the table gives its kernel (for that arch and dtype;
-    the kernel's first configuration too: the one a shape the table does not list runs)."""
+def plan(archs=(90, 80), dtypes=("fp32", "tf32x3", "fp16", "bf16"), forwards=FORWARDS) -> List[tuple]:
+    """[(kernel, specialisation, configuration, arch, dtype, excluded)]: every distinct specialisation
+    FastViTHD's forwards launch, with every configuration the table gives its kernel (for that arch
+    and dtype; the first usable configuration too: the one a shape the table does not list runs);
+    for tf32x3 also the tiles ``kernels.TF32X3_SPILLS`` excludes (``excluded`` True)."""
     from . import tune, tuning
     table = tuning.load_table()
     jobs, seen = [], set()
@@ -116,19 +119,25 @@ def plan(archs=(90, 80), dtypes=("fp32", "fp16", "bf16"), forwards=FORWARDS) -> 
         enc = tune._encoder(tune.DTYPES[dt])
         specs = {}
         for size, batch in forwards:
-            for r in tune.fastvithd_launches([size], batch, tune.DTYPES[dt], enc=enc):
+            with tune.precision(dt):
+                launches = tune.fastvithd_launches([size], batch, tune.DTYPES[dt], enc=enc)
+            for r in launches:
                 spec = specialise(r["kernel"], r["args"], r["consts"])
                 key = (r["kernel"], repr(sorted(spec["signature"].items())), repr(sorted(spec["constexprs"].items())),
                        repr(sorted(spec["attrs"])))
                 specs.setdefault(key, (r["kernel"], spec))
         for kernel, spec in specs.values():
             for arch in archs:
-                cfgs = [K.CONFIGS[kernel][0]] + list(table.get(f"sm_{arch}", {}).get(dt, {}).get(kernel, {}).values())
+                cfgs = ([tuning.usable(kernel, f"sm_{arch}", dt)[0]]
+                        + list(table.get(f"sm_{arch}", {}).get(dt, {}).get(kernel, {}).values()))
                 for cfg in cfgs:
                     k = (kernel, repr(spec), repr(sorted(cfg.items())), arch, dt)
                     if k not in seen:
                         seen.add(k)
-                        jobs.append((kernel, spec, cfg, arch, dt))
+                        jobs.append((kernel, spec, cfg, arch, dt, False))
+                if dt == "tf32x3":
+                    for cfg in K.TF32X3_SPILLS.get(f"sm_{arch}", {}).get(kernel, []):
+                        jobs.append((kernel, spec, cfg, arch, dt, True))
     return jobs
 
 
@@ -136,7 +145,7 @@ def _job(job):
     return compile_one(*job)
 
 
-def compile_all(archs=(90, 80), dtypes=("fp32", "fp16", "bf16"), progress=False, workers=None) -> List[Dict]:
+def compile_all(archs=(90, 80), dtypes=("fp32", "tf32x3", "fp16", "bf16"), progress=False, workers=None) -> List[Dict]:
     jobs = plan(archs, dtypes)
     workers = workers or max(1, min(len(os.sched_getaffinity(0)), 8))
     out = []
@@ -160,17 +169,18 @@ def _line(r: Dict) -> str:
     var = ",".join(f"{k}={v}" for k, v in r["variant"].items()) + f" div16:{len(r['divisible'])}" + (
         f" ones:{','.join(r['ones'])}" if r["ones"] else "")
     if not r["ok"]:
-        return f"{r['kernel']:<20} {r['arch']} {r['dtype']:<4} [{cfg} w{r['num_warps']} s{r['num_stages']}] [{var}] FAILED {r['error']}"
-    return (f"{r['kernel']:<20} {r['arch']} {r['dtype']:<4} [{cfg} w{r['num_warps']} s{r['num_stages']}] [{var}] "
+        return f"{r['kernel']:<20} {r['arch']} {r['dtype']:<6} [{cfg} w{r['num_warps']} s{r['num_stages']}] [{var}] FAILED {r['error']}"
+    return (f"{r['kernel']:<20} {r['arch']} {r['dtype']:<6} [{cfg} w{r['num_warps']} s{r['num_stages']}] [{var}] "
             f"smem {r['shared']:>6} B regs {r['registers']:>3} stack {r['stack']} B "
-            f"{'wgmma' if r['wgmma'] else 'mma/fma'}")
+            f"{'wgmma' if r['wgmma'] else 'mma' if r['tensor_cores'] else 'fma'}{' (excluded: spills)' if r.get('excluded') else ''}")
 
 
 def main(argv=None) -> int:
     import argparse
     import json
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma-separated: fp32, fp16, bf16 (default all)")
+    ap.add_argument("--dtypes", default="fp32,tf32x3,fp16,bf16",
+                    help="comma-separated: fp32, tf32x3 (fp32 with tf32x3 dots), fp16, bf16 (default all)")
     ap.add_argument("--archs", default="90,80", help="comma-separated compute capabilities (default 90,80)")
     ap.add_argument("--json", default=None, help="also write the records to this file")
     ap.add_argument("--workers", type=int, default=None, help="compiler processes (default: the CPUs, at most 8)")
@@ -183,9 +193,14 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(recs, f, indent=1)
-    bad = [r for r in recs if not r["ok"] or r["spills"] or not r["fits_smem"]]
-    print(f"{len(recs)} compiled, {len(bad)} with errors, spills or too much shared memory; "
-          f"{sum(r.get('wgmma', False) for r in recs)} use wgmma", file=sys.stderr)
+    runs = [r for r in recs if not r["excluded"]]
+    bad = [r for r in runs if not r["ok"] or r["spills"] or not r["fits_smem"]]
+    print(f"{len(runs)} compiled, {len(bad)} with errors, spills or too much shared memory; "
+          f"{sum(r.get('wgmma', False) for r in runs)} use wgmma", file=sys.stderr)
+    ex = [r for r in recs if r["excluded"]]
+    if ex:
+        print(f"{len(ex)} more: the tf32x3 tiles the table excludes, {sum(r.get('spills', False) for r in ex)} of "
+              f"them spill", file=sys.stderr)
     return 0
 
 

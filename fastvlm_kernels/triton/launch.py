@@ -2,9 +2,11 @@
 modules (``triton/<op>.py``) share: the depthwise conv, the GEMM with its prologues and epilogues, the
 ConvFFN after its dw conv.
 
-CUDA tensors in fp32 / fp16 / bf16 (fp32 accumulation). fp32 GEMMs use IEEE fp32 (no tensor cores)
-by default; ``FASTVLM_TRITON_FP32=tf32x3`` runs them on tensor cores as three TF32 products (about
-fp32's accuracy; the GPU check measures both against the float64 reference). With
+CUDA tensors in fp32 / fp16 / bf16 (fp32 accumulation). fp32 GEMMs run on tensor cores as three
+TF32 products (tf32x3: each operand split into a TF32 high and low part, the low x low product
+dropped), which keeps fp32's accuracy (tests/test_triton.py emulates it under the interpreter:
+rel-L2 to the float64 model within 1.1x of IEEE fp32's on the tiny encoder);
+``FASTVLM_TRITON_FP32=ieee`` runs them as IEEE fp32 FMAs instead (no tensor cores). With
 ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter (fp32 / fp16
 only: the interpreter has no bf16), which is how CI checks their numerics without a GPU.
 
@@ -25,15 +27,16 @@ from . import INTERPRET
 from . import kernels as K
 from . import tuning
 
-__all__ = ["INTERPRET", "FFN_FUSED_MAX_C", "FP32_PRECISION", "launch_config", "launch", "recording", "check_i32"]
+__all__ = ["INTERPRET", "FFN_FUSED_MAX_C", "FP32_PRECISION", "fp32_precision", "launch_config", "launch", "recording",
+           "check_i32"]
 #: Widest C the fully fused FFN kernel takes (3 register accumulators of 64 columns); wider FFNs
 #: use fc1+GELU -> hidden -> fc2+epilogue (one round trip of the 4C hidden tensor). Measured with
 #: the AOT check (python -m fastvlm_kernels.triton.aot): at C = 384 (three 128-column
 #: accumulators) every tile tried (BLOCK_M 64/128, BLOCK_K 32/64, BLOCK_H 16/32, 4/8 warps) spilled
 #: 64-1752 B of registers on sm_90 and sm_80, so stage 2 takes the split path for now.
 FFN_FUSED_MAX_C = 192
-#: tl.dot's input_precision for fp32 activations: "ieee" (default) or "tf32x3".
-FP32_PRECISION = os.environ.get("FASTVLM_TRITON_FP32", "ieee")
+#: tl.dot's input_precision for fp32 activations: "tf32x3" (default) or "ieee".
+FP32_PRECISION = os.environ.get("FASTVLM_TRITON_FP32", "tf32x3")
 if FP32_PRECISION not in ("ieee", "tf32x3"):
     raise ValueError(f"FASTVLM_TRITON_FP32 must be ieee or tf32x3, got {FP32_PRECISION!r}")
 _I32_MAX = 2 ** 31 - 1
@@ -84,7 +87,7 @@ def launch(name, grid, *args, shape, dtype, **consts):
             cfg.pop("num_stages")
         kern[grid(cfg)](*args, **consts, **cfg)
 
-    cfg = tuning.choose(name, device, dtype, shape, run=run)
+    cfg = tuning.choose(name, device, dtype, shape, run=run, prec=consts.get("PREC"))
     if _RECORD is not None:
         _RECORD.append(dict(kernel=name, config=cfg, args=args, consts=consts, shape=dict(shape), dtype=dtype,
                             grid=grid(cfg), grid_fn=grid))
@@ -94,6 +97,20 @@ def launch(name, grid, *args, shape, dtype, **consts):
 
 def prec(x):
     return FP32_PRECISION if x.dtype == torch.float32 else "tf32"  # (ignored for fp16 / bf16 operands)
+
+
+@contextmanager
+def fp32_precision(p: str):
+    """Launches inside the block run their fp32 dots with precision ``p`` ("ieee" or "tf32x3"),
+    whatever FASTVLM_TRITON_FP32 says (for tests, the AOT check and the table's tuning)."""
+    global FP32_PRECISION
+    if p not in ("ieee", "tf32x3"):
+        raise ValueError(f"fp32 precision must be ieee or tf32x3, got {p!r}")
+    prev, FP32_PRECISION = FP32_PRECISION, p
+    try:
+        yield
+    finally:
+        FP32_PRECISION = prev
 
 
 def pow2(n, lo=16):

@@ -5,7 +5,8 @@
     python -m fastvlm_kernels.triton.tune --check                      # does the table cover FastViTHD?
 
 The shapes are the launches FastViTHD makes at square images of 256..2048 pixels (every multiple of
-64) and batch 1..64, for fp32, fp16 and bf16: :func:`fastvithd_launches` records them by running the
+64) and batch 1..64, for each column of the table (fp32 with IEEE dots, fp32 with tf32x3 dots, fp16, bf16):
+:func:`fastvithd_launches` records them by running the
 default-config encoder with the launches recorded instead of run (``launch.recording``: nothing is
 computed, so this needs no GPU). ``--measure`` times each configuration with CUDA events on the
 current GPU, for the classes met at the sizes given by ``--measure-sizes`` (default 512, 1024 at
@@ -26,7 +27,14 @@ from . import tuning
 
 SIZES = tuple(range(256, 2048 + 1, 64))
 BATCHES = tuple(range(1, 65))
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: The table's columns and the activation dtype of each: "tf32x3" is fp32 with tf32x3 dots.
+DTYPES = {"fp32": torch.float32, "tf32x3": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision(dt: str):
+    """The fp32 dot precision column ``dt`` records and runs with (a no-op for fp16 / bf16)."""
+    from .launch import fp32_precision
+    return fp32_precision("tf32x3" if dt == "tf32x3" else "ieee")
 
 
 def _encoder(dtype: torch.dtype):
@@ -66,7 +74,9 @@ def classes(dtypes=tuple(DTYPES), sizes=SIZES, batches=BATCHES) -> Dict[Tuple[st
     out = {}
     for dt in dtypes:
         enc = _encoder(DTYPES[dt])
-        for r in fastvithd_launches(sizes, 1, DTYPES[dt], enc=enc):
+        with precision(dt):
+            launches = fastvithd_launches(sizes, 1, DTYPES[dt], enc=enc)
+        for r in launches:
             if len(K.CONFIGS[r["kernel"]]) == 1 or (r["kernel"] == "dw_kernel" and r["shape"].get("SUMS")):
                 continue  # one configuration: nothing to choose
             for b in batches:
@@ -86,12 +96,12 @@ def rules_table(archs=tuning.ARCHS, **kw) -> dict:
 
 def uncovered(table: dict, archs=tuning.ARCHS, **kw) -> List[Tuple[str, str, str, str]]:
     """The (arch, dtype, kernel, class) keys FastViTHD meets that ``table`` has no entry for, or whose
-    entry is not one of the kernel's configurations."""
+    entry is not one of the configurations that column may run (``tuning.usable``)."""
     bad = []
     for (dt, kernel, cls) in classes(**kw):
         for arch in archs:
             cfg = table.get(arch, {}).get(dt, {}).get(kernel, {}).get(cls)
-            if cfg is None or cfg not in K.CONFIGS[kernel]:
+            if cfg is None or cfg not in tuning.usable(kernel, arch, dt):
                 bad.append((arch, dt, kernel, cls))
     return bad
 
@@ -104,15 +114,16 @@ def measure(sizes_batches=((512, 1), (1024, 1), (1024, 32)), dtypes=tuple(DTYPES
     if not torch.cuda.is_available():
         raise SystemExit("tune --measure needs a CUDA GPU")
     out: dict = {}
+    arch = tuning.arch_of(torch.device("cuda"))
     for dt in dtypes:
         enc = _encoder(DTYPES[dt]).cuda()
         for size, batch in sizes_batches:
             x = torch.rand(batch, 3, size, size, device="cuda", dtype=DTYPES[dt])
-            with torch.no_grad(), recording() as rec:
+            with torch.no_grad(), recording() as rec, precision(dt):
                 enc(x)
             for r in rec:
                 kernel = r["kernel"]
-                cfgs = K.CONFIGS[kernel]
+                cfgs = tuning.usable(kernel, arch, dt)
                 if len(cfgs) == 1 or (kernel == "dw_kernel" and r["shape"].get("SUMS")):
                     continue
                 cls = tuning.shape_class(kernel, r["shape"])

@@ -34,8 +34,8 @@ import torch
 
 from . import kernels as K
 
-__all__ = ["TABLE_PATH", "shape_class", "arch_of", "choose", "forced", "misses", "load_table", "rule_config",
-           "AUTOTUNE"]
+__all__ = ["TABLE_PATH", "DTYPE_KEYS", "shape_class", "arch_of", "dtype_key", "usable", "choose", "forced", "misses",
+           "load_table", "rule_config", "AUTOTUNE"]
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning.json")
 #: The archs the table has columns for; the interpreter runs sm_90's choices.
@@ -44,6 +44,22 @@ ARCHS = ("sm_90", "sm_80")
 AUTOTUNE = os.environ.get("FASTVLM_TRITON_AUTOTUNE") == "1"
 
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: The table's columns: fp32 with IEEE dots, fp32 with tf32x3 dots, fp16, bf16.
+DTYPE_KEYS = ("fp32", "tf32x3", "fp16", "bf16")
+
+
+def dtype_key(dtype: torch.dtype, prec: Optional[str] = None) -> str:
+    """The table column of a launch: its activation dtype, and for fp32 the precision of its dots
+    (``PREC``; tf32x3 needs smaller tiles than IEEE fp32, see ``kernels.TF32X3_SPILLS``)."""
+    dt = _DT.get(dtype, "fp32")
+    return "tf32x3" if dt == "fp32" and prec == "tf32x3" else dt
+
+
+def usable(kernel: str, arch: str, dt: str) -> list:
+    """The configurations of ``kernel`` that column ``dt`` may run on ``arch`` (all of them, less
+    those that spill under tf32x3); the first is what a shape the table does not list runs."""
+    bad = K.TF32X3_SPILLS.get(arch, {}).get(kernel, []) if dt == "tf32x3" else []
+    return [c for c in K.CONFIGS[kernel] if c not in bad]
 
 
 def _bucket(n: int, edges=(256, 1024, 4096, 16384, 65536, 262144)) -> str:
@@ -120,15 +136,16 @@ def forced(kernel: str, config: dict):
 
 
 def choose(kernel: str, device: torch.device, dtype: torch.dtype, shape: Dict[str, int],
-           run=None) -> dict:
-    """The configuration a launch of ``kernel`` runs. ``run(config)`` launches it (used only by the
-    opt-in autotuning, which times each configuration with it)."""
+           run=None, prec: Optional[str] = None) -> dict:
+    """The configuration a launch of ``kernel`` runs (``prec``: its PREC constexpr, if it has one).
+    ``run(config)`` launches it (used only by the opt-in autotuning, which times each configuration
+    with it)."""
     if kernel in _FORCED:
         return _FORCED[kernel]
-    cfgs = K.CONFIGS[kernel]
-    if len(cfgs) == 1 or (kernel == "dw_kernel" and shape.get("SUMS")):
-        return cfgs[0]
-    arch, dt, cls = arch_of(device), _DT.get(dtype, "fp32"), shape_class(kernel, shape)
+    if len(K.CONFIGS[kernel]) == 1 or (kernel == "dw_kernel" and shape.get("SUMS")):
+        return K.CONFIGS[kernel][0]
+    arch, dt, cls = arch_of(device), dtype_key(dtype, prec), shape_class(kernel, shape)
+    cfgs = usable(kernel, arch, dt)
     key = (arch, dt, kernel, cls)
     if AUTOTUNE and run is not None and device.type == "cuda":
         if key not in _TUNED:
@@ -159,39 +176,28 @@ def _time_all(kernel, cfgs, run) -> dict:
 def rule_config(kernel: str, arch: str, dtype: str, shape: Dict[str, int]) -> dict:
     """The configuration the rules pick where nothing was measured: larger tiles for larger M (more
     reuse, fewer programs), smaller ones where the grid would not fill the GPU's SMs (132 on an
-    H100, 108 on an A100)."""
-    cfgs = K.CONFIGS[kernel]
+    H100, 108 on an A100). Only :func:`usable` configurations: a rule whose tile spills in this
+    column gives way to the next rule."""
+    cfgs = usable(kernel, arch, dtype)
 
-    def pick(**want):
-        return next(c for c in cfgs if all(c.get(k) == v for k, v in want.items()))
+    def pick(**want):  # the first usable configuration with these values, or None
+        return next((c for c in cfgs if all(c.get(k) == v for k, v in want.items())), None)
 
     sms = 132 if arch == "sm_90" else 108
+    c = None
     if kernel == "linear_kernel":
         M, N = shape["M"], shape["N"]
-        if M >= 4096 and N >= 512 and (M // 128) * (N // 128) >= 2 * sms:
-            return pick(BLOCK_M=128, BLOCK_N=128)
-        if M >= 4096 and (M // 128) * max(1, N // 64) >= 2 * sms:
-            return pick(BLOCK_M=128, BLOCK_N=64)
-        return pick(BLOCK_M=64, BLOCK_N=64, num_stages=4 if shape["K"] >= 512 else 3)
-    if kernel == "ffn_fused_kernel":
-        return cfgs[0]
-    if kernel == "dw_kernel":
-        if shape["Cout"] >= 512:
-            return pick(BLOCK_W=16, BLOCK_C=128)
-        if shape["Wo"] >= 64:
-            return pick(BLOCK_W=16, BLOCK_C=64)
-        return cfgs[0]
-    if kernel == "attention_kernel":
-        return pick(BLOCK_M=128) if shape["N"] >= 2048 else cfgs[0]
-    if kernel == "stem_kernel":
-        return cfgs[0]
-    if kernel == "patch_embed_kernel":
+        c = ((M >= 4096 and N >= 512 and (M // 128) * (N // 128) >= 2 * sms and pick(BLOCK_M=128, BLOCK_N=128))
+             or (M >= 4096 and (M // 128) * max(1, N // 64) >= 2 * sms and pick(BLOCK_M=128, BLOCK_N=64))
+             or pick(BLOCK_M=64, BLOCK_N=64, num_stages=4 if shape["K"] >= 512 else 3))
+    elif kernel == "dw_kernel":
+        c = ((shape["Cout"] >= 512 and pick(BLOCK_W=16, BLOCK_C=128))
+             or (shape["Wo"] >= 64 and pick(BLOCK_W=16, BLOCK_C=64)))
+    elif kernel == "attention_kernel":
+        c = shape["N"] >= 2048 and pick(BLOCK_M=128)
+    elif kernel == "patch_embed_kernel":
         M, C = shape["M"], shape["Cout"]
-        if C >= 256 and (M // 64) * (C // 256) >= 2 * sms:
-            return pick(BLOCK_N=256)
-        if (M // 128) * max(1, C // 128) >= 2 * sms:
-            return pick(BLOCK_M=128, BLOCK_N=128)
-        if (M // 32) * max(1, C // 128) >= 2 * sms:
-            return pick(BLOCK_M=32, BLOCK_N=128)
-        return cfgs[0]
-    return cfgs[0]
+        c = ((C >= 256 and (M // 64) * (C // 256) >= 2 * sms and pick(BLOCK_N=256))
+             or ((M // 128) * max(1, C // 128) >= 2 * sms and pick(BLOCK_M=128, BLOCK_N=128))
+             or ((M // 32) * max(1, C // 128) >= 2 * sms and pick(BLOCK_M=32, BLOCK_N=128)))
+    return c or cfgs[0]  # ffn_fused, stem and the rest: the first usable configuration
