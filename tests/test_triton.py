@@ -404,6 +404,19 @@ def test_tf32x3_keeps_fp32_accuracy(emulated_tf32):
         assert rel_l2(out, ref) <= BOUND[torch.float32], (name, rel_l2(out, ref))
 
 
+def test_a_weight_on_another_device_is_refused_by_name():
+    """A weight that is not on the input's device is refused (ops/_checks.py), naming the op and the
+    weight, before any triton launch (on a GPU a kernel would read another device's addresses). The
+    meta device stands in for a second GPU."""
+    case = T.CASES["convffn"]()
+    fused = case.factory("triton", torch.float32)
+    fused.fc1_w = torch.nn.Parameter(fused.fc1_w.detach().to("meta"), requires_grad=False)
+    x = T._input(case, 1, 3, 5).float().permute(0, 2, 3, 1).contiguous().to(DEVICE)
+    with pytest.raises(ValueError, match=r"fastvlm::convffn: fc1_w is on meta but x is on"):
+        with torch.no_grad():
+            fused(x)
+
+
 @needs_interpreter
 def test_non_contiguous_weights_are_read_as_their_values():
     """A permuted view (pack_dw's layout before .contiguous()) as a weight of a direct op call."""
