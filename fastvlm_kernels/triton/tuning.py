@@ -24,6 +24,7 @@ Filling the table:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -55,11 +56,12 @@ def dtype_key(dtype: torch.dtype, prec: Optional[str] = None) -> str:
     return "tf32x3" if dt == "fp32" and prec == "tf32x3" else dt
 
 
-def usable(kernel: str, arch: str, dt: str) -> list:
+@functools.lru_cache(maxsize=None)  # on every launch's path
+def usable(kernel: str, arch: str, dt: str) -> tuple:
     """The configurations of ``kernel`` that column ``dt`` may run on ``arch`` (all of them, less
     those that spill under tf32x3); the first is what a shape the table does not list runs."""
     bad = K.TF32X3_SPILLS.get(arch, {}).get(kernel, []) if dt == "tf32x3" else []
-    return [c for c in K.CONFIGS[kernel] if c not in bad]
+    return tuple(c for c in K.CONFIGS[kernel] if c not in bad)
 
 
 def _bucket(n: int, edges=(256, 1024, 4096, 16384, 65536, 262144)) -> str:
