@@ -5,10 +5,9 @@
     python -m fastvlm_kernels.triton.tune --check                      # does the table cover FastViTHD?
 
 The shapes are the launches FastViTHD makes at square images of 256..2048 pixels (every multiple of
-64) and batch 1..64, for each column of the table (fp32 with IEEE dots, fp32 with tf32x3 dots, fp16, bf16):
-:func:`fastvithd_launches` records them by running the
-default-config encoder with the launches recorded instead of run (``launch.recording``: nothing is
-computed, so this needs no GPU). ``--measure`` times each configuration with CUDA events on the
+64) and batch 1..64, for each column of the table (fp32 with IEEE dots, fp32 with tf32x3 dots, fp16,
+bf16): :func:`fastvithd_launches` records them by running the default-config encoder with the
+launches recorded instead of run (``launch.recording``: nothing is computed, so this needs no GPU). ``--measure`` times each configuration with CUDA events on the
 current GPU, for the classes met at the sizes given by ``--measure-sizes`` (default 512, 1024 at
 batch 1 and 1024 at batch 32), and writes its arch's column; the rules fill what it did not measure.
 """

@@ -35,7 +35,7 @@ import torch
 
 from . import kernels as K
 
-__all__ = ["TABLE_PATH", "DTYPE_KEYS", "shape_class", "arch_of", "dtype_key", "usable", "choose", "forced", "misses",
+__all__ = ["TABLE_PATH", "shape_class", "arch_of", "dtype_key", "usable", "choose", "forced", "misses",
            "load_table", "rule_config", "AUTOTUNE"]
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning.json")
@@ -45,13 +45,12 @@ ARCHS = ("sm_90", "sm_80")
 AUTOTUNE = os.environ.get("FASTVLM_TRITON_AUTOTUNE") == "1"
 
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-#: The table's columns: fp32 with IEEE dots, fp32 with tf32x3 dots, fp16, bf16.
-DTYPE_KEYS = ("fp32", "tf32x3", "fp16", "bf16")
 
 
 def dtype_key(dtype: torch.dtype, prec: Optional[str] = None) -> str:
-    """The table column of a launch: its activation dtype, and for fp32 the precision of its dots
-    (``PREC``; tf32x3 needs smaller tiles than IEEE fp32, see ``kernels.TF32X3_SPILLS``)."""
+    """The table column of a launch (fp32, tf32x3, fp16 or bf16): its activation dtype, and for fp32
+    the precision of its dots (``PREC``; tf32x3 needs smaller tiles than IEEE fp32, see
+    ``kernels.TF32X3_SPILLS``)."""
     dt = _DT.get(dtype, "fp32")
     return "tf32x3" if dt == "fp32" and prec == "tf32x3" else dt
 
