@@ -120,7 +120,11 @@ def accelerate(model: nn.Module, backend: str = "auto", dtype: Optional[torch.dt
 def _set_graphs(enc: nn.Module, on: bool, max_graphs: int) -> None:
     from . import graphs
     if on:
-        graphs.install(enc, max_graphs=max_graphs)
+        prepare = None
+        if getattr(enc, "accelerated_backend", None) == "triton":  # compile the kernels several at once
+            from .triton.launch import precompile
+            prepare = precompile
+        graphs.install(enc, max_graphs=max_graphs, prepare=prepare)
     else:
         graphs.uninstall(enc)
 

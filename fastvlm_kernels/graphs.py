@@ -11,7 +11,9 @@ The contract of :class:`CUDAGraphRunner`:
 
 - **Keys.** One graph per (shape, dtype, device) of the input, captured the first time the key is
   seen, after ``warmup`` eager runs on a side stream (they compile the kernels and fill the
-  allocator's caches; nothing is benchmarked in a capture, see triton/tuning.py).
+  allocator's caches; nothing is benchmarked in a capture, see triton/tuning.py). ``prepare(fn,
+  x)``, if given, runs before those (``accelerate`` passes the triton backend's ``precompile``,
+  which compiles the forward's kernels several at once).
 - **Buffers.** The input is copied into the graph's static input buffer, so the caller's tensor is
   never aliased. The output is a fresh tensor (a copy of the static output) unless the runner was
   built with ``copy_output=False``: then it returns the static output itself, which the next replay
@@ -84,12 +86,13 @@ class CUDAGraphRunner:
     """``fn(x)`` replayed from CUDA graphs keyed by x's (shape, dtype, device); see the module doc."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_graphs: int = 8, warmup: int = 2,
-                 copy_output: bool = True, _backend=_CudaGraphs):
+                 copy_output: bool = True, prepare: Optional[Callable] = None, _backend=_CudaGraphs):
         if max_graphs < 1:
             raise ValueError(f"CUDAGraphRunner: max_graphs must be >= 1, got {max_graphs}")
         if warmup < 1:
             raise ValueError(f"CUDAGraphRunner: warmup must be >= 1 (the first run compiles), got {warmup}")
         self.fn, self.max_graphs, self.warmup, self.copy_output = fn, max_graphs, warmup, copy_output
+        self.prepare = prepare
         self._b = _backend
         self._graphs: "OrderedDict[Key, _Entry]" = OrderedDict()
         self._pool = None
@@ -123,6 +126,8 @@ class CUDAGraphRunner:
             self._pool = self._b.pool()
         static_in = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
         with torch.no_grad():
+            if self.prepare is not None:
+                self.prepare(self.fn, static_in)
             self._b.warmup(self.fn, static_in, self.warmup)
             graph, static_out, nbytes = self._b.capture(self.fn, static_in, self._pool)
         e = self._graphs[k] = _Entry(graph, static_in, static_out, nbytes)

@@ -70,6 +70,19 @@ def test_replays_read_the_new_input_and_capture_once_per_key():
     assert set(r.stats()["graphs"].values()) == {1234}
 
 
+def test_prepare_runs_once_per_new_key_before_the_warmup():
+    calls = []
+
+    def prepare(fn, x):
+        calls.append((fn, tuple(x.shape), FakeCuda.warmups))
+    r = _runner(prepare=prepare)
+    a = torch.randn(2, 5)
+    r(a)
+    r(torch.randn(2, 5))                     # a replay: no prepare
+    r(torch.randn(3, 5))                     # a new key
+    assert calls == [(_fn, (2, 5), 0), (_fn, (3, 5), 2)]  # before each capture's warm-up runs
+
+
 def test_the_caller_never_aliases_the_static_buffers():
     r = _runner()
     a, b = torch.randn(4), torch.randn(4)
@@ -129,6 +142,7 @@ def test_accelerate_installs_and_removes_the_runner():
         got = m(x)                           # a CPU input: eager through the runner
     assert runner.eager_calls == 1 and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
     assert "forward" not in "".join(m.state_dict())
+    assert runner.prepare is None            # precompiling is for the triton backend's kernels
     fk.accelerate(m, backend="reference")
     assert "forward" not in m.__dict__ and "_fastvlm_graphs" not in m.__dict__
 

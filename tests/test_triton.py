@@ -221,6 +221,43 @@ def test_the_default_path_never_benchmarks(monkeypatch):
     assert cfg == tuning.load_table()["sm_90"]["fp16"]["linear_kernel"]["M<=4096 N3072 K768"]
 
 
+@needs_interpreter
+def test_precompile_warms_each_distinct_variant_once_without_computing():
+    """launch.precompile records a forward's launches (nothing runs), keeps one per compilation
+    (kernel, runtime specialisation, configuration) and warms each up, several at once through
+    Triton's AsyncCompileMode where it exists. Checked with a stand-in kernel table (compiling needs
+    a GPU); accelerate(cuda_graphs=True) hands it to the graph runner for the triton backend."""
+    from fastvlm_kernels.triton import kernels as K
+    from fastvlm_kernels.triton import launch
+    m = random_tower(fastvlm.FastViTHDConfig.tiny(), seed=3, weight_gain=0.85).float().eval()
+    fk.accelerate(m, backend="triton")
+    x = torch.rand(2, 3, 96, 70)
+    with launch.recording() as rec, torch.no_grad():
+        m(x)
+    n_launches = len(rec)
+    calls = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def warmup(self, *args, grid, **kw):
+            calls.append((self.name, grid, kw))
+
+    stubs = {k: Stub(k) for k in K.KERNELS}
+    assert launch.precompile(m, x, kernels=stubs) is not None
+    out = launch.precompile(m, x, threads=2, kernels=stubs)
+    uniq = {(n, repr(sorted(kw.items()))) for n, _, kw in calls}
+    assert out["variants"] * 2 == len(calls) and 0 < out["variants"] < n_launches
+    assert len(uniq) <= out["variants"]  # same kwargs may still differ in their tensors' specialisation
+    assert {n for n, _, _ in calls} == {r["kernel"] for r in rec}
+    assert all("num_warps" in kw and "num_stages" in kw and isinstance(g, tuple) for _, g, kw in calls)
+    # without a stand-in, a CPU input (the interpreter) is left alone
+    assert launch.precompile(m, x) == {"variants": 0, "seconds": 0.0, "parallel": False}
+    fk.accelerate(m, backend="triton", cuda_graphs=True)
+    assert m.__dict__["_fastvlm_graphs"].prepare is launch.precompile
+
+
 def test_int32_offset_guard_is_exact():
     from fastvlm_kernels.triton.launch import check_i32
     check_i32("op", a=2 ** 31)  # largest offset 2**31 - 1: addressable

@@ -19,7 +19,7 @@ import torch
 
 from .. import backends, ops
 
-__all__ = ["OPS", "INTERPRET", "FFN_FUSED_MAX_C", "launch_config"]
+__all__ = ["OPS", "INTERPRET", "FFN_FUSED_MAX_C", "launch_config", "precompile"]
 
 #: The ops this backend implements: ``triton/<op>.py``'s ``run`` each.
 OPS = (
@@ -66,8 +66,8 @@ def _load() -> None:
         ops.register_kernel(op, "triton", _guarded(importlib.import_module(f"{__name__}.{op}").run))
 
 
-def __getattr__(name):  # launch_config and the tuning constants live with the launcher (PEP 562)
-    if name in ("FFN_FUSED_MAX_C", "launch_config"):
+def __getattr__(name):  # launch_config, precompile and the tuning constants live with the launcher (PEP 562)
+    if name in ("FFN_FUSED_MAX_C", "launch_config", "precompile"):
         from . import launch
         return getattr(launch, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
