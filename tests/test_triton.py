@@ -252,6 +252,12 @@ def test_precompile_warms_each_distinct_variant_once_without_computing():
     assert len(uniq) <= out["variants"]  # same kwargs may still differ in their tensors' specialisation
     assert {n for n, _, _ in calls} == {r["kernel"] for r in rec}
     assert all("num_warps" in kw and "num_stages" in kw and isinstance(g, tuple) for _, g, kw in calls)
+    # a failing compile is an optimisation lost, not an error
+    class Broken(Stub):
+        def warmup(self, *args, grid, **kw):
+            raise RuntimeError("no compiler")
+    with pytest.warns(RuntimeWarning, match="precompile: RuntimeError: no compiler"):
+        launch.precompile(m, x, kernels={k: Broken(k) for k in K.KERNELS})
     # without a stand-in, a CPU input (the interpreter) is left alone
     assert launch.precompile(m, x) == {"variants": 0, "seconds": 0.0, "parallel": False}
     fk.accelerate(m, backend="triton", cuda_graphs=True)

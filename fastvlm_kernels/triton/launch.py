@@ -147,14 +147,20 @@ def precompile(fn, x: torch.Tensor, threads: Optional[int] = None, kernels=None)
     def warm():
         for r in todo:
             kernels[r["kernel"]].warmup(*r["args"], grid=r["grid"], **r["consts"], **r["config"])
-    if AsyncCompileMode is not None and threads > 1:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(threads) as ex, AsyncCompileMode(ex):
+    parallel = AsyncCompileMode is not None and threads > 1
+    try:
+        if parallel:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(threads) as ex, AsyncCompileMode(ex):
+                warm()
+        else:
             warm()
-    else:
-        warm()
-    return {"variants": len(todo), "seconds": time.perf_counter() - t0,
-            "parallel": AsyncCompileMode is not None and threads > 1}
+    except Exception as e:  # noqa: BLE001 - an optimisation: the launches compile what is missing
+        import warnings
+        warnings.warn(f"fastvlm_kernels.triton.precompile: {type(e).__name__}: {e}; the kernels compile on "
+                      "first use instead", RuntimeWarning)
+        parallel = False
+    return {"variants": len(todo), "seconds": time.perf_counter() - t0, "parallel": parallel}
 
 
 def prec(x):
