@@ -70,8 +70,8 @@ def _tool(name: str) -> str:
 
 
 def compile_one(kernel: str, spec: Dict, cfg: Dict, arch: int, dtype: str, excluded: bool = False) -> Dict:
-    """Compile one launch; ``excluded``: a tile the table's tf32x3 column never runs because it spills
-    (``kernels.TF32X3_SPILLS``), compiled to check that the list is still true."""
+    """Compile one launch; ``excluded``: a tile the table's column never runs because it spills
+    (``kernels.SPILLS``), compiled to check that the list is still true."""
     cfg = dict(cfg)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     fn = K.KERNELS[kernel]
@@ -83,7 +83,8 @@ def compile_one(kernel: str, spec: Dict, cfg: Dict, arch: int, dtype: str, exclu
     variant = {k: v for k, v in spec["constexprs"].items() if k not in spec["ones"]}
     divisible = sorted(fn.arg_names[i[0]] for i in spec["attrs"])
     rec = {"kernel": kernel, "config": cfg, "variant": variant, "divisible": divisible, "ones": spec["ones"],
-           "arch": f"sm_{arch}", "dtype": dtype, "num_warps": num_warps, "num_stages": num_stages, "excluded": excluded}
+           "arch": f"sm_{arch}", "dtype": dtype, "num_warps": num_warps, "num_stages": num_stages, "excluded": excluded,
+           "triton": triton.__version__}
     try:
         ck = triton.compile(ASTSource(fn, sig, consts, spec["attrs"]), target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
@@ -111,7 +112,7 @@ def plan(archs=(90, 80), dtypes=("fp32", "tf32x3", "fp16", "bf16"), forwards=FOR
     """[(kernel, specialisation, configuration, arch, dtype, excluded)]: every distinct specialisation
     FastViTHD's forwards launch, with every configuration the table gives its kernel (for that arch
     and dtype; the first usable configuration too: the one a shape the table does not list runs);
-    for tf32x3 also the tiles ``kernels.TF32X3_SPILLS`` excludes (``excluded`` True)."""
+    and the tiles ``kernels.SPILLS`` excludes from that column (``excluded`` True)."""
     from . import tune, tuning
     table = tuning.load_table()
     jobs, seen = [], set()
@@ -135,9 +136,8 @@ def plan(archs=(90, 80), dtypes=("fp32", "tf32x3", "fp16", "bf16"), forwards=FOR
                     if k not in seen:
                         seen.add(k)
                         jobs.append((kernel, spec, cfg, arch, dt, False))
-                if dt == "tf32x3":
-                    for cfg in K.TF32X3_SPILLS.get(f"sm_{arch}", {}).get(kernel, []):
-                        jobs.append((kernel, spec, cfg, arch, dt, True))
+                for cfg in K.spilling(kernel, f"sm_{arch}", dt):
+                    jobs.append((kernel, spec, cfg, arch, dt, True))
     return jobs
 
 
@@ -199,8 +199,8 @@ def main(argv=None) -> int:
           f"{sum(r.get('wgmma', False) for r in runs)} use wgmma", file=sys.stderr)
     ex = [r for r in recs if r["excluded"]]
     if ex:
-        print(f"{len(ex)} more: the tf32x3 tiles the table excludes, {sum(r.get('spills', False) for r in ex)} of "
-              f"them spill", file=sys.stderr)
+        print(f"{len(ex)} more: the tiles kernels.SPILLS excludes, {sum(r.get('spills', False) for r in ex)} of "
+              f"them spill under this Triton ({triton.__version__})", file=sys.stderr)
     return 0
 
 

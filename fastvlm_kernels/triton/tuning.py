@@ -50,7 +50,7 @@ _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 def dtype_key(dtype: torch.dtype, prec: Optional[str] = None) -> str:
     """The table column of a launch (fp32, tf32x3, fp16 or bf16): its activation dtype, and for fp32
     the precision of its dots (``PREC``; tf32x3 needs smaller tiles than IEEE fp32, see
-    ``kernels.TF32X3_SPILLS``)."""
+    ``kernels.SPILLS``)."""
     dt = _DT.get(dtype, "fp32")
     return "tf32x3" if dt == "fp32" and prec == "tf32x3" else dt
 
@@ -58,8 +58,8 @@ def dtype_key(dtype: torch.dtype, prec: Optional[str] = None) -> str:
 @functools.lru_cache(maxsize=None)  # on every launch's path
 def usable(kernel: str, arch: str, dt: str) -> tuple:
     """The configurations of ``kernel`` that column ``dt`` may run on ``arch`` (all of them, less
-    those that spill under tf32x3); the first is what a shape the table does not list runs."""
-    bad = K.TF32X3_SPILLS.get(arch, {}).get(kernel, []) if dt == "tf32x3" else []
+    those that spill there: ``kernels.SPILLS``); the first is what a shape the table does not list runs."""
+    bad = K.spilling(kernel, arch, dt)
     return tuple(c for c in K.CONFIGS[kernel] if c not in bad)
 
 
