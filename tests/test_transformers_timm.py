@@ -69,6 +69,13 @@ def _pixels(b=1, h=H, w=W, seed=0):
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+def _image_features(model, x):
+    """transformers' FastVLM image features, (B, tokens, C): get_image_features' pooler_output, which
+    transformers 5.17 (the GPU machines') returns as a list of per-image tensors, 5.25 as one tensor."""
+    f = model.model.get_image_features(pixel_values=x).pooler_output
+    return torch.stack(list(f)) if isinstance(f, (list, tuple)) else f
+
+
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
@@ -131,9 +138,9 @@ def test_hf_fastvlm_bf16_no_worse_than_eager_bf16(hf_model, tok, backend):
     with torch.no_grad():
         for s in range(3):
             x = _pixels(seed=s)
-            ref = m64.model.get_image_features(pixel_values=x.double()).pooler_output
-            e_err += rel_l2(eager16.model.get_image_features(pixel_values=x.bfloat16()).pooler_output, ref)
-            a_err += rel_l2(acc16.model.get_image_features(pixel_values=x.bfloat16()).pooler_output, ref)
+            ref = _image_features(m64, x.double())
+            e_err += rel_l2(_image_features(eager16, x.bfloat16()), ref)
+            a_err += rel_l2(_image_features(acc16, x.bfloat16()), ref)
         logits = acc16(input_ids=_ids(tok), pixel_values=_pixels().bfloat16()).logits
     assert a_err <= e_err, (a_err, e_err)
     assert torch.isfinite(logits).all()
@@ -305,7 +312,7 @@ def test_fastvlm_from_pretrained_on_a_transformers_save(hf_model, tok, tmp_path)
     vlm.pad_to_square = False  # transformers' processor resizes and centre-crops; predict.py pads
     x = _pixels(1, 128, 128, seed=2)
     with torch.no_grad():
-        want = hf_model.model.get_image_features(pixel_values=x).pooler_output
+        want = _image_features(hf_model, x)
         assert rel_l2(vlm.encode_images(x), want) <= 1e-5
         proc, _ = _hf_processor(tok, 128)
         image = _random_image(150, 97, seed=1)
