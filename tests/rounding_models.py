@@ -9,8 +9,8 @@ import torch.nn.functional as F
 def convffn_bf16_rounded(x, a):
     """The bf16 ConvFFN as the AVX512_BF16 kernel computes it, in float64: the depthwise output and
     the GELU output rounded to bf16 (the operands of the pair products), weights in bf16, the
-    result rounded to bf16. The GELU here is exact; the kernel's (gelu.h's bf16-output form, within
-    3.4e-6) rounds about 1 in 1000 hidden values to the neighbouring bf16."""
+    result rounded to bf16. The GELU here is exact; the kernel's (gelu.h's piecewise bf16-output form,
+    within 2.9e-6) rounds about 1 in 1000 hidden values to the neighbouring bf16."""
     import torch.nn.functional as F
     r = lambda t: t.to(torch.bfloat16).to(torch.float64)  # noqa: E731
     w = [r(t) for t in a]
@@ -46,3 +46,36 @@ def attention_bf16_rounded(x, a, hd, BK=128):
         l, o, m = l * alpha + p.sum(-1, keepdim=True), o * alpha + p @ v[:, :, k0:k0 + BK], mn
     o = r((o / l).transpose(1, 2).reshape(B, N, C))
     return (t + gamma * (o @ proj_w.T + proj_b)).reshape(B, H, W, C).to(torch.bfloat16)
+
+
+def _gelu_bf16_pw_table():
+    """gelu.h's piecewise bf16-output GELU: its constants and its 32 x 4 table, read from the header."""
+    import os
+    import re
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "kernels",
+                            "gelu.h")).read()
+    ns = src[src.index("namespace gelu_bf16_pw {"):src.index("}}  // namespace fastvlm::gelu_bf16_pw")]
+    const = {k: float(v) for k, v in re.findall(r"(kH|kInvH|kHi|kMid|kMagic) = ([\d.e+-]+)f", ns)}
+    rows = {k: [float(v.rstrip("f")) for v in body.replace("\n", " ").split(",")]
+            for k, body in re.findall(r"constexpr float (C\d)\[32\] = \{([^}]*)\}", ns)}
+    return const, torch.tensor([rows[f"C{k}"] for k in range(4)], dtype=torch.float32)
+
+
+def gelu_bf16_pw(x):
+    """The AVX-512 bf16-pair kernels' GELU (vec.h's vgelu_bf16 on 16 lanes) on float32 x, operation for
+    operation in float32: t = min(x, kHi); i = the low 5 bits of max(fma(t, kInvH, kMid + kMagic),
+    kMagic); Phi = Horner's fma chain over the table's cubic of interval i; x * Phi. A fused
+    multiply-add is modelled as float64's exact product plus a float64 sum, rounded to float32 (a
+    double rounding, which differs from one rounding about once in 2^29)."""
+    const, c = _gelu_bf16_pw_table()
+    f32 = lambda t: t.to(torch.float32)  # noqa: E731
+    fma = lambda a, b, d: f32(a.double() * b.double() + d.double())  # noqa: E731
+    x = f32(x)
+    t = torch.minimum(x, torch.tensor(const["kHi"]))  # NaN stays NaN
+    v = torch.maximum(fma(t, torch.tensor(const["kInvH"]), torch.tensor(const["kMid"] + const["kMagic"])),
+                      torch.tensor(const["kMagic"]))
+    i = (v.view(torch.int32) & 31).long()  # a NaN's low bits: 0, as VPERMT2PS reads them
+    p = c[3][i]
+    for k in (2, 1, 0):
+        p = fma(p, t, c[k][i])
+    return x * p

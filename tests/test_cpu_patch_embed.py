@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from fastvlm.testing import rel_l2
 from cpu_cases import PAIR_ISAS, isas, needs_ext, patch_embed_c, use_pair_isa
+from rounding_models import gelu_bf16_pw
 
 
 @needs_ext
@@ -56,3 +57,47 @@ def test_patch_embed_bf16_pair_kernel(monkeypatch, pair_isa, B, H, W, C):
     y32 = patch_embed_c(x, ab)
     e, e32 = rel_l2(y, want), rel_l2(y32, want)
     assert e <= 5e-4 and e < e32 / 4, (e, e32)
+
+
+@needs_ext
+@pytest.mark.parametrize("pair_isa", PAIR_ISAS)
+def test_bf16_pair_gelu_over_its_range(monkeypatch, pair_isa):
+    """The bf16-pair kernels' GELU (vec.h's vgelu_bf16: on AVX-512 gelu.h's piecewise x Phi(x), Phi a
+    cubic on each of 32 intervals, 0 below -4.96 and 1 above 4.64), alone: the patch_embed 1x1's
+    epilogue, with the dw reduced to its centre tap on inputs in [5, 10] (its GELU is the identity
+    there, in bf16), a 1x1 that adds two of its channels, one scaled by 2^-9, and biases that put its
+    sums (exact) all over [-12, 12] and on NaN and the infinities. Every output is a bf16 rounding of
+    a value within 4e-6 max(1, |x|) of float64's GELU (gelu.h: 2.9e-6), and is the bf16 rounding of
+    rounding_models.gelu_bf16_pw, a float32 model of that form read from gelu.h (a change to its table
+    or its code that bf16 can resolve shows); NaN stays NaN, +inf +inf, and -inf gives NaN as torch's
+    GELU does."""
+    use_pair_isa(monkeypatch, pair_isa)
+    g = torch.Generator().manual_seed(5)
+    # avx512_bf16: 2C = 80 channels, two whole 32-channel columns and a partial one; amx_bf16: a K of
+    # 2C = 96, a multiple of 32, so that the tile unit runs the 1x1 (and its epilogue the GELU)
+    C, H = (48 if pair_isa == "amx_bf16" else 40), 64
+    dw = torch.zeros(7, 7, 2 * C)
+    dw[3, 3] = 1.0
+    x = (5 + 5 * torch.rand(1, H, H, C, generator=g)).bfloat16()
+    b = (torch.rand(2 * C, generator=g) * 19 - 17).bfloat16()  # with h in [5, 10]: sums in [-12, 12]
+    b[[7, 40, 65, 2 * C - 1]] = torch.tensor([float("nan"), float("inf"), float("-inf"), 3e38]).bfloat16()
+    perm = torch.randperm(2 * C, generator=g)
+    w = torch.eye(2 * C)[perm] + 2.0 ** -9 * torch.eye(2 * C)[perm.roll(-1)]  # bf16 exactly
+    y = patch_embed_c(x, [dw.bfloat16(), torch.zeros(2 * C).bfloat16(), w.bfloat16(), b]).double()
+    h = x.double()[:, ::2, ::2].repeat_interleave(2, dim=-1)  # the grouped dw: channel 2c + e reads c
+    # y[n] = GELU(h[perm[n]] + 2^-9 h[perm[n + 1]] + b[n]): on a grid of 2^-14 below 16, so the kernel's
+    # float32 sums are exact, and fine enough that each interval of the table holds many distinct values
+    acc = h[..., perm] + 2.0 ** -9 * h[..., perm.roll(-1)] + b.double()
+    ref = F.gelu(acc)
+    fin = torch.isfinite(acc)
+    # a bf16 rounding of GELU(acc) +- the form's error: half an ulp of bf16 (8 bits) above that error
+    e = 4e-6 * acc.abs().clamp(min=1.0)
+    half_ulp = torch.exp2(torch.floor(torch.log2((ref.abs() + e).clamp(min=1e-30))) - 8)
+    err = (y - ref).abs()
+    assert (err[fin] <= (half_ulp + e)[fin]).all(), (err - half_ulp - e)[fin].max().item()
+    model = gelu_bf16_pw(acc.float()).bfloat16().double()
+    same = (y == model) | (y.isnan() & model.isnan())
+    assert same.all(), (same.logical_not().sum().item(), acc[~same][:5], y[~same][:5], model[~same][:5])
+    assert (acc[fin] < -5.0).any() and (acc[fin] > 4.7).any() and ((acc[fin] > -4) & (acc[fin] < 4)).sum() > 20000
+    assert y[..., 7].isnan().all() and y[..., 65].isnan().all()  # NaN and -inf (-inf * 0)
+    assert (y[..., 40] == float("inf")).all() and (y[..., -1] == b[-1].double()).all()  # GELU(3e38 + h) rounds to 3e38

@@ -36,6 +36,16 @@ def test_gelu_check(tmp_path):
                   out, re.M)
     assert m, out
     assert float(m.group(1)) > 0 and float(m.group(2)) < 5e-6, out  # 3.4e-6: bf16's half-ulp is 2e-3 relative
+    if "avx512f" not in cpu_flags():
+        assert "16-lane bf16-output forms: not run" in out, out
+        return
+    # the AVX-512 kernels' vgelu_bf16 (gelu.h's piecewise cubic), over [-12, 12]: past both ends of its table
+    m = re.search(r"^16 lanes, piecewise\s+([\d.]+) ns per vector; .* relative to max\(1, \|x\|\) ([\d.e+-]+)",
+                  out, re.M)
+    assert m, out
+    assert float(m.group(1)) > 0 and float(m.group(2)) < 4e-6, out  # 2.9e-6
+    assert re.search(r"GELU\(nan\) = -?nan, GELU\(inf\) = inf, GELU\(-inf\) = -?nan, GELU\(3e38\) = 3e\+38, "
+                     r"GELU\(-3e38\) = -?0, GELU\(0\) = 0\n", out), out  # as torch's GELU: -inf * 0 is NaN
 
 
 @needs_avx2_gxx
@@ -86,3 +96,27 @@ def test_aot_triton_needs_a_version_and_skips_one_it_cannot_install(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "could not install triton 0.0" in out.stdout and not env_dir.exists(), out.stdout
+
+
+def test_gelu_fit_prints_gelu_h_table():
+    """csrc/kernels/gelu.h's piecewise bf16-output GELU table is what scripts/gelu_fit.py fits (to
+    LAPACK's last bits), and its constants are the script's: the table is not edited by hand."""
+    import importlib.util
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("gelu_fit", os.path.join(ROOT, "scripts", "gelu_fit.py"))
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    src = open(os.path.join(ROOT, "csrc", "kernels", "gelu.h")).read()
+    ns = src[src.index("namespace gelu_bf16_pw {"):src.index("}}  // namespace fastvlm::gelu_bf16_pw")]
+    const = dict(re.findall(r"(kH|kInvH|kHi|kMid) = ([\d.e+-]+)f", ns))
+    assert np.float32(const["kH"]) == np.float32(fit.H) and np.float32(const["kInvH"]) == np.float32(1 / fit.H)
+    assert np.float32(const["kHi"]) == np.float32(fit.HI) and float(const["kMid"]) == fit.MID
+    table = {k: np.array([float(v.rstrip("f")) for v in body.replace("\n", " ").split(",")], dtype=np.float32)
+             for k, body in re.findall(r"constexpr float (C\d)\[32\] = \{([^}]*)\}", ns)}
+    c = fit.fit()
+    assert sorted(table) == ["C0", "C1", "C2", "C3"]
+    for k in range(4):
+        np.testing.assert_allclose(table[f"C{k}"], c[:, k], rtol=1e-6, atol=1e-12)
+    x = np.linspace(-12, 12, 200_001).astype(np.float32)
+    err = np.abs(fit.evaluate(c, x) - fit.gelu(x.astype(np.float64))) / np.maximum(1, np.abs(x))
+    assert err.max() < 3e-6  # gelu.h: 2.9e-6

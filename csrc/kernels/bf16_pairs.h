@@ -11,8 +11,8 @@
 // attention and patch_embed the operands named there, are rounded to bf16 (nearest even) before
 // they are multiplied, as eager PyTorch in bf16 rounds every layer's output. The weights of a bf16
 // model are bf16 already, so packing them loses nothing. A GELU whose output is rounded to bf16
-// (fc1's, patch_embed's) is gelu.h's bf16-output form (|error| <= 3.4e-6 max(1, |x|), against the
-// rounding's 2e-3 relative), not the exact one the fp32 kernels use.
+// (fc1's, patch_embed's) is gelu.h's piecewise bf16-output form (vec.h's vgelu_bf16: |error| <= 2.9e-6
+// max(1, |x|), against the rounding's 2e-3 relative), not the exact one the fp32 kernels use.
 //
 // Layout (pack_linear_bf16): an (N, K) weight as (P, ceil(K / 2), 32) bf16, P = packed_panels(N):
 // out[p][j][2i + e] = w[16p + i][2j + e], zero padded (channels past N, and k = K when K is odd).

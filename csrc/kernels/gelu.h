@@ -78,6 +78,54 @@ constexpr float B1 = 0.23414188893730298f, B2 = 0.0236273121887985f, B3 = 0.0011
     fvk_gelu_out = (x) * (u * a / b) + (x) * 0.5f;                                   \
   } while (0)
 
+// The piecewise bf16-output form, which the 16-lane (AVX-512) kernels use in place of the one above
+// (vec.h's vgelu_bf16): GELU(x) = x Phi(x) with Phi, the normal CDF, a cubic in x on each of 32
+// intervals of width kH, its four coefficients looked up by one two-register permute each
+// (VPERMT2PS). Interval i = round(x / kH + 16), clamped below at 0: interval 0 (x < -15.5 kH = -4.96)
+// has Phi = 0, interval 31 (x >= 14.5 kH = 4.64) Phi = 1, and 1..30 a cubic fitted (least squares of
+// its error relative to Phi) for this project by scripts/gelu_fit.py, which prints this table. With
+// t = min(x, kHi),
+//   GELU(x) = x (C3[i] t^3 + C2[i] t^2 + C1[i] t + C0[i])
+// so GELU(+-0) = +-0, GELU(+inf) = +inf, and -inf gives NaN (-inf * 0) as torch's GELU does. Error
+// relative to max(1, |x|): 2.9e-6 in float32 (the rational form above: 3.4e-6), against bf16's
+// half-ulp of 2^-9 = 2e-3 relative. On normal inputs (sd 1.5) 0.23% of the values round to a
+// different bf16 than the exact GELU's, by one ulp (the rational form: 0.66%). 11 operations per
+// vector, 4 of them multiplies or multiply-adds, against 12 with 10 and a division for the rational
+// form: 3.40 -> 2.36 ns per AVX-512 vector in an L1-resident loop (scripts/gelu_check.cpp, on the
+// Zen 4 of bench/results/zen4; the 1024^2 bf16 forward 0.98x).
+namespace fastvlm { namespace gelu_bf16_pw {
+constexpr float kH = 0.32f, kInvH = 3.125f, kHi = 4.800000190734863f, kMid = 16.f;
+constexpr float kMagic = 12582912.f;  // 1.5 * 2^23: t / kH + kMid + kMagic has i in its low 5 bits
+alignas(64) constexpr float C0[32] = {
+    0.000000000e+00f, 1.781187835e-03f, 5.685247481e-03f, 1.602359861e-02f, 3.977688402e-02f, 8.672353625e-02f,
+    1.655780971e-01f, 2.761019766e-01f, 4.015093148e-01f, 5.100821853e-01f, 5.712530613e-01f, 5.770857334e-01f,
+    5.487631559e-01f, 5.183557868e-01f, 5.032503009e-01f, 5.001052022e-01f, 5.000000000e-01f, 4.999037087e-01f,
+    4.968792796e-01f, 4.820879102e-01f, 4.519380033e-01f, 4.232969284e-01f, 4.279580414e-01f, 4.874798954e-01f,
+    5.947408080e-01f, 7.197815180e-01f, 8.308793306e-01f, 9.107837081e-01f, 9.587541223e-01f, 9.832401276e-01f,
+    9.939974546e-01f, 1.000000000e+00f};
+alignas(64) constexpr float C1[32] = {
+    0.000000000e+00f, 1.057570567e-03f, 3.588785185e-03f, 1.078624185e-02f, 2.863944881e-02f, 6.697423756e-02f,
+    1.374468654e-01f, 2.465079874e-01f, 3.845898211e-01f, 5.196766853e-01f, 6.068499684e-01f, 6.155853868e-01f,
+    5.557757616e-01f, 4.744295478e-01f, 4.187787175e-01f, 4.003371000e-01f, 3.989405930e-01f, 4.002434909e-01f,
+    4.181564748e-01f, 4.730302691e-01f, 5.541258454e-01f, 6.148667336e-01f, 6.080831289e-01f, 5.229406953e-01f,
+    3.889807165e-01f, 2.507912517e-01f, 1.407635510e-01f, 6.909553707e-02f, 2.978521213e-02f, 1.131629199e-02f,
+    3.800866194e-03f, 0.000000000e+00f};
+alignas(64) constexpr float C2[32] = {
+    0.000000000e+00f, 2.096602984e-04f, 7.568113506e-04f, 2.427471103e-03f, 6.901609711e-03f, 1.733935624e-02f,
+    3.834186122e-02f, 7.423263043e-02f, 1.249439940e-01f, 1.810146421e-01f, 2.224652320e-01f, 2.267527580e-01f,
+    1.845680922e-01f, 1.117584482e-01f, 4.293103144e-02f, 6.284734700e-03f, 3.985823227e-09f, -5.976949353e-03f,
+    -4.194856063e-02f, -1.102961674e-01f, -1.832781881e-01f, -2.263037711e-01f, -2.231068313e-01f, -1.824697554e-01f,
+    -1.266564280e-01f, -7.571726292e-02f, -3.937640414e-02f, -1.794083416e-02f, -7.199393120e-03f, -2.554628765e-03f,
+    -8.040533867e-04f, 0.000000000e+00f};
+alignas(64) constexpr float C3[32] = {
+    0.000000000e+00f, 1.387649809e-05f, 5.330862768e-05f, 1.826022490e-04f, 5.564562744e-04f, 1.504098531e-03f,
+    3.591363085e-03f, 7.530429401e-03f, 1.374239195e-02f, 2.150647342e-02f, 2.808297798e-02f, 2.876872011e-02f,
+    1.883182861e-02f, -2.971325302e-03f, -3.155199066e-02f, -5.627877265e-02f, -6.619495898e-02f, -5.659854785e-02f,
+    -3.206237778e-02f, -3.477767343e-03f, 1.849676296e-02f, 2.867541462e-02f, 2.819409035e-02f, 2.172248065e-02f,
+    1.396482624e-02f, 7.701851893e-03f, 3.698872402e-03f, 1.560922596e-03f, 5.822451203e-04f, 1.927674748e-04f,
+    5.681551920e-05f, 0.000000000e+00f};
+}}  // namespace fastvlm::gelu_bf16_pw
+
 namespace fastvlm {
 inline float clamp_sym_scalar(float z, float hi) {
   z = z > hi ? hi : z;
