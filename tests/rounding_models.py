@@ -48,8 +48,9 @@ def attention_bf16_rounded(x, a, hd, BK=128):
     return (t + gamma * (o @ proj_w.T + proj_b)).reshape(B, H, W, C).to(torch.bfloat16)
 
 
-def _gelu_bf16_pw_table():
-    """gelu.h's piecewise bf16-output GELU: its constants and its 32 x 4 table, read from the header."""
+def gelu_bf16_pw_table():
+    """gelu.h's piecewise bf16-output GELU, read from the header: its constants {name: value} and its
+    table {"C0": [32 values], ..., "C3": [...]}."""
     import os
     import re
     src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "kernels",
@@ -58,7 +59,7 @@ def _gelu_bf16_pw_table():
     const = {k: float(v) for k, v in re.findall(r"(kH|kInvH|kHi|kMid|kMagic) = ([\d.e+-]+)f", ns)}
     rows = {k: [float(v.rstrip("f")) for v in body.replace("\n", " ").split(",")]
             for k, body in re.findall(r"constexpr float (C\d)\[32\] = \{([^}]*)\}", ns)}
-    return const, torch.tensor([rows[f"C{k}"] for k in range(4)], dtype=torch.float32)
+    return const, rows
 
 
 def gelu_bf16_pw(x):
@@ -67,7 +68,8 @@ def gelu_bf16_pw(x):
     kMagic); Phi = Horner's fma chain over the table's cubic of interval i; x * Phi. A fused
     multiply-add is modelled as float64's exact product plus a float64 sum, rounded to float32 (a
     double rounding, which differs from one rounding about once in 2^29)."""
-    const, c = _gelu_bf16_pw_table()
+    const, rows = gelu_bf16_pw_table()
+    c = torch.tensor([rows[f"C{k}"] for k in range(4)], dtype=torch.float32)
     f32 = lambda t: t.to(torch.float32)  # noqa: E731
     fma = lambda a, b, d: f32(a.double() * b.double() + d.double())  # noqa: E731
     x = f32(x)

@@ -106,13 +106,11 @@ def test_gelu_fit_prints_gelu_h_table():
     spec = importlib.util.spec_from_file_location("gelu_fit", os.path.join(ROOT, "scripts", "gelu_fit.py"))
     fit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fit)
-    src = open(os.path.join(ROOT, "csrc", "kernels", "gelu.h")).read()
-    ns = src[src.index("namespace gelu_bf16_pw {"):src.index("}}  // namespace fastvlm::gelu_bf16_pw")]
-    const = dict(re.findall(r"(kH|kInvH|kHi|kMid) = ([\d.e+-]+)f", ns))
+    from rounding_models import gelu_bf16_pw_table
+    const, rows = gelu_bf16_pw_table()
     assert np.float32(const["kH"]) == np.float32(fit.H) and np.float32(const["kInvH"]) == np.float32(1 / fit.H)
     assert np.float32(const["kHi"]) == np.float32(fit.HI) and float(const["kMid"]) == fit.MID
-    table = {k: np.array([float(v.rstrip("f")) for v in body.replace("\n", " ").split(",")], dtype=np.float32)
-             for k, body in re.findall(r"constexpr float (C\d)\[32\] = \{([^}]*)\}", ns)}
+    table = {k: np.array(v, dtype=np.float32) for k, v in rows.items()}
     c = fit.fit()
     assert sorted(table) == ["C0", "C1", "C2", "C3"]
     for k in range(4):
